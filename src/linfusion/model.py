@@ -1,0 +1,428 @@
+"""``LinFusion``: the container of every replacement ``attn1`` layer, and reversible mounting.
+
+Mounting replaces modules (as the published project does) rather than installing attention processors,
+so the published state dicts load unchanged. Every replaced original is kept, and :meth:`LinFusion.unmount`
+puts the very same objects back, so the UNet computes bit-identically what it computed before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import GeneralizedLinearAttention
+from .registry import attention_signature, attention_width_and_heads, is_self_attention, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_MOUNTED_ATTR = "_linfusion_mounted"
+_LEGACY_CLASS_NAMES = {"LinFusion", "StableMamba"}
+_LOAD_CONFIG_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "revision",
+    "subfolder",
+)
+
+
+class LinFusionCheckpointError(ValueError):
+    """A LinFusion checkpoint is missing, unreadable, or does not fit the model it is mounted on."""
+
+
+@dataclass
+class _Mount:
+    root: nn.Module
+    path: str
+    original: nn.Module
+    replacement: GeneralizedLinearAttention
+
+
+def _normalize_entry(entry: Any) -> dict[str, Any]:
+    """One ``modules_list`` entry in the published dict form; the legacy ``[name, dim_n, heads]`` too."""
+    if isinstance(entry, (list, tuple)):
+        if len(entry) < 3:
+            raise LinFusionCheckpointError(
+                f"legacy modules_list entry {entry!r} needs [module_name, dim_n, heads]"
+            )
+        entry = {"module_name": entry[0], "dim_n": entry[1], "heads": entry[2]}
+    if not isinstance(entry, dict) or not {"module_name", "dim_n", "heads"} <= set(entry):
+        raise LinFusionCheckpointError(
+            f"modules_list entry {entry!r} needs module_name, dim_n and heads (and optionally projection_mid_dim)"
+        )
+    return {
+        "module_name": str(entry["module_name"]),
+        "dim_n": int(entry["dim_n"]),
+        "heads": int(entry["heads"]),
+        "projection_mid_dim": entry.get("projection_mid_dim"),
+    }
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _is_controlnet(model: nn.Module) -> bool:
+    return "ControlNet" in type(model).__name__
+
+
+def _model_targets(target: Any, controlnet: bool | None) -> list[nn.Module]:
+    """The models to act on: a pipeline's UNet, plus its ControlNets when ``controlnet`` is True (or, when
+    None, whenever the pipeline has them), or the model given."""
+    if isinstance(target, nn.Module) and not hasattr(target, "components"):
+        return [target]
+    unet = getattr(target, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(
+            f"cannot mount LinFusion on {type(target).__name__}: pass a diffusers pipeline with a `unet`, "
+            "a UNet2DConditionModel or a ControlNetModel"
+        )
+    targets = [unet]
+    nets = getattr(target, "controlnet", None)
+    if controlnet and nets is None:
+        raise ValueError("controlnet=True but the pipeline has no `controlnet` component")
+    if controlnet is not False and nets is not None:
+        targets.extend(getattr(nets, "nets", [nets]))
+    return targets
+
+
+def _mounted_on(model: nn.Module) -> LinFusion | None:
+    return model.__dict__.get(_MOUNTED_ATTR)
+
+
+def _mark_mounted(model: nn.Module, linfusion: LinFusion | None) -> None:
+    """Record which LinFusion is mounted on ``model`` as a plain attribute.
+
+    ``object.__setattr__`` bypasses ``nn.Module.__setattr__``, which would register the container as a
+    submodule of the UNet (its weights would then appear twice in the UNet's state dict and to PEFT).
+    """
+    if linfusion is None:
+        model.__dict__.pop(_MOUNTED_ATTR, None)
+    else:
+        object.__setattr__(model, _MOUNTED_ATTR, linfusion)
+
+
+def _current_original(root: nn.Module, path: str) -> nn.Module:
+    """The diffusers ``attn1`` at ``path``, looking through a LinFusion layer that is mounted there."""
+    module = root.get_submodule(path)
+    mounted = _mounted_on(root)
+    if isinstance(module, GeneralizedLinearAttention) and mounted is not None:
+        for mount in mounted._mounts:
+            if mount.root is root and mount.path == path:
+                return mount.original
+    return module
+
+
+def _resolve_unet(pipeline: Any, unet: nn.Module | None) -> nn.Module:
+    if unet is not None:
+        return unet
+    if pipeline is None or not isinstance(getattr(pipeline, "unet", None), nn.Module):
+        raise ValueError(
+            "pass a diffusers pipeline with a `unet` (pipeline=...) or the UNet itself (unet=...)"
+        )
+    return pipeline.unet
+
+
+def _default_mid_dim(unet: nn.Module, width: int, projection_mid_dim: int | str | None) -> int | None:
+    """As published: None (= C) for SD-1.x/2.x-shaped UNets, C/16 for SD-XL-shaped ones."""
+    if projection_mid_dim != "auto":
+        return projection_mid_dim  # type: ignore[return-value]
+    config = getattr(unet, "config", None)
+    is_sdxl = getattr(config, "addition_embed_type", None) == "text_time"
+    return max(1, width // 16) if is_sdxl else None
+
+
+class LinFusion(ModelMixin, ConfigMixin):
+    """All of a UNet's replacement ``attn1`` layers, saved and loaded in the published layout.
+
+    ``config.json`` holds ``modules_list`` (one entry per layer: ``module_name``, ``dim_n``, ``heads``,
+    ``projection_mid_dim``); the state dict keys are ``{i}.to_q.weight`` ... with ``i`` the entry's index.
+
+    Typical use::
+
+        linfusion = LinFusion.construct_for(pipe)   # resolve published weights, load, mount
+        image = pipe(prompt).images[0]
+        linfusion.unmount()                          # the original attention is back
+    """
+
+    @register_to_config
+    def __init__(self, modules_list: list[Any]) -> None:
+        super().__init__()
+        entries = [_normalize_entry(entry) for entry in modules_list]
+        self.register_to_config(modules_list=entries)
+        for index, entry in enumerate(entries):
+            layer = GeneralizedLinearAttention(entry["dim_n"], entry["heads"], entry["projection_mid_dim"])
+            self.add_module(str(index), layer)
+        self._mounts: list[_Mount] = []
+
+    # ------------------------------------------------------------------ building and loading
+    @property
+    def modules_dict(self) -> dict[str, GeneralizedLinearAttention]:
+        """UNet module path -> replacement layer, in checkpoint order."""
+        return {
+            entry["module_name"]: self.get_submodule(str(index))
+            for index, entry in enumerate(self.config.modules_list)
+        }
+
+    @classmethod
+    def default_config(
+        cls, unet: nn.Module, projection_mid_dim: int | str | None = "auto"
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The ``modules_list`` for every ``attn1`` of ``unet`` (published conventions for the MLP width)."""
+        modules_list = []
+        for path, width, heads in attention_signature(unet):
+            mid = _default_mid_dim(unet, width, projection_mid_dim)
+            modules_list.append(
+                {"module_name": path, "dim_n": width, "heads": heads, "projection_mid_dim": mid}
+            )
+        if not modules_list:
+            raise ValueError(f"{type(unet).__name__} has no self-attention (attn1) layers to replace")
+        return {"modules_list": modules_list}
+
+    @classmethod
+    def get_default_config(cls, pipeline: Any = None, unet: nn.Module | None = None) -> dict[str, Any]:
+        """Reference-project name for :meth:`default_config` (takes a pipeline or a UNet)."""
+        return cls.default_config(_resolve_unet(pipeline, unet))
+
+    @classmethod
+    def from_unet(
+        cls, unet: nn.Module, init: str = "random", projection_mid_dim: int | str | None = "auto"
+    ) -> LinFusion:
+        """Untrained layers for ``unet``, on its device and dtype.
+
+        ``init="random"`` is the reference behaviour; ``init="teacher"`` copies each original ``attn1``'s
+        q/k/v/out projections and zeroes the MLPs' last Linear, so training starts from the teacher.
+        """
+        if init not in ("random", "teacher"):
+            raise ValueError(f"init must be 'random' or 'teacher'; got {init!r}")
+        config = cls.default_config(unet, projection_mid_dim)
+        parameter = next(unet.parameters(), None)
+        with torch.device(parameter.device if parameter is not None else "cpu"):
+            linfusion = cls(**config)
+        _place_like(linfusion, parameter)
+        if init == "teacher":
+            for path, layer in linfusion.modules_dict.items():
+                layer.init_from_attention(_current_original(unet, path))
+        return linfusion
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> LinFusion:
+        """Load published or saved LinFusion weights (Hub id or local folder); accepts ``torch_dtype``.
+
+        Checks first that the folder really is a LinFusion checkpoint, and turns Hub/file errors into
+        one message that says what to do.
+        """
+        source = str(pretrained_model_name_or_path)
+        load_kwargs = {key: kwargs[key] for key in _LOAD_CONFIG_KWARGS if key in kwargs}
+        try:
+            config = cls.load_config(source, **load_kwargs)
+        except (OSError, ValueError) as error:
+            raise LinFusionCheckpointError(_not_found_message(source, error)) from error
+        class_name = config.get("_class_name")
+        if "modules_list" not in config or (class_name is not None and class_name not in _LEGACY_CLASS_NAMES):
+            raise LinFusionCheckpointError(
+                f"{source!r} is not a LinFusion checkpoint: its config.json has _class_name {class_name!r} "
+                f"and {'a' if 'modules_list' in config else 'no'} 'modules_list'. Pass the folder or Hub id "
+                "of LinFusion weights (e.g. 'Yuanshi/LinFusion-1-5'), not the base model."
+            )
+        try:
+            return super().from_pretrained(source, **kwargs)
+        except OSError as error:
+            raise LinFusionCheckpointError(_not_found_message(source, error)) from error
+
+    @classmethod
+    def construct_for(
+        cls,
+        pipeline: Any = None,
+        unet: nn.Module | None = None,
+        load_pretrained: bool = True,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        pipe_name_path: str | None = None,
+        *,
+        init: str = "random",
+        projection_mid_dim: int | str | None = "auto",
+        controlnet: bool = False,
+        **from_pretrained_kwargs: Any,
+    ) -> LinFusion:
+        """Build or load LinFusion for a pipeline (or UNet) and mount it; the reference project's entry point.
+
+        With ``load_pretrained`` the weights are ``pretrained_model_name_or_path`` when given (it always
+        wins), else resolved from the pipeline's model id or the UNet's architecture (see
+        :mod:`linfusion.registry`). Without it, untrained layers are built (``init``, ``projection_mid_dim``).
+        Nothing in the UNet changes unless every check passes.
+        """
+        unet = _resolve_unet(pipeline, unet)
+        if load_pretrained:
+            source = pretrained_model_name_or_path
+            if source is None:
+                model_ids = [pipe_name_path, _name_or_path(pipeline), _name_or_path(unet)]
+                source, reason = resolve_checkpoint(unet, model_ids)
+                logger.info("LinFusion: using %s (matched by %s)", source, reason)
+            linfusion = cls.from_pretrained(source, **from_pretrained_kwargs)
+        else:
+            linfusion = cls.from_unet(unet, init=init, projection_mid_dim=projection_mid_dim)
+        target = pipeline if pipeline is not None else unet
+        linfusion.mount(target, controlnet=controlnet)
+        return linfusion
+
+    # ------------------------------------------------------------------ mounting
+    def check_fits(self, model: nn.Module) -> None:
+        """Raise :class:`LinFusionCheckpointError` naming the first layer that does not fit ``model``.
+
+        A UNet must have exactly the checkpoint's ``attn1`` layers; a ControlNet (a copy of the UNet's
+        encoder) must have a subset of them.
+        """
+        expected = {entry["module_name"]: entry for entry in self.config.modules_list}
+        partial = _is_controlnet(model)
+        for path, entry in expected.items():
+            if not _has_submodule(model, path):
+                if partial:
+                    continue
+                raise LinFusionCheckpointError(
+                    f"LinFusion checkpoint does not fit this {type(model).__name__}: module {path!r} "
+                    "is missing from the model (is this checkpoint for another base model?)"
+                )
+            original = _current_original(model, path)
+            if not is_self_attention(path, original):
+                raise LinFusionCheckpointError(
+                    f"LinFusion checkpoint does not fit: {path!r} is a {type(original).__name__}, "
+                    "not a self-attention layer"
+                )
+            width, heads = attention_width_and_heads(original)
+            if (width, heads) != (entry["dim_n"], entry["heads"]):
+                raise LinFusionCheckpointError(
+                    f"LinFusion checkpoint does not fit: module {path!r} has width {width} and {heads} heads "
+                    f"in the model but width {entry['dim_n']} and {entry['heads']} heads in the checkpoint"
+                )
+        uncovered = [path for path, _, _ in attention_signature(model) if path not in expected]
+        if uncovered:
+            raise LinFusionCheckpointError(
+                f"LinFusion checkpoint does not fit this {type(model).__name__}: self-attention {uncovered[0]!r} "
+                f"(and {len(uncovered) - 1} more) has no LinFusion layer in the checkpoint"
+            )
+
+    def mount(self, target: Any, controlnet: bool = False) -> LinFusion:
+        """Replace the ``attn1`` layers of a pipeline's UNet (or of the UNet/ControlNet given).
+
+        ``controlnet=True`` also mounts on the pipeline's ControlNet(s), with copies of the UNet layers of
+        the same paths (copies, so that model CPU offload can move each model on its own). Mounting twice
+        is harmless; a different LinFusion already mounted is unmounted first. All checks run before any
+        module is replaced.
+        """
+        models = _model_targets(target, controlnet)
+        for model in models:
+            self.check_fits(model)
+        for model in models:
+            previous = _mounted_on(model)
+            if previous is self:
+                continue
+            if previous is not None:
+                logger.info("LinFusion: replacing another mounted LinFusion on %s", type(model).__name__)
+                previous.unmount(model)
+            self._mount_model(model)
+        return self
+
+    mount_to = mount  # name used by the reference project
+
+    def _mount_model(self, model: nn.Module) -> None:
+        parameter = next(model.parameters(), None)
+        if not _is_controlnet(model):
+            _place_like(self, parameter)
+        for path, layer in self.modules_dict.items():
+            if not _has_submodule(model, path):
+                continue  # a ControlNet covers only the encoder paths
+            replacement = layer
+            if _is_controlnet(model):
+                replacement = copy.deepcopy(layer)
+                _place_like(replacement, parameter)
+            original = model.get_submodule(path)
+            _set_submodule(model, path, replacement)
+            self._mounts.append(_Mount(model, path, original, replacement))
+        _mark_mounted(model, self)
+
+    def unmount(self, target: Any = None) -> None:
+        """Put the original ``attn1`` layers back (all models, or only those of ``target``)."""
+        roots = None if target is None else {id(m) for m in _model_targets(target, controlnet=None)}
+        kept: list[_Mount] = []
+        for mount in reversed(self._mounts):
+            if roots is not None and id(mount.root) not in roots:
+                kept.append(mount)
+                continue
+            if mount.root.get_submodule(mount.path) is mount.replacement:
+                _place_like(mount.original, next(mount.replacement.parameters(), None))
+                _set_submodule(mount.root, mount.path, mount.original)
+            if _mounted_on(mount.root) is self:
+                _mark_mounted(mount.root, None)
+        self._mounts = list(reversed(kept))
+
+    @property
+    def is_mounted(self) -> bool:
+        return bool(self._mounts)
+
+
+def _place_like(module: nn.Module, reference: torch.Tensor | None) -> None:
+    """Move ``module`` to ``reference``'s device and dtype, only when it is elsewhere.
+
+    Used to put LinFusion layers where the UNet lives, and a restored original where the UNet has moved
+    to meanwhile. Moving only when needed avoids needless copies (and diffusers' dtype-cast warning).
+    """
+    current = next(module.parameters(), None)
+    if reference is None or current is None:
+        return
+    if current.device != reference.device or current.dtype != reference.dtype:
+        module.to(device=reference.device, dtype=reference.dtype)
+
+
+def _name_or_path(obj: Any) -> str | None:
+    config = getattr(obj, "config", None)
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get("_name_or_path")
+    return getattr(config, "_name_or_path", None)
+
+
+def _not_found_message(source: str, error: Exception) -> str:
+    """Say what to do: a local path that is not there, or a Hub id that cannot be fetched."""
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
+    if not looks_like_hub_id:
+        hint = (
+            "no such folder"
+            if not os.path.exists(source)
+            else "the folder needs config.json and diffusion_pytorch_model.safetensors (as save_pretrained writes)"
+        )
+    elif _hub_offline():
+        hint = (
+            "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache; download it where "
+            f"you have network (`hf download {source}`) or pass a local folder"
+        )
+    else:
+        hint = "it could not be fetched from the Hub (check the id, your network and your token)"
+    return f"could not load LinFusion weights from {source!r}: {hint}. ({type(error).__name__}: {error})"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

@@ -1,0 +1,25 @@
+"""The README's offline example runs as written (its own assertion checks unmount)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_offline_example_runs(capsys) -> None:
+    text = README.read_text()
+    match = re.search(r"<!-- readme-example: offline -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its offline example"
+    exec(compile(match.group(1), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    found = re.fullmatch(r"7 layers replaced; max change (\d+\.\d{3})", printed.strip())
+    assert found, printed
+    assert float(found.group(1)) > 0.001  # LinFusion really changed the image
+
+
+def test_readme_leads_with_the_test_command() -> None:
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    assert "make test" in first_block
