@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 LINT_PATHS := $(wildcard src tests benchmarks)
 
-.PHONY: venv test lint format demo bench clean
+.PHONY: venv test lint format clean
 
 venv: $(STAMP)
 

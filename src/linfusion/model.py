@@ -7,10 +7,12 @@ puts the very same objects back, so the UNet computes bit-identically what it co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,6 +381,25 @@ class LinFusion(ModelMixin, ConfigMixin):
     @property
     def is_mounted(self) -> bool:
         return bool(self._mounts)
+
+    @contextlib.contextmanager
+    def original_attention(self) -> Iterator[None]:
+        """Temporarily put the original ``attn1`` layers back (the teacher), then LinFusion again.
+
+        Distillation runs the teacher and the student through one UNet this way, so no second copy of the
+        UNet is needed. Cheap (no checks), and the LinFusion layers return even if the body raises.
+        """
+        for mount in self._mounts:
+            _set_submodule(mount.root, mount.path, mount.original)
+        try:
+            yield
+        finally:
+            for mount in self._mounts:
+                _set_submodule(mount.root, mount.path, mount.replacement)
+
+    def mounted_layers(self) -> list[tuple[GeneralizedLinearAttention, nn.Module]]:
+        """(LinFusion layer, original ``attn1``) pairs of the UNet mount, in checkpoint order."""
+        return [(m.replacement, m.original) for m in self._mounts if not _is_controlnet(m.root)]
 
 
 def _place_like(module: nn.Module, reference: torch.Tensor | None) -> None:

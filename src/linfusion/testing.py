@@ -193,3 +193,39 @@ def tiny_pipeline(family: str = "sd15", task: str = "text2img", seed: int = 0) -
     pipe = pipeline_class(**tiny_components(family, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_image_folder(
+    folder: str | Any, count: int = 8, size: tuple[int, int] = (40, 32), seed: int = 0, captions: bool = True
+) -> list[Any]:
+    """A small captioned image folder (coloured rectangles on a background), as distillation reads one.
+
+    Images are ``size`` = (width, height), deliberately not square, so crops are exercised. Each
+    ``NAME.png`` gets a same-stem ``NAME.txt`` caption unless ``captions`` is False. Returns the image paths.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+    names = list(colours)
+    rng = np.random.default_rng(seed)
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    width, height = size
+    for index in range(count):
+        foreground, background = rng.choice(len(names), size=2, replace=False)
+        pixels = np.empty((height, width, 3), dtype=np.uint8)
+        pixels[:] = colours[names[background]]
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        pixels[top : top + height // 2, left : left + width // 2] = colours[names[foreground]]
+        path = root / f"image_{index:03d}.png"
+        Image.fromarray(pixels).save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(
+                f"a {names[foreground]} square on a {names[background]} background"
+            )
+        paths.append(path)
+    return paths

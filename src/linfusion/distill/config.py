@@ -1,0 +1,104 @@
+"""Settings of a distillation run, validated before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class DistillConfig:
+    """Everything ``linfusion distill`` takes; defaults follow SPEC section 4 plus our fixes.
+
+    Steps are optimizer steps (one per ``grad_accum`` micro-batches), not micro-batches.
+    """
+
+    teacher: str
+    data: str
+    output: str
+    resolution: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_steps: int = 1000
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None
+    init: str = "teacher"
+    projection_mid_dim: int | str | None = "auto"
+    caption_dropout: float = 0.1
+    loss_weights: tuple[float, float, float] = (1.0, 0.5, 0.5)
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    random_crop: bool = True
+    allow_missing_captions: bool = False
+    image_column: str = "image"
+    caption_column: str = "text"
+    validate_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 25
+    validation_guidance: float = 7.5
+    num_workers: int = 0
+    report_to: str | None = None
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        self.loss_weights = tuple(float(w) for w in self.loss_weights)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with what to change, before any model or data is loaded."""
+        problems = []
+        if self.resolution <= 0 or self.resolution % 8 != 0:
+            problems.append(
+                f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}"
+            )
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0; got {self.lr}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            problems.append(f"--caption-dropout must be in [0, 1); got {self.caption_dropout}")
+        if len(self.loss_weights) != 3 or any(w < 0 for w in self.loss_weights) or not any(self.loss_weights):
+            problems.append(
+                f"--loss-weights takes three non-negative numbers noise,kd,feat; got {self.loss_weights}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(
+                f"--mixed-precision must be one of {MIXED_PRECISION}; got {self.mixed_precision!r}"
+            )
+        if self.init not in ("teacher", "random"):
+            problems.append(f"--init must be 'teacher' or 'random'; got {self.init!r}")
+        if self.validate_every and not self.validation_prompts:
+            problems.append("--validate-every needs --validation-prompts")
+        if problems:
+            raise ValueError("invalid distillation settings:\n  - " + "\n  - ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown distillation settings: {unknown}")
+        return cls(**values)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"

@@ -1,0 +1,511 @@
+"""The distillation loop (SPEC section 4): student = teacher UNet with LinFusion mounted.
+
+One UNet serves both passes: the teacher pass swaps the original ``attn1`` layers back in
+(:meth:`LinFusion.original_attention`), so no second UNet copy is needed. Only the LinFusion layers train.
+Loss = w_noise MSE(student, target) + w_kd MSE(student, teacher) + w_feat mean_l MSE(student attn1_l,
+teacher attn1_l), in fp32. Steps are optimizer steps. Gradients of the (small) LinFusion parameters are
+averaged across processes by hand after each accumulation window, which keeps the UNet unwrapped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..model import LinFusion
+from .config import DistillConfig
+from .data import CachedLatentDataset, DistillDataset, collate, epoch_order, open_source
+from .teacher import TextConditioner, frozen, is_sdxl, load_teacher
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+_CHECKPOINT_PREFIX = "step-"
+
+
+class FeatureRecorder:
+    """Forward hooks that keep each attn1 layer's output, for the student and for the teacher."""
+
+    def __init__(self, pairs: list[tuple[torch.nn.Module, torch.nn.Module]]):
+        self.student: dict[int, torch.Tensor] = {}
+        self.teacher: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for index, (student, teacher) in enumerate(pairs):
+            self.handles.append(student.register_forward_hook(self._keeper(self.student, index)))
+            self.handles.append(teacher.register_forward_hook(self._keeper(self.teacher, index)))
+
+    @staticmethod
+    def _keeper(store: dict[int, torch.Tensor], index: int) -> Callable:
+        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            store[index] = output
+
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        losses = [F.mse_loss(self.student[i].float(), self.teacher[i].float()) for i in sorted(self.teacher)]
+        return torch.stack(losses).mean()
+
+    def clear(self) -> None:
+        self.student.clear()
+        self.teacher.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A temporary sibling folder to fill and then rename onto ``final``."""
+    temporary = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    return temporary
+
+
+def _replace_dir(temporary: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(temporary, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+
+
+def find_checkpoint(config: DistillConfig) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest`` (highest complete step) or a path."""
+    if config.resume in (None, ""):
+        return None
+    if config.resume != "latest":
+        path = Path(config.resume)
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(f"--resume {config.resume!r}: no checkpoint there (state.json missing)")
+        return path
+    if not config.checkpoint_dir.exists():
+        return None
+    complete = [
+        p for p in config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*") if (p / "state.json").exists()
+    ]
+    return max(complete, key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)), default=None)
+
+
+class Distiller:
+    """Holds the models, data and optimizer of one run; :meth:`run` trains to ``max_steps``."""
+
+    def __init__(self, config: DistillConfig, accelerator: Any = None):
+        from accelerate import Accelerator
+
+        self.config = config
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+        # Data problems are reported before the (slow) teacher is loaded.
+        self.source = open_source(
+            config.data, config.caption_column, config.image_column, config.allow_missing_captions
+        )
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it, CPU processes under `accelerate launch` run alone
+            mixed_precision=config.mixed_precision,
+            log_with=config.report_to,
+            project_dir=str(config.output_dir),
+        )
+        world = self.accelerator.num_processes
+        if len(self.source) < world * config.batch_size:
+            raise ValueError(
+                f"{len(self.source)} training images are fewer than one batch on every process "
+                f"({world} x --batch-size {config.batch_size})"
+            )
+        self.device = self.accelerator.device
+        self.weight_dtype = _weight_dtype(config.mixed_precision)
+
+        self.pipe = load_teacher(config.teacher)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.sdxl = is_sdxl(self.pipe)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            frozen(getattr(self.pipe, name, None), self.device, self.weight_dtype)
+        self.unet = self.pipe.unet
+        self.vae = self.pipe.vae
+        if self.sdxl and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)  # the SD-XL VAE overflows in fp16
+
+        self._seed_everything(config.seed)
+        self.linfusion = LinFusion.from_unet(
+            self.unet, init=config.init, projection_mid_dim=config.projection_mid_dim
+        )
+        self.linfusion.mount(self.unet)
+        self.linfusion.to(dtype=torch.float32).requires_grad_(True).train()  # fp32 master weights
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.recorder = FeatureRecorder(self.linfusion.mounted_layers())
+
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        optimizer = torch.optim.AdamW(
+            self.linfusion.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # grad scaling for fp16
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        self.conditioner = TextConditioner(self.pipe, self.device, self.weight_dtype)
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
+        self.dataset = DistillDataset(self.source, config.resolution, config.random_crop, config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped_images = 0
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _encode_latents(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            vae_dtype = next(self.vae.parameters()).dtype
+            distribution = self.vae.encode(pixel_values.to(self.device, vae_dtype)).latent_dist
+            return distribution.mean.float(), distribution.std.float()
+
+    def build_latent_cache(self) -> None:
+        """Encode every image once (fixed crops) and train on the stored latent distributions."""
+        path = self.config.output_dir / "latent_cache.pt"
+        key = {"teacher": self.config.teacher, "resolution": self.config.resolution, "images": len(self.source),
+               "random_crop": self.config.random_crop, "seed": self.config.seed}  # fmt: skip
+        cache = torch.load(path, weights_only=False) if path.exists() else None
+        if cache is None or cache.get("key") != key:
+            if self.is_main:
+                cache = self._encode_all(key)
+                temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+                torch.save(cache, temporary)
+                os.replace(temporary, path)
+            self.accelerator.wait_for_everyone()
+            cache = torch.load(path, weights_only=False)
+        self.dataset = CachedLatentDataset(cache)
+
+    def _encode_all(self, key: dict[str, Any]) -> dict[str, Any]:
+        shape = None
+        means, stds, captions, time_ids, valid = [], [], [], [], []
+        for index in tqdm(range(len(self.dataset)), desc="caching latents", disable=not self.is_main):
+            item = self.dataset[index]
+            if item is None:
+                valid.append(False)
+                captions.append("")
+                time_ids.append(torch.zeros(6, dtype=torch.long))
+                means.append(None)
+                stds.append(None)
+                continue
+            mean, std = self._encode_latents(item["pixel_values"][None])
+            shape = mean.shape[1:]
+            means.append(mean[0].cpu())
+            stds.append(std[0].cpu())
+            captions.append(item["caption"])
+            time_ids.append(item["time_ids"])
+            valid.append(True)
+        if shape is None:
+            raise ValueError("no readable image in the training data")
+        means = [m if m is not None else torch.zeros(shape) for m in means]
+        stds = [s if s is not None else torch.zeros(shape) for s in stds]
+        return {"key": key, "mean": torch.stack(means), "std": torch.stack(stds), "caption": captions,
+                "time_ids": torch.stack(time_ids), "valid": valid}  # fmt: skip
+
+    def _batches(self):
+        """Batches of the current epoch from ``batch_in_epoch`` on, forever across epochs."""
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            order = epoch_order(
+                len(self.dataset),
+                self.epoch,
+                self.config.seed,
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+                self.config.batch_size,
+            )
+            batches = [
+                order[i : i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)
+            ]
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=batches[self.batch_in_epoch :],
+                collate_fn=collate,
+                num_workers=self.config.num_workers,
+            )
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ the step
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The three losses for one micro-batch (teacher and student on the same noisy latents)."""
+        config = self.config
+        captions = [
+            "" if torch.rand((), generator=self.generator).item() < config.caption_dropout else caption
+            for caption in batch["caption"]
+        ]
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+        else:
+            mean, std = self._encode_latents(batch["pixel_values"])
+        sample = mean + std * torch.randn(mean.shape, generator=self.generator).to(self.device)
+        shift = self.vae.config.get("shift_factor") or 0.0
+        latents = (sample - shift) * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator
+        ).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        condition = self.conditioner(captions, batch["time_ids"])
+        noisy = noisy.to(self.weight_dtype)
+
+        self.recorder.clear()
+        with torch.no_grad(), self.accelerator.autocast(), self.linfusion.original_attention():
+            teacher = self.unet(noisy, timesteps, **condition).sample
+        with self.accelerator.autocast():
+            student = self.unet(noisy, timesteps, **condition).sample
+        noise_loss = F.mse_loss(student.float(), target.float())
+        kd_loss = F.mse_loss(student.float(), teacher.float())
+        feat_loss = self.recorder.loss()
+        w_noise, w_kd, w_feat = config.loss_weights
+        total = w_noise * noise_loss + w_kd * kd_loss + w_feat * feat_loss
+        return {"loss": total, "noise": noise_loss, "kd": kd_loss, "feat": feat_loss}
+
+    def _sync_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for parameter in self.linfusion.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad.div_(self.accelerator.num_processes)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly, written to a temporary folder and renamed."""
+        final = self.config.checkpoint_dir / f"{_CHECKPOINT_PREFIX}{self.step:06d}"
+        temporary = final.with_name(f".tmp-{final.name}")
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        rank = self.accelerator.process_index
+        torch.save(
+            {
+                "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            temporary / f"rng-{rank}.pt",
+        )
+        if self.is_main:
+            self.linfusion.save_pretrained(temporary / "linfusion")
+            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), temporary / "lr_scheduler.pt")
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), temporary / "scaler.pt")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "skipped_images": self.skipped_images,
+                "num_processes": self.accelerator.num_processes,
+                "config": json.loads(self.config.to_json()),
+            }
+            (temporary / "state.json").write_text(
+                json.dumps(state, indent=2)
+            )  # written last: marks completeness
+            _replace_dir(temporary, final)
+            self._prune_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.config.checkpoints_total_limit
+        if not limit:
+            return
+        complete = sorted(
+            (
+                p
+                for p in self.config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+                if (p / "state.json").exists()
+            ),
+            key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)),
+        )
+        for old in complete[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        if state["num_processes"] != self.accelerator.num_processes:
+            logger.warning(
+                "resuming a %d-process run on %d processes: data order will differ from an uninterrupted run",
+                state["num_processes"],
+                self.accelerator.num_processes,
+            )
+        saved = LinFusion.from_pretrained(path / "linfusion")
+        self.linfusion.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+        if self.accelerator.scaler is not None and (path / "scaler.pt").exists():
+            self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            self.generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.skipped_images = state["skipped_images"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ export and validation
+    def export(self) -> Path:
+        """The final LinFusion weights at the top of the output folder (``LinFusion.from_pretrained(output)``)."""
+        output = self.config.output_dir
+        temporary = _atomic_dir(output / "final")
+        self.linfusion.save_pretrained(temporary)
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            os.replace(temporary / name, output / name)
+        shutil.rmtree(temporary, ignore_errors=True)
+        return output
+
+    @torch.no_grad()
+    def validate(self) -> Path:
+        folder = self.config.output_dir / "validation" / f"{_CHECKPOINT_PREFIX}{self.step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.linfusion.eval()
+        try:
+            for index, prompt in enumerate(self.config.validation_prompts):
+                with self.accelerator.autocast():
+                    image = self.pipe(
+                        prompt,
+                        height=self.config.resolution,
+                        width=self.config.resolution,
+                        num_inference_steps=self.config.validation_steps,
+                        guidance_scale=self.config.validation_guidance,
+                        generator=torch.Generator(self.device).manual_seed(index),
+                    ).images[0]
+                image.save(folder / f"{index:02d}.png")
+        finally:
+            self.linfusion.train()
+        return folder
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, callback: StepCallback | None = None) -> Path:
+        config = self.config
+        if self.is_main:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            (config.output_dir / "distill_config.json").write_text(config.to_json())
+        if config.cache_latents:
+            self.build_latent_cache()
+        checkpoint = find_checkpoint(config)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        if config.report_to:
+            self.accelerator.init_trackers("linfusion-distill", config=json.loads(config.to_json()))
+        log_path = config.output_dir / "train_log.jsonl"
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            desc="distill",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
+        sums: dict[str, float] = {}
+        micro = 0
+        started = time.perf_counter()
+        batches = self._batches()
+        while self.step < config.max_steps:
+            batch = next(batches)
+            self.skipped_images += batch["skipped"]
+            if "caption" not in batch:
+                continue  # a batch of unreadable images only
+            losses = self.losses(batch)
+            self.accelerator.backward(losses["loss"] / config.grad_accum)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / config.grad_accum
+            micro += 1
+            if micro % config.grad_accum:
+                continue
+            self._sync_gradients()
+            if config.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.linfusion.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            logs = {**sums, "lr": self.lr_scheduler.get_last_lr()[0], "skipped_images": self.skipped_images}
+            logs["seconds"] = time.perf_counter() - started
+            sums = {}
+            if self.is_main:
+                progress.update(1)
+                progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "noise", "kd", "feat")})
+                with open(log_path, "a") as log:
+                    log.write(json.dumps({"step": self.step, **logs}) + "\n")
+            if config.report_to:
+                self.accelerator.log(logs, step=self.step)
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                self.save_checkpoint()
+            if config.validate_every and self.step % config.validate_every == 0 and self.is_main:
+                self.validate()
+            if callback is not None:
+                callback(self.step, logs)
+        progress.close()
+        if self.skipped_images:
+            logger.warning("skipped %d unreadable images", self.skipped_images)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.export()
+        if config.report_to:
+            self.accelerator.end_training()
+        self.recorder.remove()
+        return config.output_dir
+
+
+def distill(config: DistillConfig | dict[str, Any], callback: StepCallback | None = None) -> Path:
+    """Distill LinFusion layers for ``config.teacher``; returns the output folder (a LinFusion checkpoint).
+
+    ``callback(step, logs)`` runs after every optimizer step (and after that step's checkpoint).
+    """
+    if isinstance(config, dict):
+        config = DistillConfig.from_dict(config)
+    return Distiller(config).run(callback)

@@ -1,0 +1,57 @@
+"""Distillation building blocks against independent references: text conditioning, crops, data order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from linfusion.distill.data import epoch_order, resize_and_crop
+from linfusion.distill.teacher import TextConditioner
+from linfusion.testing import tiny_pipeline
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_conditioning_equals_the_pipelines_own_prompt_encoding(family: str) -> None:
+    pipe = tiny_pipeline(family)
+    conditioner = TextConditioner(pipe, torch.device("cpu"), torch.float32)
+    time_ids = torch.tensor([[32, 40, 0, 4, 32, 32], [32, 40, 0, 4, 32, 32]])
+    ours = conditioner(["a red square", ""], time_ids)
+
+    def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+        # Ours encodes both captions in one batch, the pipeline one at a time: equal up to summation order.
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+    if family == "sd15":
+        positive, negative = pipe.encode_prompt("a red square", "cpu", 1, True)
+        same(ours["encoder_hidden_states"][0], positive[0])
+        same(ours["encoder_hidden_states"][1], negative[0])  # "" = the CFG branch
+    else:
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt("a red square", device="cpu")
+        same(ours["encoder_hidden_states"][0], positive[0])
+        same(ours["added_cond_kwargs"]["text_embeds"][0], pooled[0])
+        same(ours["encoder_hidden_states"][1], negative[0])  # zeros: force_zeros_for_empty_prompt
+        same(ours["added_cond_kwargs"]["text_embeds"][1], negative_pooled[0])
+        same(ours["added_cond_kwargs"]["time_ids"], time_ids.float())
+
+
+def test_crop_keeps_the_aspect_ratio_and_reports_micro_conditioning() -> None:
+    pixels = np.zeros((60, 100, 3), dtype=np.uint8)  # height 60, width 100
+    pixels[:, 50:] = 255  # right half white
+    image = Image.fromarray(pixels)
+    crop, original, (top, left) = resize_and_crop(image, 48, np.random.default_rng(0))
+    assert crop.shape == (48, 48, 3) and original == (60, 100)
+    assert top == 0 and 0 <= left <= 80 - 48  # resized to 48 x 80, no warping
+    resized = np.asarray(image.resize((80, 48), Image.Resampling.BICUBIC))
+    assert np.array_equal(crop, resized[top : top + 48, left : left + 48])
+    centred, _, (_, centre_left) = resize_and_crop(image, 48, None)
+    assert centre_left == (80 - 48) // 2 and centred.shape == (48, 48, 3)
+
+
+def test_epoch_order_is_a_seeded_disjoint_split() -> None:
+    ranks = [epoch_order(10, epoch=1, seed=3, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # 10 // (2 x 2) full batches of 2 per rank
+    assert not set(ranks[0]) & set(ranks[1])
+    assert ranks[0] == epoch_order(10, epoch=1, seed=3, rank=0, world_size=2, batch_size=2)
+    assert ranks[0] != epoch_order(10, epoch=2, seed=3, rank=0, world_size=2, batch_size=2)
