@@ -297,3 +297,10 @@ def test_teacher_initialization_starts_close_to_the_teacher(teachers, images, tm
         output = distill(settings(teachers["sd15"], images, tmp_path / init, max_steps=1, init=init))
         first_feature_loss[init] = read_log(output)[0]["feat"]
     assert first_feature_loss["teacher"] < 0.1 * first_feature_loss["random"], first_feature_loss
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(teachers, images, tmp_path: Path) -> None:
+    output = distill(settings(teachers["sdxl"], images, tmp_path, max_steps=3, mixed_precision="bf16"))
+    log = read_log(output)
+    assert all(np.isfinite([e["loss"], e["feat"]]).all() for e in log)
+    assert {t.dtype for t in final_state(output).values()} == {torch.float32}
