@@ -11,7 +11,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import GeneralizedLinearAttention
+from .hub import load_failure_message
 from .registry import attention_signature, attention_width_and_heads, is_self_attention, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         try:
             config = cls.load_config(source, **load_kwargs)
         except (OSError, ValueError) as error:
-            raise LinFusionCheckpointError(_not_found_message(source, error)) from error
+            raise LinFusionCheckpointError(_load_failure(source, error)) from error
         class_name = config.get("_class_name")
         if "modules_list" not in config or (class_name is not None and class_name not in _LEGACY_CLASS_NAMES):
             raise LinFusionCheckpointError(
@@ -251,7 +251,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         try:
             return super().from_pretrained(source, **kwargs)
         except OSError as error:
-            raise LinFusionCheckpointError(_not_found_message(source, error)) from error
+            raise LinFusionCheckpointError(_load_failure(source, error)) from error
 
     @classmethod
     def construct_for(
@@ -424,26 +424,6 @@ def _name_or_path(obj: Any) -> str | None:
     return getattr(config, "_name_or_path", None)
 
 
-def _not_found_message(source: str, error: Exception) -> str:
-    """Say what to do: a local path that is not there, or a Hub id that cannot be fetched."""
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
-    if not looks_like_hub_id:
-        hint = (
-            "no such folder"
-            if not os.path.exists(source)
-            else "the folder needs config.json and diffusion_pytorch_model.safetensors (as save_pretrained writes)"
-        )
-    elif _hub_offline():
-        hint = (
-            "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache; download it where "
-            f"you have network (`hf download {source}`) or pass a local folder"
-        )
-    else:
-        hint = "it could not be fetched from the Hub (check the id, your network and your token)"
-    return f"could not load LinFusion weights from {source!r}: {hint}. ({type(error).__name__}: {error})"
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+def _load_failure(source: str, error: Exception) -> str:
+    needs = "config.json and diffusion_pytorch_model.safetensors (as save_pretrained writes)"
+    return load_failure_message("LinFusion weights", source, error, needs)
