@@ -119,3 +119,39 @@ def test_parameters_text_round_trip() -> None:
     params = GenerationParams(prompt="a cat,\non two lines", negative_prompt="dog", width=64, height=48, steps=7,
                               guidance=3.5, seed=11, scheduler="dpm++", model="some/model", linfusion="none", dtype="fp32")  # fmt: skip
     assert GenerationParams.from_text(params.to_text()) == params
+
+
+def test_sdedit_mode_and_upscale_commands(model: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    assert (
+        cli(model, big, "--mode", "sdedit", "--size", "128x64", "--save-stages", str(tmp_path / "stages"))
+        == 0
+    )
+    assert Image.open(big).size == (128, 64)
+    assert "Mode: sdedit" in Image.open(big).info["parameters"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        "stage-1-32x16.png", "stage-2-64x32.png", "stage-3-128x64.png",
+    ]  # fmt: skip
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(big), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(big), pixels(again))
+
+    upscaled = tmp_path / "up.png"
+    arguments = [
+        "upscale",
+        str(big),
+        "--scale",
+        "2",
+        "--model",
+        str(model),
+        "--out",
+        str(upscaled),
+        "--quiet",
+    ]
+    assert main([*arguments, "--steps", "2"]) == 0
+    assert Image.open(upscaled).size == (256, 128)
+    assert (
+        main(["upscale", str(tmp_path / "missing.png"), "--scale", "2", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
+    assert not (tmp_path / "x.png").exists()

@@ -32,6 +32,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("plain", "sdedit")
 
 
 class GenerationError(ValueError):
@@ -53,6 +54,7 @@ class GenerationParams:
     model: str | None = None
     linfusion: str = "auto"  # "auto", "none", or a Hub id / folder
     dtype: str = "auto"
+    mode: str = "plain"  # "plain": one pass at the size; "sdedit": native size, then enlargement stages
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -75,6 +77,8 @@ class GenerationParams:
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise GenerationError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
+        if self.mode not in MODES:
+            raise GenerationError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
 
     # ------------------------------------------------------------------ the PNG text chunk
     _KEYS = {
@@ -85,6 +89,7 @@ class GenerationParams:
         "model": "Model",
         "linfusion": "LinFusion",
         "dtype": "Dtype",
+        "mode": "Mode",
     }
 
     def to_text(self) -> str:
@@ -229,46 +234,103 @@ def save_png(image: Any, params: GenerationParams, out: Path) -> Path:
     return out
 
 
-def generate(
-    params: GenerationParams,
-    out: str | os.PathLike,
-    device: str = "auto",
-    callback_on_step_end: Any = None,
-    progress: bool = True,
-) -> Path:
-    """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads."""
+def prepare(params: GenerationParams, out: Path, device: str) -> tuple[Any, Any, torch.device]:
+    """Checks (before the model loads), then the pipeline with scheduler and LinFusion in place."""
     params.model = params.model or str(BUNDLED_MODEL)
     params.validate()
-    out_path = Path(out)
-    check_writable(out_path)
+    check_writable(out)
     torch_device = _resolve_device(device)
-    dtype = _resolve_dtype(params.dtype, torch_device)
-
-    pipe = load_pipeline(params.model, torch_device, dtype)
-    pipe.set_progress_bar_config(disable=not progress, desc="generate")
+    pipe = load_pipeline(params.model, torch_device, _resolve_dtype(params.dtype, torch_device))
     if params.scheduler:
         import diffusers
 
         scheduler_class = getattr(diffusers, SCHEDULERS[params.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     linfusion = attach_linfusion(pipe, params.model, params.linfusion)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    params.width = params.width or native
-    params.height = params.height or native
     params.scheduler = params.scheduler or next(
         (name for name, cls in SCHEDULERS.items() if cls == type(pipe.scheduler).__name__),
         type(pipe.scheduler).__name__,
     )
-    image = pipe(
-        params.prompt,
-        negative_prompt=params.negative_prompt or None,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance,
-        generator=torch.Generator(torch_device).manual_seed(params.seed),
-        callback_on_step_end=callback_on_step_end,
-    ).images[0]
-    if linfusion is not None:
-        linfusion.unmount()
+    return pipe, linfusion, torch_device
+
+
+def generate(
+    params: GenerationParams,
+    out: str | os.PathLike,
+    device: str = "auto",
+    callback_on_step_end: Any = None,
+    progress: bool = True,
+    save_stages: str | os.PathLike | None = None,
+) -> Path:
+    """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads."""
+    out_path = Path(out)
+    pipe, linfusion, torch_device = prepare(params, out_path, device)
+    pipe.set_progress_bar_config(disable=not progress, desc="generate")
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    params.width = params.width or native
+    params.height = params.height or native
+    common = {
+        "negative_prompt": params.negative_prompt or None,
+        "num_inference_steps": params.steps,
+        "guidance_scale": params.guidance,
+        "generator": torch.Generator(torch_device).manual_seed(params.seed),
+        "callback_on_step_end": callback_on_step_end,
+    }
+    try:
+        if params.mode == "sdedit":
+            from .pipelines import sdedit
+
+            image = sdedit(
+                pipe, params.prompt, params.width, params.height, save_stages=save_stages, **common
+            )
+        else:
+            image = pipe(params.prompt, width=params.width, height=params.height, **common).images[0]
+    finally:
+        if linfusion is not None:
+            linfusion.unmount()
     return save_png(image, params, out_path)
+
+
+def upscale_file(
+    source: str | os.PathLike,
+    scale: float,
+    params: GenerationParams,
+    out: str | os.PathLike,
+    device: str = "auto",
+    progress: bool = True,
+    save_stages: str | os.PathLike | None = None,
+) -> Path:
+    """Enlarge the image at ``source`` by ``scale`` with SDEdit stages guided by ``params.prompt``."""
+    from PIL import Image
+
+    from .pipelines import upscale
+
+    try:
+        with Image.open(source) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise GenerationError(f"cannot read the image {source}: {error}") from error
+    if scale <= 1:
+        raise GenerationError(f"--scale must be > 1; got {scale}")
+    params.prompt = params.prompt or "high quality, detailed"
+    params.mode = "sdedit"
+    out_path = Path(out)
+    pipe, linfusion, torch_device = prepare(params, out_path, device)
+    pipe.set_progress_bar_config(disable=not progress)
+    try:
+        result = upscale(
+            pipe,
+            image,
+            scale,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt or None,
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance,
+            generator=torch.Generator(torch_device).manual_seed(params.seed),
+            save_stages=save_stages,
+        )
+    finally:
+        if linfusion is not None:
+            linfusion.unmount()
+    params.width, params.height = result.size
+    return save_png(result, params, out_path)

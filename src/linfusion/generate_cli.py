@@ -1,4 +1,5 @@
-"""``linfusion generate``: argument parsing only; the work is in :mod:`linfusion.generate`."""
+"""``linfusion generate`` and ``linfusion upscale``: argument parsing only; the work is in
+:mod:`linfusion.generate`."""
 
 from __future__ import annotations
 
@@ -15,55 +16,103 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate an image from a prompt with LinFusion (default model: the bundled one)",
-        description="Generate one image. The PNG records every setting in its 'parameters' text chunk; "
-        "--from-png makes the same image again.",
-    )
-    parser.add_argument("prompt", nargs="?", help="what to draw")
-    parser.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: native)")
+def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """The options ``generate`` and ``upscale`` share."""
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/linfusion.png", help="PNG to write (folder created if needed)")
-    parser.add_argument("--model", default=None, help="diffusers pipeline folder or Hub id (default: bundled)")
-    parser.add_argument("--linfusion", default="auto", help="LinFusion weights: Hub id or folder (default: auto)")
+    parser.add_argument("--out", default=out_default, help="PNG to write (folder created if needed)")
+    parser.add_argument("--model", default=None, help="pipeline folder or Hub id (default: bundled)")
+    parser.add_argument("--linfusion", default="auto", help="LinFusion weights: Hub id or folder")
     parser.add_argument("--no-linfusion", action="store_true", help="use the model's original attention")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, unipc, pndm, lms")
-    parser.add_argument("--from-png", default=None, help="repeat the generation recorded in this PNG")
+    parser.add_argument("--save-stages", default=None, help="folder for every stage's image")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+
+
+def register(subparsers: Any) -> None:
+    generate = subparsers.add_parser(
+        "generate",
+        help="generate an image from a prompt with LinFusion (default model: the bundled one)",
+        description="Generate one image. The PNG records every setting in its 'parameters' text chunk; "
+        "--from-png makes the same image again.",
+    )
+    generate.add_argument("prompt", nargs="?", help="what to draw")
+    generate.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8")
+    generate.add_argument(
+        "--mode",
+        default="plain",
+        choices=("plain", "sdedit"),
+        help="sdedit: generate at the native size, then enlarge in stages (for 2K-16K)",
+    )
+    generate.add_argument("--from-png", default=None, help="repeat the generation recorded in this PNG")
+    _add_shared(generate, out_default="outputs/linfusion.png")
+    generate.set_defaults(func=run)
+
+    upscale = subparsers.add_parser(
+        "upscale",
+        help="enlarge an existing image with SDEdit stages (super-resolution)",
+        description="Enlarge IMAGE by --scale: resize x2 and re-denoise at decreasing strength per stage.",
+    )
+    upscale.add_argument("image", help="the image to enlarge")
+    upscale.add_argument("--scale", type=float, required=True, help="e.g. 4 for 4x width and height")
+    upscale.add_argument("--prompt", default="", help="what the image shows (guides the new detail)")
+    _add_shared(upscale, out_default="outputs/upscaled.png")
+    upscale.set_defaults(func=run_upscale)
+
+
+def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None, mode: str) -> Any:
+    from .generate import GenerationParams
+
+    width, height = size or (None, None)
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=args.negative_prompt,
+        width=width,
+        height=height,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        model=args.model,
+        linfusion="none" if args.no_linfusion else args.linfusion,
+        dtype=args.dtype,
+        mode=mode,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from .generate import GenerationError, GenerationParams, generate, read_png_parameters
+    from .generate import GenerationError, generate, read_png_parameters
 
     try:
         if args.from_png:
             params = read_png_parameters(args.from_png)
         else:
-            width, height = args.size or (None, None)
-            params = GenerationParams(
-                prompt=args.prompt or "",
-                negative_prompt=args.negative_prompt,
-                width=width,
-                height=height,
-                steps=args.steps,
-                guidance=args.guidance,
-                seed=args.seed,
-                scheduler=args.scheduler,
-                model=args.model,
-                linfusion="none" if args.no_linfusion else args.linfusion,
-                dtype=args.dtype,
-            )
-        out = generate(params, args.out, device=args.device, progress=not args.quiet)
+            params = _params(args, args.prompt or "", args.size, args.mode)
+        out = generate(
+            params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages
+        )
     except GenerationError as error:
         print(f"linfusion generate: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    from .generate import GenerationError, upscale_file
+
+    try:
+        params = _params(args, args.prompt, None, "sdedit")
+        out = upscale_file(
+            args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
+            save_stages=args.save_stages,
+        )  # fmt: skip
+    except GenerationError as error:
+        print(f"linfusion upscale: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
