@@ -55,7 +55,13 @@ def test_four_stage_chain_to_sixteen_times_the_area(family: str, tmp_path: Path)
     pixels = np.asarray(image).astype(float)
     assert np.isfinite(pixels).all() and pixels.std() > 1.0  # not constant
     saved = sorted(p.name for p in tmp_path.iterdir())
-    assert saved == ["stage-1-32x32.png", "stage-2-48x48.png", "stage-3-64x64.png", "stage-4-88x88.png", "stage-5-128x128.png"]
+    assert saved == [
+        "stage-1-32x32.png",
+        "stage-2-48x48.png",
+        "stage-3-64x64.png",
+        "stage-4-88x88.png",
+        "stage-5-128x128.png",
+    ]
     assert all(Image.open(tmp_path / name).size == tuple(map(int, name[8:-4].split("x"))) for name in saved)
     assert len(steps_seen) > 4  # the callback reached every stage, not only the base
 

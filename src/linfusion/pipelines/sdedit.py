@@ -87,7 +87,12 @@ def plan_stages(
         base_w, base_h = current
         for index in range(1, stages + 1):
             fraction = index / stages
-            sizes.append((_round(base_w * (width / base_w) ** fraction), _round(base_h * (height / base_h) ** fraction)))
+            sizes.append(
+                (
+                    _round(base_w * (width / base_w) ** fraction),
+                    _round(base_h * (height / base_h) ** fraction),
+                )
+            )
         sizes[-1] = (width, height)
     strengths = list(strengths) if strengths is not None else default_strengths(len(sizes), sdxl)
     if len(strengths) != len(sizes):
