@@ -66,6 +66,18 @@ class FeatureRecorder:
             handle.remove()
 
 
+def _reset_single_process_state() -> None:
+    """Let one Python process run several distillations with different settings (notebooks, tests).
+
+    accelerate keeps its state in a process-wide singleton that refuses a second mixed-precision setting;
+    outside a distributed launch nothing else depends on it, so it is reset.
+    """
+    from accelerate.state import AcceleratorState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
@@ -118,12 +130,15 @@ class Distiller:
         self.source = open_source(
             config.data, config.caption_column, config.image_column, config.allow_missing_captions
         )
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),  # without it, CPU processes under `accelerate launch` run alone
-            mixed_precision=config.mixed_precision,
-            log_with=config.report_to,
-            project_dir=str(config.output_dir),
-        )
+        if accelerator is None:
+            _reset_single_process_state()
+            accelerator = Accelerator(
+                cpu=not torch.cuda.is_available(),  # without it, CPU processes under `accelerate launch` run alone
+                mixed_precision=config.mixed_precision,
+                log_with=config.report_to,
+                project_dir=str(config.output_dir),
+            )
+        self.accelerator = accelerator
         world = self.accelerator.num_processes
         if len(self.source) < world * config.batch_size:
             raise ValueError(
