@@ -254,6 +254,30 @@ def prepare(params: GenerationParams, out: Path, device: str) -> tuple[Any, Any,
     return pipe, linfusion, torch_device
 
 
+def plan_memory(
+    pipe: Any,
+    sizes: list[tuple[int, int]],
+    encodes: list[bool],
+    max_memory: str | None,
+    guidance: float,
+    quiet: bool,
+) -> Any:
+    """The memory plan for these stages (printed), or a GenerationError that names the smallest budget."""
+    import sys
+
+    from .planner import MemoryBudgetError, MemoryPlanner
+
+    try:
+        plan = MemoryPlanner(pipe).plan(sizes, budget=max_memory, guidance=guidance > 1.0, encodes=encodes)
+    except MemoryBudgetError as error:
+        raise GenerationError(str(error)) from error
+    except ValueError as error:  # an unreadable --max-memory
+        raise GenerationError(str(error)) from error
+    if not quiet:
+        print(plan.describe(), file=sys.stderr)
+    return plan
+
+
 def generate(
     params: GenerationParams,
     out: str | os.PathLike,
@@ -261,8 +285,13 @@ def generate(
     callback_on_step_end: Any = None,
     progress: bool = True,
     save_stages: str | os.PathLike | None = None,
+    max_memory: str | None = None,
 ) -> Path:
-    """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads."""
+    """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads.
+
+    A memory plan for ``max_memory`` (default: the device's free memory) picks the savers each stage
+    needs; a request that cannot fit is refused before any denoising starts.
+    """
     out_path = Path(out)
     pipe, linfusion, torch_device = prepare(params, out_path, device)
     pipe.set_progress_bar_config(disable=not progress, desc="generate")
@@ -278,13 +307,28 @@ def generate(
     }
     try:
         if params.mode == "sdedit":
-            from .pipelines import sdedit
+            from .pipelines import plan_stages, sdedit
 
+            stages = plan_stages(params.width, params.height, native, sdxl=hasattr(pipe, "text_encoder_2"))
+            sizes = [(stage.width, stage.height) for stage in stages]
+            encodes = [stage.strength is not None for stage in stages]
+            plan = plan_memory(pipe, sizes, encodes, max_memory, params.guidance, not progress)
             image = sdedit(
-                pipe, params.prompt, params.width, params.height, save_stages=save_stages, **common
+                pipe,
+                params.prompt,
+                params.width,
+                params.height,
+                save_stages=save_stages,
+                memory_plan=plan,
+                **common,
             )
         else:
-            image = pipe(params.prompt, width=params.width, height=params.height, **common).images[0]
+            from .pipelines.sdedit import stage_memory
+
+            size = (params.width, params.height)
+            plan = plan_memory(pipe, [size], [False], max_memory, params.guidance, not progress)
+            with stage_memory(pipe, plan.stages[0].savers, params.width * params.height, None):
+                image = pipe(params.prompt, width=params.width, height=params.height, **common).images[0]
     finally:
         if linfusion is not None:
             linfusion.unmount()
@@ -299,6 +343,7 @@ def upscale_file(
     device: str = "auto",
     progress: bool = True,
     save_stages: str | os.PathLike | None = None,
+    max_memory: str | None = None,
 ) -> Path:
     """Enlarge the image at ``source`` by ``scale`` with SDEdit stages guided by ``params.prompt``."""
     from PIL import Image
@@ -317,6 +362,11 @@ def upscale_file(
     out_path = Path(out)
     pipe, linfusion, torch_device = prepare(params, out_path, device)
     pipe.set_progress_bar_config(disable=not progress)
+    from .pipelines import plan_stages, upscale_target
+
+    stages = plan_stages(*upscale_target(image.size, scale), base_long_side=max(image.size), start=image.size)
+    sizes = [(stage.width, stage.height) for stage in stages]
+    plan = plan_memory(pipe, sizes, [True] * len(sizes), max_memory, params.guidance, not progress)
     try:
         result = upscale(
             pipe,
@@ -328,6 +378,7 @@ def upscale_file(
             guidance_scale=params.guidance,
             generator=torch.Generator(torch_device).manual_seed(params.seed),
             save_stages=save_stages,
+            memory_plan=plan,
         )
     finally:
         if linfusion is not None:

@@ -30,6 +30,9 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, unipc, pndm, lms")
     parser.add_argument("--save-stages", default=None, help="folder for every stage's image")
+    parser.add_argument(
+        "--max-memory", default=None, help="memory budget such as 24GB (default: the device's free memory)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -93,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             params = _params(args, args.prompt or "", args.size, args.mode)
         out = generate(
-            params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages
-        )
+            params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages,
+            max_memory=args.max_memory,
+        )  # fmt: skip
     except GenerationError as error:
         print(f"linfusion generate: {error}", file=sys.stderr)
         return 2
@@ -109,7 +113,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         params = _params(args, args.prompt, None, "sdedit")
         out = upscale_file(
             args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
-            save_stages=args.save_stages,
+            save_stages=args.save_stages, max_memory=args.max_memory,
         )  # fmt: skip
     except GenerationError as error:
         print(f"linfusion upscale: {error}", file=sys.stderr)

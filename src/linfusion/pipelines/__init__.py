@@ -1,5 +1,5 @@
 """High-resolution generation on top of any diffusers SD-1.x/2.x/XL pipeline."""
 
-from .sdedit import Stage, plan_stages, sdedit, upscale
+from .sdedit import Stage, plan_stages, sdedit, upscale, upscale_target
 
-__all__ = ["Stage", "plan_stages", "sdedit", "upscale"]
+__all__ = ["Stage", "plan_stages", "sdedit", "upscale", "upscale_target"]

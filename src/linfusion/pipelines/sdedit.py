@@ -8,8 +8,9 @@ costs time linear in its pixel count. Works on any diffusers SD-1.x/2.x/XL text-
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,16 @@ def sdedit(
     save_stages: str | Path | None = None,
     callback_on_step_end: Callable | None = None,
     exact_vae_tiling_from: int | None = 2048 * 2048,
+    memory_plan: Any = None,
     **pipeline_kwargs: Any,
 ) -> Image.Image:
     """Generate (or, with ``image``, enlarge) an image of ``width`` x ``height`` by an SDEdit chain.
 
     ``pipe`` is a text-to-image pipeline; its image-to-image sibling shares the same components, so a
     mounted LinFusion serves every stage. As in diffusers, a stage of strength s runs about
-    ``num_inference_steps * s`` denoising steps (at least one). ``exact_vae_tiling_from`` (pixels) switches the VAE to exact
+    ``num_inference_steps * s`` denoising steps (at least one). With ``memory_plan`` (a
+    :class:`linfusion.planner.MemoryPlan` for these stages) each stage runs with the savers its plan chose
+    and ``exact_vae_tiling_from`` is ignored. ``exact_vae_tiling_from`` (pixels) switches the VAE to exact
     tiling for large stages (None: never). ``save_stages`` writes ``stage-<i>-<W>x<H>.png`` per stage.
     """
     from diffusers import AutoPipelineForImage2Image
@@ -167,12 +171,13 @@ def sdedit(
     folder = Path(save_stages) if save_stages is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    if exact_vae_tiling_from is not None:
-        enable_exact_tiling(pipe.vae, min_pixels=exact_vae_tiling_from)
-    try:
-        current = image.convert("RGB") if image is not None else None
-        for index, stage in enumerate(plan):
-            label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
+    if memory_plan is not None and len(memory_plan.stages) != len(plan):
+        raise ValueError(f"the memory plan has {len(memory_plan.stages)} stages; this chain has {len(plan)}")
+    current = image.convert("RGB") if image is not None else None
+    for index, stage in enumerate(plan):
+        label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
+        savers = memory_plan.stages[index].savers if memory_plan is not None else None
+        with stage_memory(pipe, savers, stage.width * stage.height, exact_vae_tiling_from):
             if stage.strength is None:
                 _with_progress_desc(pipe, label)
                 current = pipe(width=stage.width, height=stage.height, **common).images[0]
@@ -183,17 +188,45 @@ def sdedit(
                 steps = max(num_inference_steps, math.ceil(1.0 / stage.strength) + 1)
                 stage_kwargs = {**common, "num_inference_steps": steps}
                 current = img2img(image=resized, strength=stage.strength, **stage_kwargs).images[0]
-            if folder is not None:
-                current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
-    finally:
-        if exact_vae_tiling_from is not None:
-            disable_exact_tiling(pipe.vae)
+        if folder is not None:
+            current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
     return current
+
+
+@contextlib.contextmanager
+def stage_memory(pipe: Any, savers: Any, pixels: int, exact_vae_tiling_from: int | None) -> Iterator[None]:
+    """The savers a memory plan chose for one stage, or, without a plan, exact VAE tiling by size."""
+    from ..memory import memory_savers
+
+    tiled = (
+        savers.tiled_vae
+        if savers is not None
+        else (exact_vae_tiling_from is not None and pixels >= exact_vae_tiling_from)
+    )
+    options = {}
+    if savers is not None:
+        options = {
+            "feed_forward_chunk": savers.feed_forward_chunk,
+            "sequential_cfg": savers.sequential_cfg,
+            "skip_offload": "cpu" if savers.skip_offload else None,
+        }
+    if tiled:
+        enable_exact_tiling(pipe.vae)
+    try:
+        with memory_savers(pipe.unet, **options):
+            yield
+    finally:
+        if tiled:
+            disable_exact_tiling(pipe.vae)
+
+
+def upscale_target(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The output size of enlarging an image of ``size`` by ``scale`` (multiples of 8)."""
+    if math.isclose(scale, 1.0) or scale <= 1.0:
+        raise ValueError(f"--scale must be > 1; got {scale}")
+    return _round(size[0] * scale), _round(size[1] * scale)
 
 
 def upscale(pipe: Any, image: Image.Image, scale: float, prompt: str = "", **kwargs: Any) -> Image.Image:
     """Super-resolution of an existing image by ``scale`` through the same SDEdit stages."""
-    width, height = (_round(side * scale) for side in image.size)
-    if math.isclose(scale, 1.0) or scale <= 1.0:
-        raise ValueError(f"--scale must be > 1; got {scale}")
-    return sdedit(pipe, prompt, width, height, image=image, **kwargs)
+    return sdedit(pipe, prompt, *upscale_target(image.size, scale), image=image, **kwargs)
