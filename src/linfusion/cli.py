@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules providing sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("linfusion.generate_cli", "linfusion.distill.cli")
+COMMAND_MODULES: tuple[str, ...] = ("linfusion.generate_cli", "linfusion.distill.cli", "linfusion.bench.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
