@@ -1,0 +1,139 @@
+"""Train the bundled model: ``vae``, ``unet``, ``classifier`` and ``export`` stages, all resumable.
+
+Usage (one CPU core, from the repository root):
+    python scripts/bundled/train.py vae --resume
+    python scripts/bundled/train.py unet --resume
+    python scripts/bundled/train.py classifier
+    python scripts/bundled/train.py export
+Every stage writes under artifacts/bundled/<stage>/ (checkpoint.pt, log.jsonl); see docs/bundled-model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_class: type) -> None:
+    for field in dataclasses.fields(config_class):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(default, list):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, nargs="+", default=default)
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
+
+
+def _config(config_class: type, args: argparse.Namespace) -> object:
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from linfusion.bundled import classifier, components, training
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, config_class in (
+        ("vae", training.VaeConfig),
+        ("unet", training.UnetConfig),
+        ("classifier", classifier.ClassifierConfig),
+    ):
+        stage = sub.add_parser(name)
+        _add_config_args(stage, config_class)
+        stage.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
+    export = sub.add_parser("export")
+    export.add_argument("--unet-checkpoint", default=str(training.ARTIFACTS / "unet" / "checkpoint.pt"))
+    export.add_argument("--vae-dir", default=str(training.ARTIFACTS / "vae" / "final"))
+    export.add_argument("--out", default=str(components.MODEL_DIR))
+    export.add_argument("--no-ema", action="store_true")
+    export.add_argument(
+        "--copy-logs",
+        default=None,
+        help="also copy the stages' log.jsonl (and gates.jsonl) into this folder, to commit them",
+    )
+    gates = sub.add_parser(
+        "gates", help="export the UNet checkpoint to a temp folder and run the quality gates"
+    )
+    gates.add_argument("--unet-checkpoint", default=str(training.ARTIFACTS / "unet" / "checkpoint.pt"))
+    gates.add_argument("--vae-dir", default=str(training.ARTIFACTS / "vae" / "final"))
+    gates.add_argument("--model", default=None, help="score this pipeline folder instead of a checkpoint")
+    gates.add_argument("--n", type=int, default=96)
+    gates.add_argument("--steps", type=int, default=20)
+    gates.add_argument("--guidance-scale", type=float, default=4.0)
+    gates.add_argument("--no-ema", action="store_true")
+    gates.add_argument("--log", default=str(training.ARTIFACTS / "unet" / "gates.jsonl"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    if args.stage == "vae":
+        print(training.train_vae(_config(training.VaeConfig, args), resume=args.resume))
+    elif args.stage == "unet":
+        print(training.train_unet(_config(training.UnetConfig, args), resume=args.resume))
+    elif args.stage == "classifier":
+        config = _config(classifier.ClassifierConfig, args)
+        classifier.train_classifier(config, resume=args.resume)
+        print(config.out_dir)
+    elif args.stage == "export":
+        print(training.export_pipeline(args.unet_checkpoint, args.vae_dir, args.out, use_ema=not args.no_ema))
+        if args.copy_logs:
+            _copy_logs(args.copy_logs)
+    else:
+        print(json.dumps(_gates(args), sort_keys=True))
+    return 0
+
+
+def _copy_logs(folder: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    from linfusion.bundled import training
+
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    for stage in ("classifier", "vae", "unet"):
+        for name in ("log.jsonl", "gates.jsonl"):
+            source = training.ARTIFACTS / stage / name
+            if source.exists():
+                shutil.copyfile(source, target / f"{stage}_{name}")
+                print(target / f"{stage}_{name}")
+
+
+def _gates(args: argparse.Namespace) -> dict:
+    from linfusion.bundled import checkpoint, components, evaluate, training
+
+    record: dict = {"guidance_scale": args.guidance_scale, "steps": args.steps, "ema": not args.no_ema}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model
+        if folder is None:
+            state = checkpoint.load(args.unet_checkpoint)
+            record["step"] = state["step"] if state else None
+            folder = training.export_pipeline(
+                args.unet_checkpoint, args.vae_dir, tmp, use_ema=not args.no_ema
+            )
+        pipe = components.load_pipeline(folder)
+        record.update(
+            {
+                f"caption_{k}": v
+                for k, v in evaluate.caption_scores(
+                    pipe, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale
+                ).items()
+            }
+        )
+        record.update({f"denoise_{k}": v for k, v in evaluate.conditioning_gap(pipe).items()})
+    record["passes"] = evaluate.passes_gates({k: record[f"caption_{k}"] for k in evaluate.GATES})
+    if args.model is None and args.log:
+        checkpoint.JsonlLog(args.log, resume_step=1 << 60).write(record)
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(main())
