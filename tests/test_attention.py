@@ -153,3 +153,13 @@ def test_module_accepts_spatial_input_and_ignores_cross_attention_arguments() ->
 def test_module_rejects_indivisible_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         GeneralizedLinearAttention(30, 4)
+
+
+def test_word_level_tokenizer_keeps_every_word_whole() -> None:
+    from linfusion.testing import byte_level_clip_tokenizer
+
+    words = ["a", "and", "orange", "triangle", "on", "left", "the"]
+    tokenizer = byte_level_clip_tokenizer(words=words)
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))

@@ -46,7 +46,9 @@ def byte_level_clip_tokenizer(model_max_length: int = 77, words: list[str] | Non
     for token in characters + [c + "</w>" for c in characters]:
         vocab[token] = len(vocab)
     merges: list[tuple[str, str]] = []
-    for word in words or []:
+    # BPE applies the lowest-ranked merge first, so a short word's early merge (a+n for "and") would split
+    # longer words that contain it ("orange"); ranking longer words' merges first keeps every word whole.
+    for word in sorted(set(words or []), key=len, reverse=True):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
