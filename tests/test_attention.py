@@ -158,8 +158,16 @@ def test_module_rejects_indivisible_heads() -> None:
 def test_word_level_tokenizer_keeps_every_word_whole() -> None:
     from linfusion.testing import byte_level_clip_tokenizer
 
-    words = ["a", "and", "orange", "triangle", "on", "left", "the"]
-    tokenizer = byte_level_clip_tokenizer(words=words)
-    for word in words:
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))
+    # "and" before "orange" (a+n ranked first) and "large" before "black" (l+a ranked first) both split
+    # the later word when merges are a plain character chain.
+    words = ["a", "and", "orange", "triangle", "on", "left", "the", "large", "black", "blue"]
+    for order in (words, words[::-1], sorted(words, key=len)):
+        tokenizer = byte_level_clip_tokenizer(words=order)
+        for word in words:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            assert len(ids) == 1, (order, word, tokenizer.convert_ids_to_tokens(ids))
+    # Token ids follow the given order alone (no set/hash order), so a trained text encoder stays valid.
+    forward = byte_level_clip_tokenizer(words=words).get_vocab()
+    backward = byte_level_clip_tokenizer(words=words[::-1]).get_vocab()
+    assert forward["and</w>"] < forward["orange</w>"]
+    assert backward["orange</w>"] < backward["and</w>"]

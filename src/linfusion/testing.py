@@ -46,19 +46,43 @@ def byte_level_clip_tokenizer(model_max_length: int = 77, words: list[str] | Non
     for token in characters + [c + "</w>" for c in characters]:
         vocab[token] = len(vocab)
     merges: list[tuple[str, str]] = []
-    # BPE applies the lowest-ranked merge first, so a short word's early merge (a+n for "and") would split
-    # longer words that contain it ("orange"); ranking longer words' merges first keeps every word whole.
-    for word in sorted(set(words or []), key=len, reverse=True):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    ranks: dict[tuple[str, str], int] = {}
+    # Each word is first split the way BPE would split it with the merges so far, then joined left to
+    # right by new merges. The new merges rank after every earlier one, so the words already added keep
+    # tokenizing whole whatever the order (a plain character chain fails: "and"'s a+n, applied first,
+    # split "orange"). Words are taken in the order given, which fixes the token ids.
+    for word in dict.fromkeys(words or []):
+        pieces = _bpe_pieces(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
+            if (pieces[0], pieces[1]) not in ranks:
+                ranks[(pieces[0], pieces[1])] = len(merges)
                 merges.append((pieces[0], pieces[1]))
             vocab.setdefault(merged, len(vocab))
             pieces = [merged] + pieces[2:]
     for special in _TOKENIZER_SPECIALS:
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _bpe_pieces(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply byte-pair merges as BPE does: always the lowest-ranked adjacent pair, every occurrence."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), pair) for pair in zip(pieces, pieces[1:])]
+        rank, (first, second) = min(pairs)
+        if rank == len(ranks):
+            break
+        joined: list[str] = []
+        index = 0
+        while index < len(pieces):
+            if index + 1 < len(pieces) and pieces[index] == first and pieces[index + 1] == second:
+                joined.append(first + second)
+                index += 2
+            else:
+                joined.append(pieces[index])
+                index += 1
+        pieces = joined
+    return pieces
 
 
 def tiny_text_encoder(hidden_size: int = 32, projection_dim: int | None = None, seed: int = 0) -> Any:
