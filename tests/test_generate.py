@@ -155,3 +155,20 @@ def test_sdedit_mode_and_upscale_commands(model: Path, tmp_path: Path) -> None:
         == 2
     )
     assert not (tmp_path / "x.png").exists()
+
+
+def test_demofusion_mode_reproduces_from_its_png_and_upscales(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    assert cli(model, out, "--mode", "demofusion", "--size", "64x64") == 0
+    assert "Mode: demofusion" in Image.open(out).info["parameters"]
+    sdedit_out = tmp_path / "sdedit.png"
+    assert cli(model, sdedit_out, "--mode", "sdedit", "--size", "64x64") == 0
+    assert not np.array_equal(pixels(out), pixels(sdedit_out))  # the recipes differ
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    upscaled = tmp_path / "up.png"
+    arguments = ["upscale", str(out), "--scale", "2", "--mode", "demofusion", "--model", str(model)]
+    assert main([*arguments, "--out", str(upscaled), "--steps", "2", "--quiet"]) == 0
+    assert Image.open(upscaled).size == (128, 128)
+    assert "Mode: demofusion" in Image.open(upscaled).info["parameters"]

@@ -32,7 +32,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = ("plain", "sdedit")
+MODES = ("plain", "sdedit", "demofusion")
 
 
 class GenerationError(ValueError):
@@ -306,14 +306,14 @@ def generate(
         "callback_on_step_end": callback_on_step_end,
     }
     try:
-        if params.mode == "sdedit":
-            from .pipelines import plan_stages, sdedit
+        if params.mode in ("sdedit", "demofusion"):
+            from .pipelines import demofusion, plan_stages, sdedit
 
             stages = plan_stages(params.width, params.height, native, sdxl=hasattr(pipe, "text_encoder_2"))
             sizes = [(stage.width, stage.height) for stage in stages]
             encodes = [stage.strength is not None for stage in stages]
             plan = plan_memory(pipe, sizes, encodes, max_memory, params.guidance, not progress)
-            image = sdedit(
+            image = (sdedit if params.mode == "sdedit" else demofusion)(
                 pipe,
                 params.prompt,
                 params.width,
@@ -345,7 +345,8 @@ def upscale_file(
     save_stages: str | os.PathLike | None = None,
     max_memory: str | None = None,
 ) -> Path:
-    """Enlarge the image at ``source`` by ``scale`` with SDEdit stages guided by ``params.prompt``."""
+    """Enlarge the image at ``source`` by ``scale`` with SDEdit (or, with ``params.mode`` "demofusion",
+    DemoFusion) stages guided by ``params.prompt``."""
     from PIL import Image
 
     from .pipelines import upscale
@@ -358,17 +359,18 @@ def upscale_file(
     if scale <= 1:
         raise GenerationError(f"--scale must be > 1; got {scale}")
     params.prompt = params.prompt or "high quality, detailed"
-    params.mode = "sdedit"
+    params.mode = params.mode if params.mode == "demofusion" else "sdedit"
     out_path = Path(out)
     pipe, linfusion, torch_device = prepare(params, out_path, device)
     pipe.set_progress_bar_config(disable=not progress)
-    from .pipelines import plan_stages, upscale_target
+    from .pipelines import demofusion, plan_stages, upscale_target
 
     stages = plan_stages(*upscale_target(image.size, scale), base_long_side=max(image.size), start=image.size)
     sizes = [(stage.width, stage.height) for stage in stages]
     plan = plan_memory(pipe, sizes, [True] * len(sizes), max_memory, params.guidance, not progress)
     try:
-        result = upscale(
+        method = upscale if params.mode == "sdedit" else _demofusion_upscale(demofusion)
+        result = method(
             pipe,
             image,
             scale,
@@ -385,3 +387,13 @@ def upscale_file(
             linfusion.unmount()
     params.width, params.height = result.size
     return save_png(result, params, out_path)
+
+
+def _demofusion_upscale(demofusion: Any) -> Any:
+    """``upscale``'s signature over :func:`linfusion.pipelines.demofusion` with an input image."""
+    from .pipelines import upscale_target
+
+    def run(pipe: Any, image: Any, scale: float, prompt: str = "", **kwargs: Any) -> Any:
+        return demofusion(pipe, prompt, *upscale_target(image.size, scale), image=image, **kwargs)
+
+    return run

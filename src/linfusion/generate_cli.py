@@ -48,8 +48,9 @@ def register(subparsers: Any) -> None:
     generate.add_argument(
         "--mode",
         default="plain",
-        choices=("plain", "sdedit"),
-        help="sdedit: generate at the native size, then enlarge in stages (for 2K-16K)",
+        choices=("plain", "sdedit", "demofusion"),
+        help="sdedit: generate at the native size, then enlarge in stages (for 2K-16K); demofusion: the "
+        "same stages steered by a dilated global branch (the SD-XL recipe, fewer repeated objects)",
     )
     generate.add_argument("--from-png", default=None, help="repeat the generation recorded in this PNG")
     _add_shared(generate, out_default="outputs/linfusion.png")
@@ -63,6 +64,7 @@ def register(subparsers: Any) -> None:
     upscale.add_argument("image", help="the image to enlarge")
     upscale.add_argument("--scale", type=float, required=True, help="e.g. 4 for 4x width and height")
     upscale.add_argument("--prompt", default="", help="what the image shows (guides the new detail)")
+    upscale.add_argument("--mode", default="sdedit", choices=("sdedit", "demofusion"), help="stage recipe")
     _add_shared(upscale, out_default="outputs/upscaled.png")
     upscale.set_defaults(func=run_upscale)
 
@@ -110,7 +112,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     from .generate import GenerationError, upscale_file
 
     try:
-        params = _params(args, args.prompt, None, "sdedit")
+        params = _params(args, args.prompt, None, args.mode)
         out = upscale_file(
             args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
             save_stages=args.save_stages, max_memory=args.max_memory,
