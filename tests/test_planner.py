@@ -95,3 +95,45 @@ def test_planned_chain_equals_the_unplanned_one() -> None:
         return np.asarray(image).astype(int)
 
     assert np.abs(chain(memory_plan=minimal) - chain()).max() <= 1  # savers are exact; PNG rounding aside
+
+
+def test_model_offload_is_the_last_resort_on_cuda_only() -> None:
+    pipe = tiny_pipeline("sd15")
+    LinFusion.construct_for(pipe, load_pretrained=False)
+    assert not MemoryPlanner(pipe).plan_stage(256, 256, budget=1).savers.model_offload  # CPU: nothing to gain
+    planner = MemoryPlanner(pipe, device="cuda")  # planning only: everything is traced on meta
+    smallest = planner.plan_stage(256, 256, budget=1)
+    assert smallest.savers.model_offload
+    unet_part = planner.weights(("unet",)) + smallest.unet_activations
+    vae_part = planner.weights(("vae",)) + smallest.vae_activations
+    text_part = planner.weights(("text_encoder",))
+    assert smallest.peak == max(unet_part, vae_part, text_part)
+    resident = planner.weights() + max(smallest.unet_activations, smallest.vae_activations)
+    assert smallest.peak < resident  # the other models' weights are off the device
+    between = planner.plan([(256, 256)], budget=(smallest.peak + resident) // 2)
+    assert between.stages[0].savers.model_offload and "model CPU offload" in between.describe()
+    roomy = planner.plan([(256, 256)], budget=10 * resident)
+    assert not roomy.stages[0].savers.model_offload
+
+
+def test_model_offload_stage_is_exact_and_leaves_no_hooks() -> None:
+    from linfusion.pipelines.sdedit import stage_memory
+
+    pipe = tiny_pipeline("sd15")
+
+    def image() -> np.ndarray:
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]  # fmt: skip
+
+    plain = image()
+    with stage_memory(pipe, Savers(model_offload=True), 32 * 32, None):
+        assert pipe.unet._hf_hook is not None  # diffusers' model CPU offload is on
+        offloaded = image()
+    np.testing.assert_array_equal(offloaded, plain)
+    assert getattr(pipe.unet, "_hf_hook", None) is None
+    with (
+        pytest.raises(RuntimeError, match="stop"),
+        stage_memory(pipe, Savers(model_offload=True), 32 * 32, None),
+    ):
+        raise RuntimeError("stop")
+    assert getattr(pipe.unet, "_hf_hook", None) is None and getattr(pipe.vae, "_hf_hook", None) is None

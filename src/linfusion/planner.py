@@ -131,6 +131,7 @@ class Savers:
     feed_forward_chunk: int | None = None
     skip_offload: bool = False
     tiled_vae: bool = False
+    model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
 
     def names(self) -> list[str]:
         names = []
@@ -142,6 +143,8 @@ class Savers:
             names.append("skip tensors parked on the CPU")
         if self.tiled_vae:
             names.append("exact tiled VAE")
+        if self.model_offload:
+            names.append("model CPU offload")
         return names or ["none needed"]
 
 
@@ -153,9 +156,17 @@ class StagePlan:
     weights: int
     unet_activations: int
     vae_activations: int
+    unet_weights: int = 0  # the UNet's (and ControlNet's) share of ``weights``
+    vae_weights: int = 0
 
     @property
     def peak(self) -> int:
+        if self.savers.model_offload:  # each phase holds only its own model (text encoders: their weights)
+            return max(
+                self.unet_weights + self.unet_activations,
+                self.vae_weights + self.vae_activations,
+                self.weights - self.unet_weights - self.vae_weights,
+            )
         return self.weights + max(self.unet_activations, self.vae_activations)
 
 
@@ -194,6 +205,7 @@ class MemoryPlanner:
         self.vae_factor = pipe.vae_scale_factor
         self._meta_unet: Any = None
         self._meta_vae: Any = None
+        self._traced: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
@@ -213,8 +225,10 @@ class MemoryPlanner:
                 self._meta_vae = type(self.pipe.vae).from_config(self.pipe.vae.config).to(self.dtype).eval()
         return self._meta_vae
 
-    def weights(self) -> int:
-        names = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+    def weights(
+        self, names: Sequence[str] = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+    ) -> int:
+        """Bytes of the parameters and buffers of the pipeline's models named in ``names``."""
         total = 0
         for name in names:
             module = getattr(self.pipe, name, None)
@@ -239,6 +253,12 @@ class MemoryPlanner:
         return latents, context, extra
 
     def unet_activations(self, width: int, height: int, savers: Savers, guidance: bool = True) -> int:
+        key = ("unet", width, height, replace(savers, tiled_vae=False, model_offload=False), guidance)
+        if key not in self._traced:
+            self._traced[key] = self._trace_unet(width, height, savers, guidance)
+        return self._traced[key]
+
+    def _trace_unet(self, width: int, height: int, savers: Savers, guidance: bool) -> int:
         from .memory import memory_savers
 
         unet = self.meta_unet()
@@ -255,6 +275,12 @@ class MemoryPlanner:
         return self._with_overhead(live + 3 * latents.numel() * latents.element_size())
 
     def vae_activations(self, width: int, height: int, savers: Savers, encode: bool = False) -> int:
+        key = ("vae", width, height, savers.tiled_vae, encode)
+        if key not in self._traced:
+            self._traced[key] = self._trace_vae(width, height, savers, encode)
+        return self._traced[key]
+
+    def _trace_vae(self, width: int, height: int, savers: Savers, encode: bool) -> int:
         from .tiled_vae import ExactTiler
 
         vae = self.meta_vae()
@@ -290,30 +316,45 @@ class MemoryPlanner:
     ) -> StagePlan:
         """The cheapest savers that fit ``budget`` for one stage, the UNet and VAE phases chosen apart.
 
-        When nothing fits, the choice with the smallest peak is kept, so the plan's peak is the smallest
-        workable budget.
+        Model CPU offload (CUDA only) is the last resort: it keeps only the model at work on the device,
+        at the price of moving weights every call. When nothing fits, the choice with the smallest peak is
+        kept, so the plan's peak is the smallest workable budget.
         """
         weights = self.weights()
+        unet_weights = self.weights(("unet", "controlnet"))
+        vae_weights = self.weights(("vae",))
 
-        def first_fitting(options: list[tuple[Savers, int]]) -> tuple[Savers, int]:
+        def first_fitting(options: list[tuple[Savers, int]], resident: int) -> tuple[Savers, int]:
             for savers, activations in options:
-                if weights + activations <= budget:
+                if resident + activations <= budget:
                     return savers, activations
             return min(options, key=lambda option: option[1])
 
-        unet_options = []
-        for savers in self._unet_ladder():
-            unet_options.append((savers, self.unet_activations(width, height, savers, guidance)))
-            if weights + unet_options[-1][1] <= budget:
-                break
-        vae_options = [(Savers(), self.vae_activations(width, height, Savers(), encode))]
-        if weights + vae_options[0][1] > budget:
-            tiled = Savers(tiled_vae=True)
-            vae_options.append((tiled, self.vae_activations(width, height, tiled, encode)))
-        unet_savers, unet_bytes = first_fitting(unet_options)
-        vae_savers, vae_bytes = first_fitting(vae_options)
-        savers = replace(unet_savers, tiled_vae=vae_savers.tiled_vae)
-        return StagePlan(width, height, savers, weights, unet_bytes, vae_bytes)
+        best: StagePlan | None = None
+        for offload in (False, True) if self.device.type == "cuda" else (False,):
+            unet_resident = unet_weights if offload else weights
+            vae_resident = vae_weights if offload else weights
+            unet_options = []
+            for savers in self._unet_ladder():
+                unet_options.append((savers, self.unet_activations(width, height, savers, guidance)))
+                if unet_resident + unet_options[-1][1] <= budget:
+                    break
+            vae_options = [(Savers(), self.vae_activations(width, height, Savers(), encode))]
+            if vae_resident + vae_options[0][1] > budget:
+                tiled = Savers(tiled_vae=True)
+                vae_options.append((tiled, self.vae_activations(width, height, tiled, encode)))
+            unet_savers, unet_bytes = first_fitting(unet_options, unet_resident)
+            vae_savers, vae_bytes = first_fitting(vae_options, vae_resident)
+            savers = replace(unet_savers, tiled_vae=vae_savers.tiled_vae, model_offload=offload)
+            stage = StagePlan(
+                width, height, savers, weights, unet_bytes, vae_bytes, unet_weights, vae_weights
+            )
+            if stage.peak <= budget:
+                return stage
+            if best is None or stage.peak < best.peak:
+                best = stage
+        assert best is not None
+        return best
 
     def plan(
         self,

@@ -210,14 +210,21 @@ def stage_memory(pipe: Any, savers: Any, pixels: int, exact_vae_tiling_from: int
             "sequential_cfg": savers.sequential_cfg,
             "skip_offload": "cpu" if savers.skip_offload else None,
         }
+    offload = savers is not None and savers.model_offload
+    device = pipe.unet.device
     if tiled:
         enable_exact_tiling(pipe.vae)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
     try:
         with memory_savers(pipe.unet, **options):
             yield
     finally:
         if tiled:
             disable_exact_tiling(pipe.vae)
+        if offload:
+            pipe.remove_all_hooks()
+            pipe.to(device)
 
 
 def upscale_target(size: tuple[int, int], scale: float) -> tuple[int, int]:
