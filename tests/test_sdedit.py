@@ -42,6 +42,7 @@ def test_four_stage_chain_to_sixteen_times_the_area(family: str, tmp_path: Path)
     pipe = tiny_pipeline(family)
     LinFusion.construct_for(pipe, load_pretrained=False, init="teacher")
     steps_seen: list[int] = []
+    ended: list[tuple] = []
 
     def count(pipeline, step, timestep, tensors):
         steps_seen.append(step)
@@ -50,8 +51,17 @@ def test_four_stage_chain_to_sixteen_times_the_area(family: str, tmp_path: Path)
     image = sdedit(
         pipe, "a red circle", 128, 128, num_inference_steps=4, stages=4, generator=torch.Generator().manual_seed(0),
         save_stages=tmp_path, callback_on_step_end=count, exact_vae_tiling_from=64 * 64,
+        on_stage_end=lambda index, stage, picture: ended.append((index, (stage.width, stage.height), picture.size)),
     )  # fmt: skip
     assert image.size == (128, 128)
+    assert [size for _, size, _ in ended] == [(32, 32), (48, 48), (64, 64), (88, 88), (128, 128)]
+    assert all(stage == picture for _, stage, picture in ended) and [i for i, _, _ in ended] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     pixels = np.asarray(image).astype(float)
     assert np.isfinite(pixels).all() and pixels.std() > 1.0  # not constant
     saved = sorted(p.name for p in tmp_path.iterdir())

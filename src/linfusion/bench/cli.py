@@ -1,4 +1,4 @@
-"""``linfusion bench``: micro-benchmarks (for now ``linfusion bench attention``).
+"""``linfusion bench``: ``linfusion bench attention`` (the op) and ``linfusion bench highres`` (whole chains).
 
 Only argparse lives here; torch and the benchmark code are imported when a benchmark actually runs, so
 that ``linfusion --help`` stays instant.
@@ -92,8 +92,42 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-load", type=float, default=0.6)
 
 
+def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the high-resolution chain benchmark (the CLI and ``benchmarks/highres.py``)."""
+    parser.add_argument(
+        "--model", default="bundled", help="bundled, random-sd15, random-sdxl, a folder or Hub id"
+    )
+    parser.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT of the final image")
+    parser.add_argument("--mode", default="sdedit", choices=("sdedit", "demofusion"))
+    parser.add_argument("--attention", default="linfusion,sdpa", help="comma-separated: linfusion, sdpa")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--prompt", default="a small red circle on the left, on a blue background")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (auto: fp16 on CUDA)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in each child (0: torch's default)"
+    )
+    parser.add_argument(
+        "--sdpa-cap-seconds", type=float, default=600.0, help="skip SDPA stages predicted longer"
+    )
+    parser.add_argument(
+        "--tile-from", type=int, default=2048 * 2048, help="exact tiled VAE from this many pixels"
+    )
+    parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="per configuration (seconds)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="")
+
+
 def _run_attention(args: argparse.Namespace) -> int:
     from .attention import run_from_args
+
+    return run_from_args(args)
+
+
+def _run_highres(args: argparse.Namespace) -> int:
+    from .highres import run_from_args
 
     return run_from_args(args)
 
@@ -113,4 +147,11 @@ def register(subparsers: Any) -> None:
     )
     add_attention_arguments(attention)
     attention.set_defaults(func=_run_attention)
+    highres = bench_sub.add_parser(
+        "highres",
+        help="a whole high-resolution chain, LinFusion vs SDPA: time and peak memory per stage",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_highres_arguments(highres)
+    highres.set_defaults(func=_run_highres)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .sdedit import _native_long_side, _with_progress_desc, plan_stages, stage_memory
+from .sdedit import Stage, _native_long_side, _with_progress_desc, plan_stages, stage_memory
 
 DEFAULT_SIGMA = 0.8
 COSINE_POWERS = (3.0, 1.0, 1.0)  # c1 (skip residual), c2 (dilated branch), c3 (blur width)
@@ -236,6 +236,7 @@ def demofusion(
     callback_on_step_end: Callable | None = None,
     exact_vae_tiling_from: int | None = 2048 * 2048,
     memory_plan: Any = None,
+    on_stage_end: Callable[[int, Stage, Image.Image], None] | None = None,
     **pipeline_kwargs: Any,
 ) -> Image.Image:
     """Generate (or, with ``image``, enlarge) an image of ``width`` x ``height`` by DemoFusion stages.
@@ -315,4 +316,6 @@ def demofusion(
                     ).images[0]
         if folder is not None:
             current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
+        if on_stage_end is not None:
+            on_stage_end(index, stage, current)
     return current

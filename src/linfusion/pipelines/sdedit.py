@@ -135,6 +135,7 @@ def sdedit(
     callback_on_step_end: Callable | None = None,
     exact_vae_tiling_from: int | None = 2048 * 2048,
     memory_plan: Any = None,
+    on_stage_end: Callable[[int, Stage, Image.Image], None] | None = None,
     **pipeline_kwargs: Any,
 ) -> Image.Image:
     """Generate (or, with ``image``, enlarge) an image of ``width`` x ``height`` by an SDEdit chain.
@@ -144,7 +145,8 @@ def sdedit(
     ``num_inference_steps * s`` denoising steps (at least one). With ``memory_plan`` (a
     :class:`linfusion.planner.MemoryPlan` for these stages) each stage runs with the savers its plan chose
     and ``exact_vae_tiling_from`` is ignored. ``exact_vae_tiling_from`` (pixels) switches the VAE to exact
-    tiling for large stages (None: never). ``save_stages`` writes ``stage-<i>-<W>x<H>.png`` per stage.
+    tiling for large stages (None: never). ``save_stages`` writes ``stage-<i>-<W>x<H>.png`` per stage;
+    ``on_stage_end(index, stage, image)`` is called after each stage (previews, timings).
     """
     from diffusers import AutoPipelineForImage2Image
 
@@ -190,6 +192,8 @@ def sdedit(
                 current = img2img(image=resized, strength=stage.strength, **stage_kwargs).images[0]
         if folder is not None:
             current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
+        if on_stage_end is not None:
+            on_stage_end(index, stage, current)
     return current
 
 

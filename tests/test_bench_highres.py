@@ -1,0 +1,54 @@
+"""The high-resolution chain benchmark: stage records, the SDPA cap, outputs; the random full-size models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from linfusion import LinFusion
+from linfusion.bench.highres import main, random_full_size_pipeline
+from linfusion.pipelines import plan_stages
+from linfusion.testing import tiny_pipeline
+
+
+def test_chain_benchmark_records_every_stage_and_stops_sdpa_at_the_cap(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    pipe = tiny_pipeline("sd15")
+    pipe.save_pretrained(folder)
+    LinFusion.from_unet(pipe.unet, init="teacher").save_pretrained(folder / "linfusion")
+    out = tmp_path / "results"
+    code = main(["--model", str(folder), "--size", "128x64", "--steps", "2", "--out", str(out), "--tag", "t",
+                 "--sdpa-cap-seconds", "0", "--timeout", "300"])  # fmt: skip
+    assert code == 0
+    result = json.loads(
+        (out / f"highres-cpu-{str(folder).replace('/', '_')}-sdedit-128x64-t.json").read_text()
+    )
+    runs = {run["attention"]: run for run in result["runs"]}
+    expected = [(s.width, s.height) for s in plan_stages(128, 64, base_long_side=32)]
+    linear = runs["linfusion"]
+    assert linear["completed"] and [(s["width"], s["height"]) for s in linear["stages"]] == expected
+    assert all(
+        s["seconds"] > 0 and s["peak_bytes"] > 0 and s["finite"] and s["steps"] >= 1 for s in linear["stages"]
+    )
+    assert linear["stages"][0]["steps"] == 2  # the base runs every step; later stages by strength
+    soft = runs["sdpa"]  # a zero cap: measured once, then the next stage's prediction stops the chain
+    assert not soft["completed"] and soft["stages"][0]["seconds"] > 0
+    assert (
+        soft["stages"][1]["skipped"]
+        and soft["stages"][1]["predicted_seconds"] > 0
+        and len(soft["stages"]) == 2
+    )
+    assert result["stage_ratios"][0]["width"] == expected[0][0]
+    assert "linfusion bench highres" in result["environment"]["command"]
+    assert "skipped: predicted" in next(out.glob("*.md")).read_text()
+
+
+@pytest.mark.parametrize(("family", "unet_parameters"), [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_random_full_size_models_have_the_published_sizes(family: str, unet_parameters: int) -> None:
+    pipe = random_full_size_pipeline(family, torch.float16, "meta")
+    assert sum(p.numel() for p in pipe.unet.parameters()) == unet_parameters
+    assert sum(p.numel() for p in pipe.vae.parameters()) == 83_653_863
+    assert pipe.unet.dtype == torch.float16 and (family == "sdxl") == hasattr(pipe, "text_encoder_2")
