@@ -8,6 +8,7 @@ gathered result (world x chunk); a halo exchange counts the rows this rank sends
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -160,4 +161,83 @@ class Communicator:
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
+        return above, below
+
+
+class _Rendezvous:
+    """Shared slots and a barrier for :class:`ThreadCommunicator` ranks of one process."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=600)
+        self.slots: list = [None] * world
+
+    def exchange(self, rank: int, value: object) -> list:
+        self.slots[rank] = value
+        self.barrier.wait()
+        values = list(self.slots)
+        self.barrier.wait()
+        return values
+
+
+class ThreadCommunicator(Communicator):
+    """Ranks as threads of one process: the same collectives and byte counts as :class:`Communicator`.
+
+    For dry runs on the ``meta`` device (communication volume of full-size models at any resolution
+    without computing anything) and for quick experiments; not a transport for real work.
+    """
+
+    def __init__(self, rendezvous: _Rendezvous, rank: int) -> None:
+        self.group = None
+        self.rank, self.world = rank, rendezvous.world
+        self.stats = CommStats()
+        self._rendezvous = rendezvous
+
+    @classmethod
+    def world_of(cls, world: int) -> list[ThreadCommunicator]:
+        rendezvous = _Rendezvous(world)
+        return [cls(rendezvous, rank) for rank in range(world)]
+
+    @property
+    def device_hint(self) -> torch.device:
+        return torch.device("cpu")
+
+    def all_reduce_sum(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        if self.world > 1:
+            self._count(kind, _nbytes(tensor))
+            values = self._rendezvous.exchange(self.rank, tensor.clone())
+            tensor.copy_(torch.stack(values).sum(0))
+        return tensor
+
+    def all_gather_ints(self, values: list[int], kind: str = "sizes") -> list[list[int]]:
+        if self.world == 1:
+            return [list(values)]
+        self._count(kind, 8 * len(values) * self.world)
+        return [list(v) for v in self._rendezvous.exchange(self.rank, list(values))]
+
+    def all_gather_parts(
+        self, tensor: torch.Tensor, dim: int, sizes: list[int], kind: str
+    ) -> list[torch.Tensor]:
+        if self.world == 1:
+            return [tensor]
+        padded = list(tensor.shape)
+        padded[dim] = max(sizes)
+        self._count(kind, math.prod(padded) * tensor.element_size() * self.world)
+        return self._rendezvous.exchange(self.rank, tensor)
+
+    def exchange_rows(
+        self, x: torch.Tensor, dim: int, send_up: int, send_down: int, recv_up: int, recv_down: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        per_row = _nbytes(x) // max(1, x.shape[dim])
+        if send_up + send_down:
+            self._count("halo", per_row * (send_up + send_down))
+        slots = self._rendezvous.exchange(self.rank, x)
+        above = below = None
+        if recv_up:
+            neighbour = slots[self.rank - 1]
+            above = neighbour.narrow(dim, neighbour.shape[dim] - recv_up, recv_up)
+        if recv_down:
+            below = slots[self.rank + 1].narrow(dim, 0, recv_down)
         return above, below
