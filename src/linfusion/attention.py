@@ -92,13 +92,7 @@ class GeneralizedLinearAttention(nn.Module):
         key = self.to_k(hidden_states + self.to_k_(hidden_states))
         value = self.to_v(hidden_states)
 
-        out = linear_attention(
-            self._split_heads(query),
-            self._split_heads(key),
-            self._split_heads(value),
-            eps=self.eps,
-            backend=self.backend,
-        )
+        out = self.attend(self._split_heads(query), self._split_heads(key), self._split_heads(value))
         batch, _, tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, self.dim)
         out = self.to_out[1](self.to_out[0](out))
@@ -106,6 +100,10 @@ class GeneralizedLinearAttention(nn.Module):
         if spatial_shape is not None:
             out = out.transpose(1, 2).reshape(batch, self.dim, *spatial_shape)
         return out
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The attention itself on (B, h, N, d) heads; spatial parallelism swaps this one step per instance."""
+        return linear_attention(query, key, value, eps=self.eps, backend=self.backend)
 
     @torch.no_grad()
     def init_from_attention(self, attention: nn.Module) -> None:

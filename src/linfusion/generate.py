@@ -221,6 +221,10 @@ def save_png(image: Any, params: GenerationParams, out: Path) -> Path:
     """Write the PNG with its ``parameters`` chunk through a temporary file and a rename (no partial files)."""
     from PIL import PngImagePlugin
 
+    from .parallel.launch import is_main_process
+
+    if not is_main_process():
+        return out  # a spatial-parallel run: only rank 0 writes the file
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", params.to_text())
     descriptor, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
@@ -247,6 +251,9 @@ def prepare(params: GenerationParams, out: Path, device: str) -> tuple[Any, Any,
         scheduler_class = getattr(diffusers, SCHEDULERS[params.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     linfusion = attach_linfusion(pipe, params.model, params.linfusion)
+    from .parallel.launch import enable_for_pipeline
+
+    enable_for_pipeline(pipe)  # under torchrun (WORLD_SIZE > 1): spatial-parallel, else nothing
     params.scheduler = params.scheduler or next(
         (name for name, cls in SCHEDULERS.items() if cls == type(pipe.scheduler).__name__),
         type(pipe.scheduler).__name__,

@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Any
 
+from .parallel.launch import parallel_command
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -89,6 +91,7 @@ def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None,
     )
 
 
+@parallel_command  # torchrun --nproc_per_node=N: spatial-parallel (linfusion.parallel)
 def run(args: argparse.Namespace) -> int:
     from .generate import GenerationError, generate, read_png_parameters
 
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@parallel_command
 def run_upscale(args: argparse.Namespace) -> int:
     from .generate import GenerationError, upscale_file
 

@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 
 from .chunked import linear_attention_chunked
-from .reference import feature_map, linear_attention_quadratic, linear_attention_reference
+from .reference import (
+    feature_map,
+    linear_attention_from_state,
+    linear_attention_quadratic,
+    linear_attention_reference,
+    linear_attention_state,
+)
 
 BACKENDS = ("auto", "chunked", "triton", "reference")
 
@@ -38,8 +44,10 @@ __all__ = [
     "feature_map",
     "linear_attention",
     "linear_attention_chunked",
+    "linear_attention_from_state",
     "linear_attention_quadratic",
     "linear_attention_reference",
+    "linear_attention_state",
     "select_backend",
 ]
 

@@ -1,0 +1,301 @@
+"""Reversible per-module patches that make a model compute on one horizontal stripe of its input, exactly.
+
+Every layer of a Stable Diffusion UNet, ControlNet or VAE decoder is either local per token (linear
+layers, LayerNorm, cross-attention, feed-forward, 1x1 convolutions, nearest upsampling) or needs a
+small amount of information from the other stripes:
+
+* ``Conv2d`` with a kernel taller than one row, or a stride: halo rows from the neighbouring stripes;
+  zero padding only at the global top and bottom. Strided convolutions need stripes that start at
+  multiples of the stride (see :mod:`linfusion.parallel.layout`).
+* ``GroupNorm``: per (sample, group) count, mean and M2 of every stripe, combined with Chan's parallel
+  formula in fp64 (numerically sound, no sum-of-squares cancellation).
+* LinFusion's ``GeneralizedLinearAttention``: the per-head state phi(K)^T V / N and key mean, scaled by the
+  *global* N and all-reduced in fp32 (:func:`linfusion.ops.linear_attention_state`), then applied to the
+  local queries: the same formula as the single-process reference.
+* diffusers softmax self-attention (a UNet ``attn1`` without LinFusion, the VAE mid-block attention):
+  the keys and values of every stripe are all-gathered (exact; communication grows with the token count).
+
+Which rows each rank holds is learned once per layer and input size with a tiny all-gather of local
+sizes and cached while the caller keeps ``layout_key`` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import GeneralizedLinearAttention
+from ..ops import linear_attention_from_state, linear_attention_state
+from .comm import Communicator
+from .layout import StripeLayoutError
+
+
+class UnsupportedLayerError(NotImplementedError):
+    """A layer that spatial parallelism cannot split exactly (the message names it and says why)."""
+
+
+def _softmax_attention_class() -> type | None:
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return None
+    return Attention
+
+
+@lru_cache(maxsize=4096)
+def _conv_plan(
+    sizes: tuple[int, ...], kernel: int, stride: int, padding: int, dilation: int
+) -> tuple[tuple[int, int, int, int, int, int, int], ...]:
+    """Per rank: (zeros_top, recv_up, trim_bottom, recv_down, zeros_bottom, send_up, send_down).
+
+    Rank i owns output rows [start_i / stride, stop_i / stride) (the last rank: up to the global output
+    height) and needs input rows [o0 * stride - padding, (o1 - 1) * stride - padding + dilation * (kernel - 1)].
+    """
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    height = sum(sizes)
+    out_height = (height + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    last = len(sizes) - 1
+    plans = []
+    for index, (start, size) in enumerate(zip(starts, sizes)):
+        stop = start + size
+        if start % stride:
+            raise StripeLayoutError(
+                f"a stripe starts at row {start}, not a multiple of a convolution's stride {stride}: "
+                "stripe starts must be multiples of 2 ** (downsampling levels)"
+            )
+        first_out = start // stride
+        end_out = out_height if index == last else stop // stride
+        if end_out <= first_out:
+            raise StripeLayoutError(
+                f"the stripe at rows {start}..{stop} of {height} produces no output row of a stride-{stride} "
+                "convolution; use fewer processes or a taller image"
+            )
+        low = first_out * stride - padding
+        high = (end_out - 1) * stride - padding + dilation * (kernel - 1) + 1
+        zeros_top = max(0, -low)
+        recv_up = start - max(low, 0)
+        trim = max(0, stop - high)
+        recv_down = max(0, min(high, height) - stop)
+        zeros_bottom = max(0, high - height)
+        if index > 0 and recv_up > sizes[index - 1]:
+            raise StripeLayoutError(
+                f"a convolution needs {recv_up} halo rows but the stripe above has only {sizes[index - 1]}"
+            )
+        if index < last and recv_down > sizes[index + 1]:
+            raise StripeLayoutError(
+                f"a convolution needs {recv_down} halo rows but the stripe below has only {sizes[index + 1]}"
+            )
+        plans.append([zeros_top, recv_up, trim, recv_down, zeros_bottom, 0, 0])
+    for index, plan in enumerate(plans):
+        plan[5] = plans[index - 1][3] if index > 0 else 0  # rows rank i - 1 wants from below
+        plan[6] = plans[index + 1][1] if index < last else 0  # rows rank i + 1 wants from above
+    return tuple(tuple(plan) for plan in plans)  # type: ignore[return-value]
+
+
+class SpatialParallel:
+    """The patches of some models for one rank of a spatial group (see the module docstring).
+
+    ``active`` switches the patched layers between the stripe computation and their original forward
+    (the pipeline hooks switch it on only while the split model runs). ``layout_key`` names the current
+    global input geometry; while it is unchanged each layer's per-rank sizes are cached.
+    """
+
+    def __init__(self, models: list[nn.Module], comm: Communicator, active: bool = True) -> None:
+        self.models = models
+        self.comm = comm
+        self.active = active
+        self.layout_key: Any = None
+        self._sizes: dict[tuple[int, Any, int], list[int]] = {}
+        self._restore: list[tuple[nn.Module, str, bool, Any]] = []
+        self.patched: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def sizes(self, module: nn.Module, local: int) -> list[int]:
+        """Every rank's extent of the split dimension at ``module`` (cached per layout_key)."""
+        key = (id(module), self.layout_key, local)
+        if self.layout_key is not None and key in self._sizes:
+            return self._sizes[key]
+        sizes = [row[0] for row in self.comm.all_gather_ints([local])]
+        if self.layout_key is not None:
+            self._sizes[key] = sizes
+        return sizes
+
+    def _set(self, module: nn.Module, name: str, value: Callable) -> None:
+        had = name in module.__dict__
+        self._restore.append((module, name, had, module.__dict__.get(name)))
+        object.__setattr__(module, name, value)
+
+    def patch(self) -> SpatialParallel:
+        """Patch every layer that needs cross-stripe data; checks all layers before changing any."""
+        attention_class = _softmax_attention_class()
+        plan: list[tuple[str, nn.Module]] = []
+        seen: set[int] = set()
+        for model in self.models:
+            for name, module in model.named_modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                if isinstance(module, nn.Conv2d):
+                    if module.kernel_size[0] == 1 and module.stride[0] == 1 and module.padding[0] == 0:
+                        continue  # per row: nothing to exchange
+                    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+                        raise UnsupportedLayerError(
+                            f"{name}: Conv2d with padding={module.padding!r}, padding_mode="
+                            f"{module.padding_mode!r}; only numeric zero padding can be split into stripes"
+                        )
+                    plan.append(("conv", module))
+                elif isinstance(module, nn.GroupNorm):
+                    plan.append(("groupnorm", module))
+                elif isinstance(module, GeneralizedLinearAttention):
+                    plan.append(("linear_attention", module))
+                elif attention_class is not None and isinstance(module, attention_class):
+                    if module.is_cross_attention:
+                        continue  # keys come from the text: local per query
+                    if getattr(module, "fused_projections", False):
+                        raise UnsupportedLayerError(
+                            f"{name}: fused q/k/v projections; call unfuse_qkv_projections() first "
+                            "(the keys and values must be gathered separately)"
+                        )
+                    plan.append(("softmax_attention", module))
+                elif (
+                    type(module).__name__ == "Downsample2D"
+                    and getattr(module, "padding", 1) == 0
+                    and getattr(module, "use_conv", False)
+                ):
+                    raise UnsupportedLayerError(
+                        f"{name}: Downsample2D with padding=0 pads one row at the bottom of each stripe"
+                    )
+        for kind, module in plan:
+            getattr(self, f"_patch_{kind}")(module)
+            self.patched[kind] = self.patched.get(kind, 0) + 1
+        return self
+
+    def restore(self) -> None:
+        """Put every original forward back (in reverse order), whatever happened meanwhile."""
+        while self._restore:
+            module, name, had, value = self._restore.pop()
+            if had:
+                object.__setattr__(module, name, value)
+            else:
+                module.__dict__.pop(name, None)
+        self._sizes.clear()
+
+    # ------------------------------------------------------------------ the layers
+    def _patch_conv(self, conv: nn.Conv2d) -> None:
+        original = conv.forward
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not self.active:
+                return original(x, *args, **kwargs)
+            dim = x.ndim - 2
+            sizes = self.sizes(conv, x.shape[dim])
+            plans = _conv_plan(
+                tuple(sizes), conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+            )
+            zeros_top, recv_up, trim, recv_down, zeros_bottom, send_up, send_down = plans[self.comm.rank]
+            above, below = self.comm.exchange_rows(x, dim, send_up, send_down, recv_up, recv_down)
+            pieces = []
+            if zeros_top:
+                pieces.append(x.new_zeros(*x.shape[:dim], zeros_top, x.shape[-1]))
+            if above is not None:
+                pieces.append(above)
+            pieces.append(x.narrow(dim, 0, x.shape[dim] - trim) if trim else x)
+            if below is not None:
+                pieces.append(below)
+            if zeros_bottom:
+                pieces.append(x.new_zeros(*x.shape[:dim], zeros_bottom, x.shape[-1]))
+            extended = torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
+            padding = conv.padding
+            conv.padding = (0, padding[1])  # rows: the halo and the zeros above are the padding now
+            try:
+                return original(extended, *args, **kwargs)
+            finally:
+                conv.padding = padding
+
+        self._set(conv, "forward", forward)
+
+    def _patch_groupnorm(self, norm: nn.GroupNorm) -> None:
+        original = norm.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return original(x)
+            batch, channels = x.shape[:2]
+            groups = norm.num_groups
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            grouped = x.to(compute).reshape(batch, groups, -1)
+            count = grouped.shape[-1]
+            var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+            stats = torch.stack([torch.full_like(mean, count), mean, var * count], dim=-1).double()
+            parts = self.comm.all_gather_cat(stats[None], 0, [1] * self.comm.world, "groupnorm")
+            counts, means, m2s = parts.unbind(-1)
+            total = counts.sum(0)
+            global_mean = (counts * means).sum(0) / total
+            global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)
+            inv_std = torch.rsqrt(global_m2 / total + norm.eps).to(compute)
+            out = (grouped - global_mean.to(compute)[..., None]) * inv_std[..., None]
+            out = out.reshape(x.shape)
+            if norm.affine:
+                shape = (1, channels) + (1,) * (x.ndim - 2)
+                out = out * norm.weight.to(compute).view(shape) + norm.bias.to(compute).view(shape)
+            return out.to(x.dtype)
+
+        self._set(norm, "forward", forward)
+
+    def _patch_linear_attention(self, layer: GeneralizedLinearAttention) -> None:
+        original = layer.attend
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return original(query, key, value)
+            total = sum(self.sizes(layer, key.shape[-2]))
+            state, key_mean = linear_attention_state(key, value, total_tokens=total)
+            flat = torch.cat([state.reshape(-1), key_mean.reshape(-1)])
+            self.comm.all_reduce_sum(flat, "linear_state")
+            state = flat[: state.numel()].view_as(state)
+            key_mean = flat[state.numel() :].view_as(key_mean)
+            return linear_attention_from_state(query, state, key_mean, layer.eps).to(query.dtype)
+
+        self._set(layer, "attend", attend)
+
+    def _patch_softmax_attention(self, attention: nn.Module) -> None:
+        for projection in (attention.to_k, attention.to_v):
+            self._patch_gathered_projection(projection)
+
+    def _patch_gathered_projection(self, projection: nn.Module) -> None:
+        original = projection.forward
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original(x, *args, **kwargs)
+            if not self.active:
+                return out
+            if out.ndim != 3:
+                raise UnsupportedLayerError(
+                    f"self-attention keys of shape {tuple(out.shape)}; expected (batch, tokens, channels)"
+                )
+            sizes = self.sizes(projection, out.shape[1])
+            return self.comm.all_gather_cat(out, 1, sizes, "kv_gather")
+
+        self._set(projection, "forward", forward)
+
+
+@contextlib.contextmanager
+def spatial_parallel(*models: nn.Module, group: Any = None) -> Iterator[SpatialParallel]:
+    """Run ``models`` on this rank's horizontal stripe of their input, exactly, for the duration.
+
+    Each rank calls the models with its own rows (stripes in rank order, top to bottom; widths and batch
+    equal) and gets its rows of the output. Stripe starts must be multiples of 2 ** (downsampling levels)
+    (:func:`linfusion.parallel.stripe_bounds` computes valid ones). ``group`` is the ``torch.distributed``
+    process group of the stripes (None: the default group). Everything is restored on exit, also after
+    an exception. For whole pipelines use :func:`linfusion.parallel.parallel_pipeline`.
+    """
+    patches = SpatialParallel(list(models), Communicator(group)).patch()
+    try:
+        yield patches
+    finally:
+        patches.restore()
