@@ -59,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also copy the stages' log.jsonl (and gates.jsonl) into this folder, to commit them",
     )
+    data = sub.add_parser("distill-data", help="write training-split scenes as a captioned image folder")
+    data.add_argument("--out", default=str(training.ARTIFACTS / "distill-data"))
+    data.add_argument("--count", type=int, default=8000)
+    data.add_argument("--size", type=int, default=32)
+    linfusion = sub.add_parser(
+        "export-linfusion", help="save distilled LinFusion weights as fp16 into the model folder"
+    )
+    linfusion.add_argument("--distilled", default=str(training.ARTIFACTS / "distill"))
+    linfusion.add_argument("--out", default=str(components.MODEL_DIR / "linfusion"))
     gates = sub.add_parser(
         "gates", help="export the UNet checkpoint to a temp folder and run the quality gates"
     )
@@ -86,9 +95,51 @@ def main(argv: list[str] | None = None) -> int:
         print(training.export_pipeline(args.unet_checkpoint, args.vae_dir, args.out, use_ema=not args.no_ema))
         if args.copy_logs:
             _copy_logs(args.copy_logs)
+    elif args.stage == "distill-data":
+        print(_distill_data(args.out, args.count, args.size))
+    elif args.stage == "export-linfusion":
+        print(_export_linfusion(args.distilled, args.out))
     else:
         print(json.dumps(_gates(args), sort_keys=True))
     return 0
+
+
+def _distill_data(folder: str, count: int, size: int) -> str:
+    """Training-split scenes (seeds 0 .. count - 1) as NAME.png + NAME.txt; skips files already there."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from linfusion.data import shapes
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image_path = root / f"{index:06d}.png"
+        if image_path.exists():
+            continue
+        pixels, scene = shapes.render_seed(shapes.split_seed(index, "train"), size)
+        (root / f"{index:06d}.txt").write_text(scene.caption())
+        partial = root / f".{index:06d}.png.partial"
+        Image.fromarray(pixels).save(partial, format="PNG")
+        partial.replace(image_path)
+    return str(root)
+
+
+def _export_linfusion(distilled: str, out: str) -> str:
+    """The distilled weights (fp32 training output) saved as fp16 safetensors, written atomically."""
+    import shutil
+    from pathlib import Path
+
+    from linfusion import LinFusion
+
+    target = Path(out)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    LinFusion.from_pretrained(distilled).to(torch.float16).save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+    return str(target)
 
 
 def _copy_logs(folder: str) -> None:

@@ -157,6 +157,9 @@ class UnetConfig:
     # From this step on, cosine decay of the LR down to lr_final_ratio at `steps` (-1: no decay). The
     # first 12,000 steps were run with constant LR; the decay sharpens fine detail (circle vs square).
     lr_decay_start: int = 12000
+    # Stop after this many steps (-1: run to ``steps``) without changing the LR schedule, which still
+    # runs to ``steps``: the bundled teacher is the step-14,100 checkpoint of the 20,000-step schedule.
+    stop_at: int = 14100
     lr_final_ratio: float = 0.1
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -355,7 +358,8 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
     window: list[float] = []
     tick = time.perf_counter()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    for step in range(start, config.steps):
+    end = config.steps if config.stop_at < 0 else min(config.steps, config.stop_at)
+    for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(step, config)
         x, prompts = _images(step, config.batch_size, config.image_size)
@@ -402,7 +406,7 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
                 text_encoder.train()
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", gap=f"{record.get('eval_gap', float('nan')):.4f}")
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % config.checkpoint_every == 0 or done == end:
             save(done)
     bar.close()
     return state_path

@@ -249,6 +249,11 @@ def demofusion(
 
     if isinstance(generator, list):
         raise ValueError("demofusion takes one torch.Generator, not a list")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:  # the blur would see one stripe only
+        raise ValueError(
+            "demofusion does not run spatial-parallel yet: run it in one process (or --mode sdedit)"
+        )
     if getattr(pipe.scheduler, "order", 1) != 1:
         raise ValueError(
             f"{type(pipe.scheduler).__name__} takes {pipe.scheduler.order} model calls per step; "
