@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 LINT_PATHS := $(wildcard src tests benchmarks scripts)
 
-.PHONY: venv test lint format clean
+.PHONY: venv demo test lint format clean
+
+DEMO_PROMPT ?= a large red circle on the left and a small yellow triangle on the right , on a gray background
 
 venv: $(STAMP)
 
@@ -25,6 +27,10 @@ lint: venv
 format: venv
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
+
+# The main job, offline, on the bundled model (LinFusion mounted): writes outputs/demo.png in seconds.
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/linfusion generate "$(DEMO_PROMPT)" --steps 25 --guidance 4 --seed 1 --device cpu --out outputs/demo.png
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -57,7 +57,7 @@ def _markdown(result: dict) -> str:
         "",
         "Made by `benchmarks/quality.py` (raw numbers: "
         f"`{result['json']}`). {config['n']} held-out captions (1 to 3 objects, seeds from "
-        f"{config['start']}), {config['steps']} DDIM steps, guidance {config['guidance']}, fixed seeds: image i of "
+        f"{config['start']}), DDIM steps per size as listed, guidance {config['guidance']}, fixed seeds: image i of "
         "every variant starts from the same noise. Variants: the **teacher** (softmax self-attention), the "
         "**student** (the committed LinFusion weights, distilled by `linfusion distill`), and a control student "
         "with **random** (untrained) LinFusion modules.",
@@ -70,7 +70,7 @@ def _markdown(result: dict) -> str:
         f"Machine: {env['cpu_model']}, {env['torch_threads']} thread(s), torch {env['torch_version']}; "
         f"command: `{env['command']}`.",
         "",
-        "| size | variant | adherence | background | colour | shape | position | count | PSNR vs teacher "
+        "| size (steps) | variant | adherence | background | colour | shape | position | count | PSNR vs teacher "
         "| SSIM vs teacher | s / image |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -83,7 +83,7 @@ def _markdown(result: dict) -> str:
                 else "- | -"
             )
             lines.append(
-                f"| {entry['size']} px | {name} | {r['adherence']:.3f} | {r['background']:.3f} | {r['colour']:.3f} "
+                f"| {entry['size']} px ({entry['steps']}) | {name} | {r['adherence']:.3f} | {r['background']:.3f} | {r['colour']:.3f} "
                 f"| {r['shape']:.3f} | {r['position']:.3f} | {r['count']:.3f} | {fidelity} "
                 f"| {r['seconds_per_image']:.3f} |"
             )
@@ -104,8 +104,8 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cache_path(cache: Path, tag: str, scale: int, name: str) -> Path:
-    return cache / f"{tag}-{scale}x-{name}.npz"
+def _cache_path(cache: Path, tag: str, scale: int, name: str, steps: int, n: int) -> Path:
+    return cache / f"{tag}-{scale}x-{name}-{steps}steps-{n}.npz"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=20_000, help="first held-out scene index")
     parser.add_argument("--scales", default="1,2,4")
     parser.add_argument("--variants", default="teacher,student,random", help="which to generate in this run")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", default="20,20,10", help="DDIM steps at 1x,2x,4x (one value: all scales)")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="bundled")
@@ -145,19 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     scenes = quality.quality_scenes(args.n, args.start)
     prompts = [scene.caption() for scene in scenes]
     scales = [int(s) for s in args.scales.split(",")]
+    step_values = [int(s) for s in args.steps.split(",")]
+    steps_at = dict(zip([1, 2, 4], step_values)) if len(step_values) > 1 else {}
+    steps_for = {scale: steps_at.get(scale, step_values[0]) for scale in scales}
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     pipe = distilled = None
     for scale in scales:
         for name in args.variants.split(","):
-            path = _cache_path(cache, args.tag, scale, name)
-            if path.exists() and len(np.load(path)["images"]) == args.n:
+            path = _cache_path(cache, args.tag, scale, name, steps_for[scale], args.n)
+            if path.exists():
                 continue
             if pipe is None:
                 pipe = components.load_pipeline(model)
+            if distilled is None and name == "student":
                 distilled = LinFusion.from_pretrained(weights).to(torch.float32)
             images, seconds = quality.generate_variant(
-                pipe, distilled, name, prompts, scale, args.steps, args.guidance
+                pipe, distilled, name, prompts, scale, steps_for[scale], args.guidance
             )
             partial = path.with_name(f".{path.stem}.partial.npz")
             np.savez_compressed(partial, images=images, seconds_per_image=seconds, threads=args.threads)
@@ -169,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     classifier = classifier_lib.load_classifier()
     results: dict = {}
     for scale in scales:
-        loaded = {name: np.load(_cache_path(cache, args.tag, scale, name)) for name in quality.VARIANTS}
+        loaded = {
+            name: np.load(_cache_path(cache, args.tag, scale, name, steps_for[scale], args.n))
+            for name in quality.VARIANTS
+        }
         teacher = loaded["teacher"]["images"]
-        entry: dict = {"size": int(teacher.shape[1])}
+        entry: dict = {"size": int(teacher.shape[1]), "steps": steps_for[scale]}
         for name, data in loaded.items():
             record = quality.score_variant(
                 data["images"], scenes, None if name == "teacher" else teacher, classifier
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "n": args.n,
             "start": args.start,
-            "steps": args.steps,
+            "steps": steps_for,
             "guidance": args.guidance,
             "model": str(model),
             "linfusion": str(weights),

@@ -19,7 +19,12 @@ def test_readme_offline_example_runs(capsys) -> None:
     assert float(found.group(1)) > 0.001  # LinFusion really changed the image
 
 
-def test_readme_leads_with_the_test_command() -> None:
+def test_readme_leads_with_the_demo_and_test_commands_and_the_picture() -> None:
     text = README.read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
-    assert "make test" in first_block
+    assert first_block.index("make demo") < first_block.index("make test")
+    picture = re.search(r'<img src="([^"]+)"', text).group(1)
+    assert text.index(picture) < text.index("## Use")
+    assert (README.parent / picture).stat().st_size > 0
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^demo: venv\n\t.*linfusion generate .*--out outputs/demo.png", makefile, re.M)

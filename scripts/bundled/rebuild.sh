@@ -2,13 +2,18 @@
 # Rebuild the bundled teacher from scratch, or continue an interrupted rebuild: every stage resumes from
 # its last checkpoint under artifacts/bundled/. One CPU core, lowest priority:
 #   setsid nohup nice -n 19 scripts/bundled/rebuild.sh > artifacts/bundled/rebuild.log 2>&1 &
-# Stages: classifier (~3 min), VAE (~10 min), UNet + text encoder (20,000 steps, ~3.3 h), export to
-# artifacts/bundled/model. Arguments are passed to the UNet stage (e.g. --steps 24000).
+# Stages: classifier (~3 min), VAE (~10 min), UNet + text encoder (14,100 steps of a 20,000-step LR
+# schedule, ~2.3 h), export (fp16) with the training logs, the teacher's quality gates, the distillation
+# of its LinFusion weights (1,500 steps, ~20 min), their fp16 export into the model folder.
+# MODEL (default: the package's bundled model folder) and LOGS choose where the results go; arguments
+# are passed to the UNet stage. Note: artifacts/bundled/distill resumes, so delete it to re-distil.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 TRAIN="$PYTHON scripts/bundled/train.py --threads 1"
+MODEL="${MODEL:-src/linfusion/bundled/model}"
+LOGS="${LOGS:-src/linfusion/bundled/logs}"
 echo "[rebuild] $(date -u +%FT%TZ) classifier"
 if [ ! -f src/linfusion/bundled/classifier/model.safetensors ]; then
     $TRAIN classifier --resume
@@ -20,5 +25,15 @@ fi
 echo "[rebuild] $(date -u +%FT%TZ) unet"
 $TRAIN unet --resume "$@"
 echo "[rebuild] $(date -u +%FT%TZ) export"
-$TRAIN export --out artifacts/bundled/model
+$TRAIN export --out "$MODEL" --copy-logs "$LOGS"
+echo "[rebuild] $(date -u +%FT%TZ) gates"
+$TRAIN gates
+echo "[rebuild] $(date -u +%FT%TZ) distill"
+$TRAIN distill-data --out artifacts/bundled/distill-data --count 8000
+$PYTHON -m linfusion distill --teacher "$MODEL" --data artifacts/bundled/distill-data \
+    --output artifacts/bundled/distill --resolution 32 --batch-size 16 --max-steps 1500 \
+    --checkpoint-every 250 --cache-latents --resume latest
+$TRAIN export-linfusion --distilled artifacts/bundled/distill --out "$MODEL/linfusion"
+cp artifacts/bundled/distill/train_log.jsonl "$LOGS/distill_log.jsonl"
+cp artifacts/bundled/unet/gates.jsonl "$LOGS/unet_gates.jsonl"
 echo "[rebuild] $(date -u +%FT%TZ) done"

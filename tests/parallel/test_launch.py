@@ -115,3 +115,21 @@ def test_a_failing_rank_stops_every_rank(model: Path, tmp_path: Path, fail_call:
     assert "linfusion (rank 1 of 2): RuntimeError: injected failure" in errors[1]
     assert "linfusion (rank 0 of 2)" in errors[0] and "failed" in errors[0]
     assert not out.exists()
+
+
+def test_torchrun_with_the_bundled_model_writes_the_single_process_png(tmp_path: Path) -> None:
+    """The default model (the bundled one, LinFusion mounted): 2 processes give the same PNG as 1."""
+    args = [
+        "a large red circle on the left , on a gray background",
+        "--steps",
+        "8",
+        "--guidance",
+        "4",
+        "--quiet",
+    ]
+    single, parallel = tmp_path / "single.png", tmp_path / "parallel.png"
+    assert main(["generate", *args, "--out", str(single)]) == 0
+    done = _torchrun(2, *args, "--out", str(parallel))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert np.array_equal(_pixels(single), _pixels(parallel))
+    assert _pixels(single).std() > 10  # a real picture, not a blank one

@@ -1,11 +1,6 @@
-"""Quality gates of the committed bundled teacher (src/linfusion/bundled/model/).
+"""Quality gates of the committed bundled teacher (src/linfusion/bundled/model/, docs/bundled-model.md).
 
-PENDING: this file is named gates_*.py so pytest does not collect it yet. The teacher is still training
-(issue 5); when its export is committed, rename it back to test_bundled_teacher.py in the same commit.
-
-Needs the trained model: scripts/bundled/rebuild.sh, then
-``python scripts/bundled/train.py export --out src/linfusion/bundled/model``. Without it these tests
-fail (on purpose: the gates are what the committed model promises).
+Rebuilt by scripts/bundled/rebuild.sh; the gates are what the committed model promises.
 """
 
 import pytest
