@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .sdedit import Stage, _native_long_side, _with_progress_desc, plan_stages, stage_memory
+from .sdedit import Stage, _with_progress_desc, chain_plan, finish_stage, stage_memory, stage_steps
 
 DEFAULT_SIGMA = 0.8
 COSINE_POWERS = (3.0, 1.0, 1.0)  # c1 (skip residual), c2 (dilated branch), c3 (blur width)
@@ -261,17 +261,9 @@ def demofusion(
         )
     device = pipe._execution_device
     generator = generator or torch.Generator(device).manual_seed(int(torch.seed() % 2**63))
-    plan = plan_stages(
-        width,
-        height,
-        base_long_side or _native_long_side(pipe),
-        sdxl=True,
-        stages=stages,
-        strengths=strengths,
-        start=image.size if image is not None else None,
+    plan, folder = chain_plan(
+        pipe, width, height, image, stages, strengths, base_long_side, True, memory_plan, save_stages
     )
-    if memory_plan is not None and len(memory_plan.stages) != len(plan):
-        raise ValueError(f"the memory plan has {len(memory_plan.stages)} stages; this chain has {len(plan)}")
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     common = {
         "prompt": prompt,
@@ -280,9 +272,6 @@ def demofusion(
         "generator": generator,
         **pipeline_kwargs,
     }
-    folder = Path(save_stages) if save_stages is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     current = image.convert("RGB") if image is not None else None
     anchor: torch.Tensor | None = None
     base_size = current.size if current is not None else (plan[0].width, plan[0].height)
@@ -308,7 +297,7 @@ def demofusion(
                 resized = current.resize((stage.width, stage.height), Image.Resampling.LANCZOS)
                 z0 = encode_image(pipe, resized)
                 noise = _pipeline_noise(generator, z0)
-                steps = max(num_inference_steps, math.ceil(1.0 / stage.strength) + 1)
+                steps = stage_steps(num_inference_steps, stage.strength)
                 scale = stage_scale((stage.width, stage.height), base_size)
                 train_steps = pipe.scheduler.config.num_train_timesteps
                 with dilated_branch(pipe.unet, scale, sigma, train_steps):
@@ -319,8 +308,5 @@ def demofusion(
                         callback_on_step_end=_stage_callback(z0, noise, anchor, callback_on_step_end),
                         **common,
                     ).images[0]
-        if folder is not None:
-            current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
-        if on_stage_end is not None:
-            on_stage_end(index, stage, current)
+        finish_stage(index, stage, current, folder, on_stage_end)
     return current

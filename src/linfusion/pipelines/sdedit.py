@@ -150,15 +150,17 @@ def sdedit(
     """
     from diffusers import AutoPipelineForImage2Image
 
-    sdxl = _is_sdxl(pipe)
-    plan = plan_stages(
+    plan, folder = chain_plan(
+        pipe,
         width,
         height,
-        base_long_side or _native_long_side(pipe),
-        sdxl=sdxl,
-        stages=stages,
-        strengths=strengths,
-        start=image.size if image is not None else None,
+        image,
+        stages,
+        strengths,
+        base_long_side,
+        _is_sdxl(pipe),
+        memory_plan,
+        save_stages,
     )
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     common = {
@@ -170,11 +172,6 @@ def sdedit(
         "callback_on_step_end": callback_on_step_end,
         **pipeline_kwargs,
     }
-    folder = Path(save_stages) if save_stages is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    if memory_plan is not None and len(memory_plan.stages) != len(plan):
-        raise ValueError(f"the memory plan has {len(memory_plan.stages)} stages; this chain has {len(plan)}")
     current = image.convert("RGB") if image is not None else None
     for index, stage in enumerate(plan):
         label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
@@ -186,15 +183,55 @@ def sdedit(
             else:
                 _with_progress_desc(img2img, label)
                 resized = current.resize((stage.width, stage.height), Image.Resampling.LANCZOS)
-                # img2img runs int(steps x strength) steps: keep at least one at low strengths.
-                steps = max(num_inference_steps, math.ceil(1.0 / stage.strength) + 1)
+                steps = stage_steps(num_inference_steps, stage.strength)
                 stage_kwargs = {**common, "num_inference_steps": steps}
                 current = img2img(image=resized, strength=stage.strength, **stage_kwargs).images[0]
-        if folder is not None:
-            current.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
-        if on_stage_end is not None:
-            on_stage_end(index, stage, current)
+        finish_stage(index, stage, current, folder, on_stage_end)
     return current
+
+
+def chain_plan(
+    pipe: Any,
+    width: int,
+    height: int,
+    image: Image.Image | None,
+    stages: int | None,
+    strengths: Sequence[float] | None,
+    base_long_side: int | None,
+    sdxl: bool,
+    memory_plan: Any,
+    save_stages: str | Path | None,
+) -> tuple[list[Stage], Path | None]:
+    """The stages of a chain (checked against ``memory_plan``) and the folder for stage images."""
+    plan = plan_stages(
+        width,
+        height,
+        base_long_side or _native_long_side(pipe),
+        sdxl=sdxl,
+        stages=stages,
+        strengths=strengths,
+        start=image.size if image is not None else None,
+    )
+    if memory_plan is not None and len(memory_plan.stages) != len(plan):
+        raise ValueError(f"the memory plan has {len(memory_plan.stages)} stages; this chain has {len(plan)}")
+    folder = Path(save_stages) if save_stages is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return plan, folder
+
+
+def stage_steps(num_inference_steps: int, strength: float) -> int:
+    """img2img runs ``int(steps x strength)`` steps: ask for enough that low strengths keep one."""
+    return max(num_inference_steps, math.ceil(1.0 / strength) + 1)
+
+
+def finish_stage(
+    index: int, stage: Stage, image: Image.Image, folder: Path | None, on_stage_end: Callable | None
+) -> None:
+    if folder is not None:
+        image.save(folder / f"stage-{index + 1}-{stage.width}x{stage.height}.png")
+    if on_stage_end is not None:
+        on_stage_end(index, stage, image)
 
 
 @contextlib.contextmanager
