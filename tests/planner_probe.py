@@ -1,5 +1,6 @@
-"""Run as a script in a fresh process: plan one stage of a tiny SD-1.5-shaped pipeline, run it, and print
-the plan's activation estimate and the measured RSS peak above the baseline (weights loaded), as JSON.
+"""Run as a script in a fresh process: plan one stage of a pipeline (a tiny SD-1.5-shaped one, or the
+bundled model with its LinFusion weights), run it, and print the plan's activation estimate and the
+measured RSS peak above the baseline (weights loaded), as JSON.
 
 A fresh process per measurement matters: RSS high-water marks depend on the heap's history.
 """
@@ -24,15 +25,22 @@ def rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 
-def main(size: int, activation_budget: str) -> dict:
+def main(size: int, activation_budget: str, model: str = "tiny") -> dict:
     torch.set_num_threads(1)
-    pipe = tiny_pipeline("sd15")
-    LinFusion.construct_for(pipe, load_pretrained=False)
+    if model == "bundled":
+        from linfusion.bundled import components
+
+        pipe = components.load_pipeline(components.MODEL_DIR)
+        LinFusion.from_pretrained(components.MODEL_DIR / "linfusion").to(torch.float32).mount(pipe.unet)
+    else:
+        pipe = tiny_pipeline("sd15")
+        LinFusion.construct_for(pipe, load_pretrained=False)
     planner = MemoryPlanner(pipe)
     stage = planner.plan_stage(size, size, parse_size(activation_budget) + planner.weights())
     latents, context, _ = planner._unet_inputs(size, size, 2)
     latents, context = torch.randn(latents.shape), torch.randn(context.shape)
     vae_latents = torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    extra = {"timestep": torch.tensor(999), "encoder_hidden_states": context}
     savers = stage.savers
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear:
@@ -42,15 +50,21 @@ def main(size: int, activation_budget: str) -> dict:
         with memory_savers(
             pipe.unet, feed_forward_chunk=savers.feed_forward_chunk, sequential_cfg=savers.sequential_cfg
         ):
-            pipe.unet(latents, torch.tensor(999), encoder_hidden_states=context)
+            pipe.unet(latents, **extra)
         if savers.tiled_vae:
             tiled_decode(pipe.vae, vae_latents)
         else:
             pipe.vae.decode(vae_latents)
     measured = rss("VmHWM:") - baseline
     estimate = max(stage.unet_activations, stage.vae_activations)
-    return {"size": size, "savers": savers.names(), "estimate": estimate, "measured": measured}
+    return {
+        "model": model,
+        "size": size,
+        "savers": savers.names(),
+        "estimate": estimate,
+        "measured": measured,
+    }
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]), sys.argv[2])))
+    print(json.dumps(main(int(sys.argv[1]), sys.argv[2], *sys.argv[3:4])))

@@ -29,12 +29,13 @@ def test_parse_size() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [512, 640, 768])
-def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(size: int) -> None:
+@pytest.mark.parametrize(("model", "size"), [("tiny", 512), ("tiny", 640), ("tiny", 768),
+                                             ("bundled", 192), ("bundled", 256), ("bundled", 384)])  # fmt: skip
+def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(model: str, size: int) -> None:
     """Measured in a fresh process: the RSS high-water mark above the baseline, weights loaded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROBE), str(size), "100GB"], capture_output=True, text=True,
-                            timeout=300, env=env, check=True)  # fmt: skip
+    result = subprocess.run([sys.executable, str(PROBE), str(size), "100GB", model], capture_output=True,
+                            text=True, timeout=300, env=env, check=True)  # fmt: skip
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["savers"] == ["none needed"]
     assert 0.7 <= probe["estimate"] / probe["measured"] <= 1.3, probe
