@@ -31,11 +31,28 @@ THREE_RANKS: dict[str, dict[str, Any]] = {
     "softmax-attn1-h12": {"kind": "unet", "family": "sd15", "height": 12, "width": 8, "linfusion": False},
     "vae-decode-h13": {"kind": "vae", "height": 13, "width": 8},
     "controlnet-h12": {"kind": "controlnet", "family": "sd15", "height": 12, "width": 8, "batch": 2},
+    # DemoFusion's branch: every conv dilated 3x needs 3-row halos; the blur sees the whole latent
+    "demofusion-dilated3-h20": {
+        "kind": "unet",
+        "family": "sd15",
+        "height": 20,
+        "width": 8,
+        "batch": 2,
+        "dilated": 3,
+    },
 }
 
 TWO_RANKS: dict[str, dict[str, Any]] = {
     "sd15-h9-cfg-batch": {"kind": "unet", "family": "sd15", "height": 9, "width": 8, "batch": 2},
     "vae-decode-h5": {"kind": "vae", "height": 5, "width": 6},
+    "demofusion-dilated2-sdxl-h16": {
+        "kind": "unet",
+        "family": "sdxl",
+        "height": 16,
+        "width": 8,
+        "batch": 2,
+        "dilated": 2,
+    },
     "pipeline-sd15-text2img-cfg": {"kind": "pipeline", "family": "sd15", "height": 40, "width": 32},
     "pipeline-sdxl-text2img-cfg": {"kind": "pipeline", "family": "sdxl", "height": 32, "width": 40},
     "pipeline-sd15-img2img": {"kind": "pipeline", "family": "sd15", "task": "img2img", "height": 32},

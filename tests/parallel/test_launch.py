@@ -62,8 +62,12 @@ def _pixels(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("processes", "extra"),
-    [(2, ["--size", "32x48"]), (2, ["--mode", "sdedit", "--size", "64x64", "--scheduler", "euler-a"])],
-    ids=["plain", "sdedit"],
+    [
+        (2, ["--size", "32x48"]),
+        (2, ["--mode", "sdedit", "--size", "64x64", "--scheduler", "euler-a"]),
+        (2, ["--mode", "demofusion", "--size", "64x64"]),  # dilated convs and the blur across stripes
+    ],
+    ids=["plain", "sdedit", "demofusion"],
 )
 def test_torchrun_writes_the_single_process_png(
     model: Path, tmp_path: Path, processes: int, extra: list
@@ -74,12 +78,14 @@ def test_torchrun_writes_the_single_process_png(
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1  # rank 0 only
     difference = np.abs(_pixels(single).astype(int) - _pixels(parallel).astype(int))
-    if "sdedit" not in extra:
+    if "--mode" not in extra:
         assert difference.max() == 0  # the same PNG
     else:
         # Two stages, each rounded to 8-bit between them: a float difference of ~1e-6 (summation order)
         # can flip the rounding of a few values (measured: 2 of 12,288 by 1 level), never more.
-        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+        # DemoFusion renormalizes by standard deviations (blur, anchor) and decodes/re-encodes: measured
+        # 0.9 % of values 1 level off, never more; its UNet pass itself is exact (tests/parallel/test_exact.py).
+        assert difference.max() <= 1 and (difference > 0).mean() < (0.02 if "demofusion" in extra else 1e-3)
     assert Image.open(single).info["parameters"] == Image.open(parallel).info["parameters"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel.png", "single.png"]
 

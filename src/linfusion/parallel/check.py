@@ -177,6 +177,11 @@ def _model_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[
         if controlnet is not None:
             down, mid = controlnet(**inputs, controlnet_cond=image, return_dict=False)
             extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        if case.get("dilated"):  # DemoFusion's second pass: dilated convolutions on a blurred latent
+            from ..pipelines.demofusion import dilated_branch
+
+            with dilated_branch(unet, case["dilated"]):
+                return unet(**inputs, **extra).sample
         return unet(**inputs, **extra).sample
 
     with torch.no_grad():

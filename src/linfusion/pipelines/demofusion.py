@@ -101,35 +101,57 @@ def _sample_of(output: Any) -> torch.Tensor:
 def dilated_branch(
     unet: nn.Module, scale: int, sigma: float = DEFAULT_SIGMA, train_steps: int = 1000
 ) -> Iterator[None]:
-    """Every UNet call returns ``(1 - c2) plain + c2 dilated-on-blurred`` (module docstring)."""
-    had_forward = "forward" in unet.__dict__
-    previous = unet.__dict__.get("forward")
-    plain = unet.forward
+    """Every UNet call returns ``(1 - c2) plain + c2 dilated-on-blurred`` (module docstring).
 
-    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        output = plain(sample, timestep, *args, **kwargs)
-        if scale < 2:
+    Built from hooks that run outside any other hook on the UNet: the blur and its statistics see the
+    whole latent even when spatial parallelism (:mod:`linfusion.parallel`) splits every UNet call into
+    stripes, and the second, dilated pass is an ordinary UNet call that is split the same way.
+    """
+    if scale < 2:  # dilation 1 and a 1-tap blur: the branch is the plain pass
+        yield
+        return
+    state: dict[str, Any] = {"inner": False, "call": None}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not state["inner"]:
+            state["call"] = (args, kwargs)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if state["inner"] or state["call"] is None:
             return output
+        call_args, call_kwargs = state["call"]
+        state["call"] = None
+        sample = call_args[0] if call_args else call_kwargs["sample"]
+        timestep = call_args[1] if len(call_args) > 1 else call_kwargs["timestep"]
         factor = cosine_factor(timestep, train_steps)
         c2 = factor ** COSINE_POWERS[1]
         c3 = 0.99 * factor ** COSINE_POWERS[2] + 0.01
         blurred = gaussian_blur(sample, 2 * scale - 1, sigma * c3)
-        with dilated_convolutions(unet, scale):
-            dilated = _sample_of(plain(blurred, timestep, *args, **kwargs))
+        if call_args:
+            call_args = (blurred, *call_args[1:])
+        else:
+            call_kwargs = {**call_kwargs, "sample": blurred}
+        state["inner"] = True
+        try:
+            with dilated_convolutions(unet, scale):
+                dilated = _sample_of(unet(*call_args, **call_kwargs))
+        finally:
+            state["inner"] = False
         mixed = _sample_of(output) * (1.0 - c2) + dilated * c2
         if isinstance(output, tuple):
             return (mixed, *output[1:])
         output.sample = mixed
         return output
 
-    unet.forward = forward
+    handles = [
+        unet.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         yield
     finally:
-        if had_forward:
-            unet.forward = previous
-        else:
-            unet.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
 
 
 def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
@@ -249,11 +271,6 @@ def demofusion(
 
     if isinstance(generator, list):
         raise ValueError("demofusion takes one torch.Generator, not a list")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:  # the blur would see one stripe only
-        raise ValueError(
-            "demofusion does not run spatial-parallel yet: run it in one process (or --mode sdedit)"
-        )
     if getattr(pipe.scheduler, "order", 1) != 1:
         raise ValueError(
             f"{type(pipe.scheduler).__name__} takes {pipe.scheduler.order} model calls per step; "
