@@ -20,6 +20,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "model"
+BUNDLED_NAME = (
+    "bundled"  # --model bundled (the default) and the PNG's "Model: bundled": portable across installs
+)
+
+
+def resolve_model(model: str | None) -> str:
+    """The folder or Hub id behind ``--model`` (None and "bundled": the bundled model's folder)."""
+    return str(BUNDLED_MODEL) if model in (None, BUNDLED_NAME) else model
+
+
 LINFUSION_SUBFOLDER = "linfusion"
 
 SCHEDULERS = {
@@ -240,17 +250,19 @@ def save_png(image: Any, params: GenerationParams, out: Path) -> Path:
 
 def prepare(params: GenerationParams, out: Path, device: str) -> tuple[Any, Any, torch.device]:
     """Checks (before the model loads), then the pipeline with scheduler and LinFusion in place."""
-    params.model = params.model or str(BUNDLED_MODEL)
+    params.model = params.model or BUNDLED_NAME
     params.validate()
     check_writable(out)
     torch_device = _resolve_device(device)
-    pipe = load_pipeline(params.model, torch_device, _resolve_dtype(params.dtype, torch_device))
+    pipe = load_pipeline(
+        resolve_model(params.model), torch_device, _resolve_dtype(params.dtype, torch_device)
+    )
     if params.scheduler:
         import diffusers
 
         scheduler_class = getattr(diffusers, SCHEDULERS[params.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    linfusion = attach_linfusion(pipe, params.model, params.linfusion)
+    linfusion = attach_linfusion(pipe, resolve_model(params.model), params.linfusion)
     from .parallel.launch import enable_for_pipeline
 
     enable_for_pipeline(pipe)  # under torchrun (WORLD_SIZE > 1): spatial-parallel, else nothing

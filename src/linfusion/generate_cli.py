@@ -24,7 +24,7 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=out_default, help="PNG to write (folder created if needed)")
-    parser.add_argument("--model", default=None, help="pipeline folder or Hub id (default: bundled)")
+    parser.add_argument("--model", default=None, help="pipeline folder, Hub id, or bundled (the default)")
     parser.add_argument("--linfusion", default="auto", help="LinFusion weights: Hub id or folder")
     parser.add_argument("--no-linfusion", action="store_true", help="use the model's original attention")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")

@@ -67,7 +67,7 @@ def test_default_generate_uses_the_bundled_student_and_reproduces_from_the_png(t
     image = Image.open(out)
     assert image.size == (32, 32)
     text = image.info["parameters"]
-    assert text.startswith(prompt) and "LinFusion: auto" in text and str(components.MODEL_DIR) in text
+    assert text.startswith(prompt) and "LinFusion: auto" in text and text.endswith("Model: bundled")
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "--out", str(again), "--quiet"]) == 0
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(again)))

@@ -100,7 +100,7 @@ def random_full_size_pipeline(family: str, dtype: torch.dtype, device: torch.dev
 
 # ---------------------------------------------------------------------- the child: one configuration
 def _load(model: str, device: torch.device, dtype: torch.dtype, linfusion: bool) -> Any:
-    from ..generate import BUNDLED_MODEL, attach_linfusion, load_pipeline
+    from ..generate import attach_linfusion, load_pipeline, resolve_model
 
     if model in RANDOM_MODELS:
         pipe = random_full_size_pipeline(model.split("-", 1)[1], dtype, device)
@@ -109,7 +109,7 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, linfusion: bool)
 
             LinFusion.from_unet(pipe.unet, init="random").to(device=device, dtype=dtype).mount(pipe.unet)
         return pipe
-    path = str(BUNDLED_MODEL) if model == "bundled" else model
+    path = resolve_model(model)
     pipe = load_pipeline(path, device, dtype)
     if linfusion:
         attach_linfusion(pipe, path, "auto")
