@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES_MARKER = "<!-- notes: kept when the script rewrites this file -->"
 
 
 def _write(path: Path, text: str) -> None:
@@ -215,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         _grid(results, docs / "quality-examples.png")
-        _write(docs / "quality.md", _markdown(result))
+        target = docs / "quality.md"
+        notes = ""  # hand-written reading of the numbers, kept across re-runs below this marker
+        if target.exists() and NOTES_MARKER in target.read_text():
+            notes = "\n" + NOTES_MARKER + target.read_text().split(NOTES_MARKER, 1)[1]
+        _write(target, _markdown(result) + notes)
     print(_markdown(result))
     return 0
 
