@@ -128,17 +128,15 @@ def _distill_data(folder: str, count: int, size: int) -> str:
 
 def _export_linfusion(distilled: str, out: str) -> str:
     """The distilled weights (fp32 training output) saved as fp16 safetensors, written atomically."""
-    import shutil
     from pathlib import Path
 
     from linfusion import LinFusion
+    from linfusion.distill.trainer import _atomic_dir, _replace_dir
 
     target = Path(out)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _atomic_dir(target)
     LinFusion.from_pretrained(distilled).to(torch.float16).save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.replace(target)
+    _replace_dir(staging, target)
     return str(target)
 
 

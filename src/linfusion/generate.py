@@ -382,18 +382,18 @@ def upscale_file(
     out_path = Path(out)
     pipe, linfusion, torch_device = prepare(params, out_path, device)
     pipe.set_progress_bar_config(disable=not progress)
-    from .pipelines import demofusion, plan_stages, upscale_target
+    from .pipelines import plan_stages, upscale_target
 
     stages = plan_stages(*upscale_target(image.size, scale), base_long_side=max(image.size), start=image.size)
     sizes = [(stage.width, stage.height) for stage in stages]
     plan = plan_memory(pipe, sizes, [True] * len(sizes), max_memory, params.guidance, not progress)
     try:
-        method = upscale if params.mode == "sdedit" else _demofusion_upscale(demofusion)
-        result = method(
+        result = upscale(
             pipe,
             image,
             scale,
             prompt=params.prompt,
+            mode=params.mode,
             negative_prompt=params.negative_prompt or None,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance,
@@ -406,13 +406,3 @@ def upscale_file(
             linfusion.unmount()
     params.width, params.height = result.size
     return save_png(result, params, out_path)
-
-
-def _demofusion_upscale(demofusion: Any) -> Any:
-    """``upscale``'s signature over :func:`linfusion.pipelines.demofusion` with an input image."""
-    from .pipelines import upscale_target
-
-    def run(pipe: Any, image: Any, scale: float, prompt: str = "", **kwargs: Any) -> Any:
-        return demofusion(pipe, prompt, *upscale_target(image.size, scale), image=image, **kwargs)
-
-    return run

@@ -230,7 +230,9 @@ def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def _fmt_bytes(size: int | None) -> str:
-    return "-" if size is None else f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    from ..planner import format_size
+
+    return "-" if size is None else format_size(size)
 
 
 def markdown_report(result: dict[str, Any]) -> str:

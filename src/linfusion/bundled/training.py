@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from linfusion.bundled import checkpoint as ckpt
 from linfusion.bundled import components
 from linfusion.data import shapes
+from linfusion.distill.teacher import caption_token_ids
 
 ARTIFACTS = Path("artifacts/bundled")
 
@@ -228,14 +229,7 @@ def latent_scaling_factor(vae: Any, n_images: int = 1024, image_size: int = comp
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
     """Prompt embeddings exactly as StableDiffusionPipeline computes them (padded, last hidden state)."""
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(caption_token_ids(tokenizer, prompts))[0]
 
 
 @torch.no_grad()

@@ -42,6 +42,17 @@ def check_teacher(pipe: Any, name: str = "teacher") -> None:
         raise TeacherError(f"{name!r} has a {type(pipe.unet).__name__}, not a UNet2DConditionModel")
 
 
+def caption_token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """Token ids as the SD pipelines make them: padded to the tokenizer's length, truncated."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def is_sdxl(pipe: Any) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
@@ -62,14 +73,7 @@ class TextConditioner:
         self.force_zeros = self.sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", True))
 
     def _tokens(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)
+        return caption_token_ids(tokenizer, captions).to(self.device)
 
     @torch.no_grad()
     def __call__(self, captions: list[str], time_ids: torch.Tensor) -> dict[str, Any]:

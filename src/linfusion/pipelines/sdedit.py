@@ -275,6 +275,15 @@ def upscale_target(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return _round(size[0] * scale), _round(size[1] * scale)
 
 
-def upscale(pipe: Any, image: Image.Image, scale: float, prompt: str = "", **kwargs: Any) -> Image.Image:
-    """Super-resolution of an existing image by ``scale`` through the same SDEdit stages."""
-    return sdedit(pipe, prompt, *upscale_target(image.size, scale), image=image, **kwargs)
+def upscale(
+    pipe: Any, image: Image.Image, scale: float, prompt: str = "", mode: str = "sdedit", **kwargs: Any
+) -> Image.Image:
+    """Super-resolution of an existing image by ``scale`` through SDEdit (or ``mode="demofusion"``:
+    DemoFusion) stages."""
+    if mode == "sdedit":
+        chain = sdedit
+    elif mode == "demofusion":
+        from .demofusion import demofusion as chain  # demofusion builds on this module
+    else:
+        raise ValueError(f"mode must be 'sdedit' or 'demofusion'; got {mode!r}")
+    return chain(pipe, prompt, *upscale_target(image.size, scale), image=image, **kwargs)
