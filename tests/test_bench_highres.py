@@ -52,3 +52,25 @@ def test_random_full_size_models_have_the_published_sizes(family: str, unet_para
     assert sum(p.numel() for p in pipe.unet.parameters()) == unet_parameters
     assert sum(p.numel() for p in pipe.vae.parameters()) == 83_653_863
     assert pipe.unet.dtype == torch.float16 and (family == "sdxl") == hasattr(pipe, "text_encoder_2")
+
+
+def test_chain_benchmark_with_linear_vae_and_a_memory_plan(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    tiny_pipeline("sd15").save_pretrained(folder)
+    out = tmp_path / "results"
+    code = main(["--model", str(folder), "--size", "64x64", "--steps", "2", "--out", str(out), "--attention", "sdpa",
+                 "--vae-attention", "linear", "--max-memory", "8GB", "--timeout", "300"])  # fmt: skip
+    assert code == 0
+    path = out / f"highres-cpu-{str(folder).replace('/', '_')}-sdedit-64x64-linear-vae.json"
+    result = json.loads(path.read_text())
+    assert result["config"]["vae_attention"] == "linear" and result["config"]["max_memory"] == "8GB"
+    stages = result["runs"][0]["stages"]
+    assert len(stages) == 2 and all(s["planned_peak_bytes"] > 0 and s["savers"] for s in stages)
+    assert "VAE mid-block attention: linear" in path.with_suffix(".md").read_text()
+
+
+def test_a_timed_out_child_keeps_the_stages_it_finished() -> None:
+    from linfusion.bench.highres import _finished_stages
+
+    stderr = 'plan...\n{"stage_done": {"stage": 1, "seconds": 2.5}}\nnoise\n{"stage_done": {"stage": 2, "seconds": 9}}\n'
+    assert _finished_stages(stderr) == [{"stage": 1, "seconds": 2.5}, {"stage": 2, "seconds": 9}]

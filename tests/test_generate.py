@@ -172,3 +172,18 @@ def test_demofusion_mode_reproduces_from_its_png_and_upscales(model: Path, tmp_p
     assert main([*arguments, "--out", str(upscaled), "--steps", "2", "--quiet"]) == 0
     assert Image.open(upscaled).size == (128, 128)
     assert "Mode: demofusion" in Image.open(upscaled).info["parameters"]
+
+
+def test_vae_attention_option_is_recorded_and_reproduced(model: Path, tmp_path: Path, capsys) -> None:
+    exact, linear, again = (tmp_path / f"{name}.png" for name in ("exact", "linear", "again"))
+    assert cli(model, exact, "--size", "64x64") == 0
+    assert cli(model, linear, "--size", "64x64", "--vae-attention", "linear") == 0
+    assert "VAE attention: linear" in Image.open(linear).info["parameters"]
+    assert read_png_parameters(exact).vae_attention == "exact"
+    assert main(["generate", "--from-png", str(linear), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(linear), pixels(again))
+    difference = np.abs(pixels(linear).astype(int) - pixels(exact).astype(int))
+    assert difference.max() > 0 and difference.mean() < 8  # the decoder's attention kernel, nothing else
+    with pytest.raises(SystemExit):
+        cli(model, tmp_path / "bad.png", "--vae-attention", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

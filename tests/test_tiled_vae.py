@@ -16,6 +16,7 @@ from linfusion.tiled_vae import (
     tiled_decode,
     tiled_encode_moments,
 )
+from linfusion.vae_attention import linearize_vae_attention
 from pipeline_runs import run
 
 ONE_ROW = 1  # a band budget so small that every layer runs one row at a time
@@ -43,9 +44,13 @@ def four_level_vae() -> AutoencoderKL:
     return perturbed(vae.eval())
 
 
-@pytest.fixture(params=["two-level", "four-level"])
+@pytest.fixture(params=["two-level", "four-level", "two-level-linear-attention"])
 def vae(request) -> AutoencoderKL:
-    return perturbed(tiny_vae()) if request.param == "two-level" else four_level_vae()
+    """The linear mid-block attention runs through the tiler's two-pass state path instead of softmax."""
+    model = four_level_vae() if request.param == "four-level" else perturbed(tiny_vae())
+    if request.param.endswith("linear-attention"):
+        linearize_vae_attention(model)
+    return model
 
 
 @pytest.mark.parametrize("band_bytes", [ONE_ROW, 50_000, 10**10])
@@ -104,3 +109,16 @@ def test_unknown_layers_are_refused_not_approximated() -> None:
     vae.decoder.conv_act = torch.nn.ReLU()
     with pytest.raises(UnsupportedVAE, match="decoder activation"):
         tiled_decode(vae, torch.randn(1, 4, 4, 4))
+
+
+def test_linear_attention_tiling_never_calls_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linear path is the two-pass state path, not the quadratic one under another name."""
+    vae = perturbed(tiny_vae())
+    linearize_vae_attention(vae)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    tiled_decode(vae, torch.randn(1, 4, 9, 9), band_bytes=ONE_ROW)
+    assert calls == []

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .vae_attention import VAE_ATTENTION_MODES, quadratic_attention_hint, set_vae_attention
+
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "model"
@@ -65,6 +67,7 @@ class GenerationParams:
     linfusion: str = "auto"  # "auto", "none", or a Hub id / folder
     dtype: str = "auto"
     mode: str = "plain"  # "plain": one pass at the size; "sdedit": native size, then enlargement stages
+    vae_attention: str = "exact"  # "exact" (the VAE's softmax) or "linear" (linfusion.vae_attention)
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -89,6 +92,10 @@ class GenerationParams:
             raise GenerationError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.mode not in MODES:
             raise GenerationError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.vae_attention not in VAE_ATTENTION_MODES:
+            raise GenerationError(
+                f"unknown VAE attention {self.vae_attention!r}; choose one of {', '.join(VAE_ATTENTION_MODES)}"
+            )
 
     # ------------------------------------------------------------------ the PNG text chunk
     _KEYS = {
@@ -100,6 +107,7 @@ class GenerationParams:
         "linfusion": "LinFusion",
         "dtype": "Dtype",
         "mode": "Mode",
+        "vae_attention": "VAE attention",
     }
 
     def to_text(self) -> str:
@@ -263,6 +271,7 @@ def prepare(params: GenerationParams, out: Path, device: str) -> tuple[Any, Any,
         scheduler_class = getattr(diffusers, SCHEDULERS[params.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     linfusion = attach_linfusion(pipe, resolve_model(params.model), params.linfusion)
+    set_vae_attention(pipe.vae, params.vae_attention)
     from .parallel.launch import enable_for_pipeline
 
     enable_for_pipeline(pipe)  # under torchrun (WORLD_SIZE > 1): spatial-parallel, else nothing
@@ -294,6 +303,9 @@ def plan_memory(
         raise GenerationError(str(error)) from error
     if not quiet:
         print(plan.describe(), file=sys.stderr)
+        hint = quadratic_attention_hint(pipe.vae, sizes)
+        if hint:
+            print(hint, file=sys.stderr)
     return plan
 
 

@@ -35,6 +35,13 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument(
         "--max-memory", default=None, help="memory budget such as 24GB (default: the device's free memory)"
     )
+    parser.add_argument(
+        "--vae-attention",
+        default="exact",
+        choices=("exact", "linear"),
+        help="the VAE mid-block attention: exact softmax (quadratic time), or linear (linear time, a close "
+        "approximation; see docs/high-resolution.md). Linear is what makes 4K+ decodes practical on a CPU",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -88,6 +95,7 @@ def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None,
         linfusion="none" if args.no_linfusion else args.linfusion,
         dtype=args.dtype,
         mode=mode,
+        vae_attention=args.vae_attention,
     )
 
 

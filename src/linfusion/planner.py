@@ -220,9 +220,14 @@ class MemoryPlanner:
         return self._meta_unet
 
     def meta_vae(self) -> Any:
+        """The VAE on meta, with the mid-block attention kernel the real VAE runs now (exact or linear)."""
+        from .vae_attention import set_vae_attention, vae_attention_mode
+
+        mode = vae_attention_mode(self.pipe.vae)
         if self._meta_vae is None:
             with torch.device("meta"):
                 self._meta_vae = type(self.pipe.vae).from_config(self.pipe.vae.config).to(self.dtype).eval()
+        set_vae_attention(self._meta_vae, "linear" if mode == "linear" else "exact")
         return self._meta_vae
 
     def weights(
@@ -275,7 +280,9 @@ class MemoryPlanner:
         return self._with_overhead(live + 3 * latents.numel() * latents.element_size())
 
     def vae_activations(self, width: int, height: int, savers: Savers, encode: bool = False) -> int:
-        key = ("vae", width, height, savers.tiled_vae, encode)
+        from .vae_attention import vae_attention_mode
+
+        key = ("vae", width, height, savers.tiled_vae, encode, vae_attention_mode(self.pipe.vae))
         if key not in self._traced:
             self._traced[key] = self._trace_vae(width, height, savers, encode)
         return self._traced[key]

@@ -9,7 +9,9 @@ layer by layer over row bands instead:
 - every activation that feeds a GroupNorm carries per-channel sums and sums of squares (float64),
   accumulated band by band while it is produced, so each GroupNorm normalizes with whole-image statistics;
 - the mid-block self-attention is global: keys and values of all tokens are built band by band and the
-  queries attend to them in chunks (exact softmax attention, memory O(chunk x tokens)).
+  queries attend to them in chunks (exact softmax attention, memory O(chunk x tokens), time quadratic);
+  with the linear VAE attention (:mod:`linfusion.vae_attention`) one pass sums the key/value state of
+  every band and a second reads it (time and memory linear in the tokens).
 
 The result equals the untiled VAE up to float summation order. Working memory on the compute device is
 one band of one layer; full activations live in a *store* that may sit on another device
@@ -20,7 +22,7 @@ largest layer (input and output of the layer being computed).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.reference import linear_attention_from_state, linear_attention_state
+from .vae_attention import check_vae_attention, is_linear, output_projection, split_heads
+
 DEFAULT_BAND_BYTES = 256 * 2**20
+TokenRows = Callable[[int, int], torch.Tensor]  # rows [start, stop) -> (B, rows * W, C) tokens
+KeyValueBands = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (B, heads, tokens, d) keys and values per band
 
 
 @dataclass
@@ -246,12 +253,18 @@ class ExactTiler:
         return x
 
     def _attention(self, x: Activation, attention: nn.Module) -> Activation:
-        """Exact softmax self-attention over all tokens; keys/values built by band, queries in chunks."""
-        _check(attention.group_norm is not None and attention.residual_connection, "mid-block attention")
-        _check(attention.spatial_norm is None and attention.norm_cross is None, "mid-block attention norm")
+        """The mid-block self-attention over all tokens, band by band.
+
+        Softmax (the VAE's own): keys/values of all tokens are built by band, queries attend in chunks.
+        Linear (:class:`~linfusion.vae_attention.LinearVAEAttnProcessor`): a first pass sums the key/value
+        state of every band, a second reads it per band; memory and time linear in the tokens.
+        """
+        try:
+            check_vae_attention(attention)
+        except ValueError as error:
+            raise UnsupportedVAE(f"exact tiling does not support this VAE: {error}") from error
         tensor = x.tensor
         batch, channels, height, width = tensor.shape
-        heads = attention.heads
         scale, shift = self._affine(x, attention.group_norm)
         rows = self._rows_per_band(channels, width)
 
@@ -260,29 +273,21 @@ class ExactTiler:
             band = (band.float() * scale + shift).to(self.dtype)
             return band.flatten(2).transpose(1, 2)  # (B, rows * W, C)
 
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, t.shape[1], heads, -1).transpose(1, 2)
-
-        keys, values = [], []
-        for start in range(0, height, rows):
-            band = tokens(start, min(height, start + rows))
-            keys.append(split(attention.to_k(band)))
-            values.append(split(attention.to_v(band)))
-        key, value = torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        del keys, values
-        total = key.shape[2]
-        # Query rows per chunk so that the (chunk x tokens) score matrix stays within the band budget.
-        query_rows = max(1, min(rows, self.band_bytes // max(1, total * width * heads * 4)))
+        bands = (  # (key, value) heads of each row band, built lazily
+            (split_heads(attention, attention.to_k(band)), split_heads(attention, attention.to_v(band)))
+            for band in (tokens(start, min(height, start + rows)) for start in range(0, height, rows))
+        )
+        if is_linear(attention):
+            attend, query_rows = self._linear_reader(attention, tokens, bands, height * width), rows
+        else:
+            attend, query_rows = self._softmax_reader(attention, tokens, bands, width, rows)
 
         out = torch.empty_like(tensor)
         sums = torch.zeros(batch, channels, dtype=torch.float64, device=self.device)
         squares = torch.zeros_like(sums)
         for start in range(0, height, query_rows):
             stop = min(height, start + query_rows)
-            query = split(attention.to_q(tokens(start, stop)))
-            attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
-            attended = attended.transpose(1, 2).reshape(batch, -1, heads * attended.shape[-1])
-            attended = attention.to_out[1](attention.to_out[0](attended))
+            attended = attend(start, stop)  # (B, rows * W, C) after to_out
             attended = attended.transpose(1, 2).reshape(batch, channels, stop - start, width)
             result = (attended + tensor[:, :, start:stop].to(self.device)) / attention.rescale_output_factor
             statistics = result.double()
@@ -290,6 +295,41 @@ class ExactTiler:
             squares += statistics.square().sum(dim=(2, 3))
             out[:, :, start:stop] = result.to(self.store_device, self.dtype)
         return Activation(out, sums, squares)
+
+    def _softmax_reader(
+        self, attention: nn.Module, tokens: TokenRows, bands: KeyValueBands, width: int, rows: int
+    ) -> tuple[TokenRows, int]:
+        keys, values = zip(*bands)
+        key, value = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        del keys, values
+        batch, heads, total = key.shape[:3]
+        # Query rows per chunk so that the (chunk x tokens) score matrix stays within the band budget.
+        query_rows = max(1, min(rows, self.band_bytes // max(1, batch * total * width * heads * 4)))
+
+        def attend(start: int, stop: int) -> torch.Tensor:
+            query = split_heads(attention, attention.to_q(tokens(start, stop)))
+            attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
+            return output_projection(attention, attended)
+
+        return attend, query_rows
+
+    def _linear_reader(
+        self, attention: nn.Module, tokens: TokenRows, bands: KeyValueBands, total: int
+    ) -> TokenRows:
+        state = key_mean = torch.zeros((), dtype=torch.float64, device=self.device)
+        for key, value in bands:
+            # Bands' states sum to the whole image's; summed in float64 so the band count does not matter.
+            part_state, part_mean = linear_attention_state(key, value, total_tokens=total)
+            state, key_mean = state + part_state.double(), key_mean + part_mean.double()
+        state, key_mean = state.float(), key_mean.float()
+        eps = attention.processor.eps
+
+        def attend(start: int, stop: int) -> torch.Tensor:
+            query = split_heads(attention, attention.to_q(tokens(start, stop)))
+            attended = linear_attention_from_state(query, state, key_mean, eps).to(self.dtype)
+            return output_projection(attention, attended)
+
+        return attend
 
 
 def tiled_decode(vae: nn.Module, latents: torch.Tensor, **options: Any) -> torch.Tensor:

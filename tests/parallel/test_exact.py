@@ -30,6 +30,8 @@ THREE_RANKS: dict[str, dict[str, Any]] = {
     "sd21-h11": {"kind": "unet", "family": "sd21", "height": 11, "width": 8},
     "softmax-attn1-h12": {"kind": "unet", "family": "sd15", "height": 12, "width": 8, "linfusion": False},
     "vae-decode-h13": {"kind": "vae", "height": 13, "width": 8},
+    # the linear VAE mid-block attention: the state is all-reduced, no keys or values gathered
+    "vae-decode-linear-attention-h13": {"kind": "vae", "height": 13, "width": 8, "vae_attention": "linear"},
     "controlnet-h12": {"kind": "controlnet", "family": "sd15", "height": 12, "width": 8, "batch": 2},
     # DemoFusion's branch: every conv dilated 3x needs 3-row halos; the blur sees the whole latent
     "demofusion-dilated3-h20": {
@@ -99,7 +101,9 @@ def test_three_ranks_equal_single_process(three: dict, name: str) -> None:
     sent = result["bytes"]
     assert sent["halo"] > 0 and sent["groupnorm"] > 0
     assert (result["kind"] == "unet_manual") == ("gather" not in sent)  # manual: the caller gathers
-    if result["kind"] == "vae" or result.get("linfusion") is False:
+    if (result["kind"] == "vae" and result.get("vae_attention") != "linear") or result.get(
+        "linfusion"
+    ) is False:
         assert sent["kv_gather"] > 0  # softmax attention: every stripe's keys and values
     else:
         assert sent["linear_state"] > 0 and "kv_gather" not in sent  # LinFusion: only the small state

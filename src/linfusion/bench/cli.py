@@ -115,6 +115,14 @@ def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile-from", type=int, default=2048 * 2048, help="exact tiled VAE from this many pixels"
     )
+    parser.add_argument(
+        "--vae-attention", default="exact", choices=("exact", "linear"), help="VAE mid-block attention kernel"
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        help="plan every stage's savers for this budget (e.g. 20GB); default: none",
+    )
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="per configuration (seconds)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="")

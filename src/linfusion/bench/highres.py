@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..vae_attention import set_vae_attention
 from .attention import _environment, _loadavg, _read_status_kib
 
 RANDOM_MODELS = ("random-sd15", "random-sdxl")
@@ -148,6 +149,7 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     load_start = time.perf_counter()
     pipe = _load(spec["model"], device, dtype, spec["attention"] == "linfusion")
     pipe.set_progress_bar_config(disable=True)
+    set_vae_attention(pipe.vae, spec.get("vae_attention", "exact"))
     load_seconds = time.perf_counter() - load_start
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = spec["width"], spec["height"]
@@ -157,6 +159,17 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     steps_in_stage = [0]
     clock = {"start": 0.0}
     cap = spec.get("cap_seconds")
+    memory_plan = None
+    if spec.get("max_memory"):
+        from ..planner import MemoryPlanner
+
+        memory_plan = MemoryPlanner(pipe).plan(
+            [(stage.width, stage.height) for stage in plan],
+            budget=spec["max_memory"],
+            guidance=spec["guidance"] > 1.0,
+            encodes=[stage.strength is not None for stage in plan],
+        )
+        print(memory_plan.describe(), file=sys.stderr, flush=True)
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         steps_in_stage[0] += 1
@@ -178,6 +191,12 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
                 "pixel_std": float(pixels.std()),
             }
         )
+        if memory_plan is not None:
+            stages[-1]["planned_peak_bytes"] = memory_plan.stages[index].peak
+            stages[-1]["savers"] = memory_plan.stages[index].savers.names()
+        print(
+            json.dumps({"stage_done": stages[-1]}), file=sys.stderr, flush=True
+        )  # kept if the run times out
         if index + 1 < len(plan) and cap is not None:
             upcoming = plan[index + 1]
             ratio = (upcoming.width * upcoming.height) / (stage.width * stage.height)
@@ -203,6 +222,7 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
                 pipe, spec["prompt"], width, height, num_inference_steps=spec["steps"],
                 guidance_scale=spec["guidance"], generator=torch.Generator(device).manual_seed(spec["seed"]),
                 callback_on_step_end=on_step, on_stage_end=on_stage_end, exact_vae_tiling_from=spec["tile_from"],
+                memory_plan=memory_plan,
             )  # fmt: skip
     except _StopChain:
         completed = False
@@ -222,11 +242,18 @@ def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     command = [sys.executable, "-m", "linfusion.bench.highres", "--child", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else expired.stderr or ""
+        return {**spec, "error": f"timed out after {timeout:.0f} s", "stages": _finished_stages(stderr)}
     if done.returncode != 0:
         return {**spec, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _finished_stages(stderr: str) -> list[dict[str, Any]]:
+    """The stage records a child printed before it was stopped."""
+    marker = '{"stage_done": '
+    return [json.loads(line)["stage_done"] for line in stderr.splitlines() if line.startswith(marker)]
 
 
 def _fmt_bytes(size: int | None) -> str:
@@ -242,28 +269,31 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"{result['config']['width']}x{result['config']['height']}",
         "",
         f"Device: {env['device']} ({env.get('gpu_name') or env['cpu_model']}), torch {env['torch_version']}, "
-        f"{env['torch_threads']} thread(s); command: `{env['command']}`",
+        f"{env['torch_threads']} thread(s); VAE mid-block attention: "
+        f"{result['config'].get('vae_attention', 'exact')}; command: `{env['command']}`",
         "",
         "| attention | stage | size | steps | time (s) | peak (above load) | note |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
-        if "error" in run:
-            lines.append(f"| {run['attention']} | - | - | - | - | - | error: {run['error']} |")
-            continue
-        for stage in run["stages"]:
+        for stage in run.get("stages", []):
             if stage.get("skipped"):
                 note = f"skipped: predicted {stage['predicted_seconds']:.0f} s > cap"
                 lines.append(f"| {run['attention']} | {stage['stage']} | {stage['width']}x{stage['height']} "
                              f"| - | - | - | {note} |")  # fmt: skip
                 continue
-            peak = (
-                stage["peak_bytes"] - run["baseline_bytes"] if env["device"] == "cpu" else stage["peak_bytes"]
-            )
+            baseline = run.get("baseline_bytes", 0) if env["device"] == "cpu" else 0
+            notes = [] if stage["finite"] else ["NOT finite"]
+            if "planned_peak_bytes" in stage:
+                notes.append(f"planned peak {_fmt_bytes(stage['planned_peak_bytes'])}")
+                notes.append(f"savers: {', '.join(stage['savers']) or 'none'}")
             lines.append(
                 f"| {run['attention']} | {stage['stage']} | {stage['width']}x{stage['height']} | {stage['steps']} "
-                f"| {stage['seconds']:.2f} | {_fmt_bytes(peak)} | {'' if stage['finite'] else 'NOT finite'} |"
+                f"| {stage['seconds']:.2f} | {_fmt_bytes(stage['peak_bytes'] - baseline)} | {'; '.join(notes)} |"
             )
+        if "error" in run:
+            lines.append(f"| {run['attention']} | - | - | - | - | - | error: {run['error']} |")
+            continue
         if run.get("total_seconds") is not None:
             lines.append(f"| {run['attention']} | total | | | {run['total_seconds']:.2f} | | |")
     ratios = result.get("stage_ratios") or []
@@ -299,7 +329,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         f"linfusion bench highres --model {args.model} --size {args.size} --mode {args.mode} "
         f"--attention {args.attention} --steps {args.steps} --guidance {args.guidance} --device {device.type} "
         f"--dtype {dtype} --threads {args.threads} --sdpa-cap-seconds {args.sdpa_cap_seconds} "
-        f"--tile-from {args.tile_from}"
+        f"--tile-from {args.tile_from} --vae-attention {args.vae_attention}"
+        + (f" --max-memory {args.max_memory}" if args.max_memory else "")
     )
     result: dict[str, Any] = {
         "environment": _environment(device, args.threads or torch.get_num_threads(), command),
@@ -311,6 +342,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "guidance": args.guidance,
             "dtype": dtype,
+            "vae_attention": args.vae_attention,
+            "max_memory": args.max_memory,
         },  # fmt: skip
         "runs": [],
     }
@@ -320,6 +353,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             "guidance": args.guidance, "seed": args.seed, "prompt": args.prompt, "device": str(device),
             "dtype": dtype, "threads": args.threads, "attention": attention, "tile_from": args.tile_from,
             "cap_seconds": args.sdpa_cap_seconds if attention == "sdpa" else None,
+            "vae_attention": args.vae_attention, "max_memory": args.max_memory,
         }  # fmt: skip
         print(f"[highres] {attention} ...", file=sys.stderr, flush=True)
         result["runs"].append(_child(spec, args.timeout))
@@ -328,6 +362,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"highres-{device.type}-{args.model.replace('/', '_')}-{args.mode}-{width}x{height}"
+    stem += "-linear-vae" if args.vae_attention == "linear" else ""
     stem += f"-{args.tag}" if args.tag else ""
     report = markdown_report(result)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", report)):

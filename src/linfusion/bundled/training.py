@@ -23,6 +23,7 @@ from linfusion.bundled import checkpoint as ckpt
 from linfusion.bundled import components
 from linfusion.data import shapes
 from linfusion.distill.teacher import caption_token_ids
+from linfusion.vae_attention import psnr
 
 ARTIFACTS = Path("artifacts/bundled")
 
@@ -65,12 +66,6 @@ def _vae_losses(vae: Any, x: torch.Tensor, config: VaeConfig) -> tuple[torch.Ten
     mean_penalty = posterior.mean.pow(2).mean()
     loss = mse + config.l1_weight * l1 + 1e-2 * logvar_penalty + 1e-4 * mean_penalty
     return loss, {"mse": mse.item(), "l1": l1.item(), "logvar_penalty": logvar_penalty.item()}
-
-
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(reconstruction.clamp(-1, 1), target).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 def train_vae(config: VaeConfig, resume: bool = False) -> Path:

@@ -143,6 +143,10 @@ def _model_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[
         from ..testing import tiny_vae
 
         vae = tiny_vae()
+        if case.get("vae_attention") == "linear":
+            from ..vae_attention import linearize_vae_attention
+
+            linearize_vae_attention(vae)
         latent = torch.randn(batch, 4, height, width, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             reference = vae.decode(latent).sample

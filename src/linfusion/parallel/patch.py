@@ -31,6 +31,7 @@ from torch import nn
 
 from ..attention import GeneralizedLinearAttention
 from ..ops import linear_attention_from_state, linear_attention_state
+from ..vae_attention import LinearVAEAttnProcessor
 from .comm import Communicator
 from .layout import StripeLayoutError
 
@@ -153,6 +154,8 @@ class SpatialParallel:
                     plan.append(("groupnorm", module))
                 elif isinstance(module, GeneralizedLinearAttention):
                     plan.append(("linear_attention", module))
+                elif isinstance(getattr(module, "processor", None), LinearVAEAttnProcessor):
+                    plan.append(("linear_attention", module.processor))  # the VAE's linear kernel
                 elif attention_class is not None and isinstance(module, attention_class):
                     if module.is_cross_attention:
                         continue  # keys come from the text: local per query
@@ -247,7 +250,7 @@ class SpatialParallel:
 
         self._set(norm, "forward", forward)
 
-    def _patch_linear_attention(self, layer: GeneralizedLinearAttention) -> None:
+    def _patch_linear_attention(self, layer: GeneralizedLinearAttention | LinearVAEAttnProcessor) -> None:
         original = layer.attend
 
         def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
