@@ -102,7 +102,11 @@ def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="linfusion,sdpa", help="comma-separated: linfusion, sdpa")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--prompt", default="a small red circle on the left, on a blue background")
+    parser.add_argument(
+        "--prompt",
+        default="a small red circle on the left , on a gray background",
+        help="what to draw (default: a caption the bundled model knows; blue is not one of its backgrounds)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (auto: fp16 on CUDA)")
