@@ -134,3 +134,17 @@ def test_memory_planner_traces_the_kernel_the_vae_runs() -> None:
     assert vae_attention_mode(planner.meta_vae()) == "linear"
     linear = planner.vae_activations(256, 256, Savers(tiled_vae=True))  # traced again, not the cached figure
     assert ("vae", 256, 256, True, False, "linear") in planner._traced and linear > 0 and exact > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layer_against_fp32(dtype: torch.dtype) -> None:
+    """Half-precision weights and activations, statistics in fp32 (the op's rule): within 2 % of the fp32
+    layer's output range (bf16 keeps 8 mantissa bits, fp16 11), and finite."""
+    layer = vae_attentions(perturbed_vae())[1]
+    layer.set_processor(LinearVAEAttnProcessor())
+    hidden = torch.randn(1, 32, 24, 24)
+    with torch.no_grad():
+        expected = layer(hidden)
+        actual = layer.to(dtype)(hidden.to(dtype)).float()
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
