@@ -11,8 +11,8 @@ residual: no training. It is an approximation of the VAE, so it is opt-in
 (``vae_attention="linear"``) and :func:`measure_vae_attention` reports how close it is on a given VAE.
 Measured on the bundled VAE (benchmarks/vae_attention.py): encode + decode within 46-48 dB PSNR of the
 softmax VAE at 32-512 px, while dropping the layer lands at 24-26 dB; the VAE's own reconstruction is at
-33-37 dB, so the change is well below the VAE's own error. SD's VAEs have not been measured here (no weights offline): run the measurement before relying
-on it there.
+33-37 dB, so the change is well below the VAE's own error. SD's VAEs have not been measured here (no
+weights offline): run the measurement before relying on it there.
 
 It is a diffusers attention processor, so ``attn.set_processor`` mounts it and :func:`restore_vae_attention`
 puts back the processors that were there. The exact tiler recognises it and runs it as two passes over

@@ -161,15 +161,11 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     cap = spec.get("cap_seconds")
     memory_plan = None
     if spec.get("max_memory"):
-        from ..planner import MemoryPlanner
+        from ..generate import plan_memory
 
-        memory_plan = MemoryPlanner(pipe).plan(
-            [(stage.width, stage.height) for stage in plan],
-            budget=spec["max_memory"],
-            guidance=spec["guidance"] > 1.0,
-            encodes=[stage.strength is not None for stage in plan],
-        )
-        print(memory_plan.describe(), file=sys.stderr, flush=True)
+        sizes = [(stage.width, stage.height) for stage in plan]
+        encodes = [stage.strength is not None for stage in plan]
+        memory_plan = plan_memory(pipe, sizes, encodes, spec["max_memory"], spec["guidance"], quiet=False)
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         steps_in_stage[0] += 1
