@@ -1,0 +1,17 @@
+"""In-place, reversible changes to a user's model, all through one protocol (:mod:`.base`).
+
+Each submodule holds one family of patches; every ``apply``-style function returns a
+:class:`~linfusion.patches.base.Patch` whose ``remove()`` is its exact inverse:
+
+- :mod:`.savers`: feed-forward chunking, classifier-free-guidance branches in turn, skip tensors parked off-device;
+- :mod:`.tiling`: the exact tiled VAE behind ``vae.encode`` / ``vae.decode``;
+- :mod:`.vae_attention`: the linear kernel for the VAE mid-block attention;
+- :mod:`.dilation`: DemoFusion's dilated convolutions and its dilated global branch.
+
+LinFusion mounting (:meth:`linfusion.LinFusion.mount`) and spatial parallelism (:mod:`linfusion.parallel`)
+follow the same protocol. Only the protocol itself is imported here, so any layer may use it.
+"""
+
+from .base import Patch, PatchOrderError, hooks, replace_submodule, set_attribute
+
+__all__ = ["Patch", "PatchOrderError", "hooks", "replace_submodule", "set_attribute"]
