@@ -5,19 +5,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 LINT_PATHS := $(wildcard src tests benchmarks scripts)
+# The fast loop leaves out what takes minutes: slow tests, multi-process tests, browser tests.
+FAST_MARKERS := not slow and not multiprocess and not browser
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test test-fast lint format clean
 
 DEMO_PROMPT ?= a large red circle on the left and a small yellow triangle on the right , on a gray background
 
 venv: $(STAMP)
 
 # Re-installs only when the package metadata or the pins change; quick when already done.
+# The triton extra is installed so that the GPU kernels are checked under triton's CPU interpreter.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[dev]" -c constraints.txt
+	$(BIN)/python -m pip install -q -e ".[dev,triton]" -c constraints.txt
 	touch $(STAMP)
 
 lint: venv
@@ -32,8 +35,13 @@ format: venv
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/linfusion generate "$(DEMO_PROMPT)" --steps 25 --guidance 4 --seed 1 --device cpu --out outputs/demo.png
 
+# Everything, the Triton kernels included (interpreted on the CPU; they must not be skipped here).
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 LINFUSION_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The edit-test loop: under 3 minutes on 2 cores.
+test-fast: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 
+from linfusion.bench.harness import write_results
+
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,13 +36,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # ---------------------------------------------------------------------- 1. communication volume
 def _meta_unet(family: str, linfusion: bool, dtype: torch.dtype) -> Any:
-    from diffusers import UNet2DConditionModel
-
     from linfusion.model import LinFusion
-    from linfusion.registry import UNET_CONFIGS
+    from linfusion.registry import build_meta_unet
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[family]).to(dtype)
+    unet = build_meta_unet(family).to(dtype)
     if linfusion:
         LinFusion.from_unet(unet).mount(unet)
     return unet
@@ -123,14 +121,14 @@ def volume(family: str, pixels: int, stripes: int, linfusion: bool, dtype: torch
 def _timing_worker(rank: int, world: int, port: int, config: dict, folder: str) -> None:
     import torch.distributed as dist
 
-    from linfusion.parallel.check import _unet, _unet_inputs, init_gloo
     from linfusion.parallel.pipeline import ParallelPipeline
+    from linfusion.testing.parallel import case_unet, case_unet_inputs, init_gloo
 
     torch.set_num_threads(1)
     if world > 1:
         init_gloo(rank, world, port, timeout_s=600)
-    unet = _unet("sd15", True)
-    inputs = _unet_inputs("sd15", config["batch"], config["latent"], config["latent"])
+    unet = case_unet("sd15", True)
+    inputs = case_unet_inputs("sd15", config["batch"], config["latent"], config["latent"])
     with torch.no_grad():
         reference = unet(**inputs).sample
     parallel = ParallelPipeline(type("Pipe", (), {"unet": unet})(), cfg_groups=1) if world > 1 else None
@@ -155,7 +153,7 @@ def wall_time(world: int, config: dict) -> dict[str, Any]:
 
     import torch.multiprocessing as mp
 
-    from linfusion.parallel.check import free_port
+    from linfusion.testing.parallel import free_port
 
     folder = tempfile.mkdtemp()
     mp.start_processes(
@@ -180,29 +178,11 @@ def wall_time(world: int, config: dict) -> dict[str, Any]:
 def _environment(command: list[str]) -> dict[str, Any]:
     import diffusers
 
-    import linfusion
+    from linfusion.bench.harness import environment
 
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), ""
-            )
-    except OSError:
-        cpu = platform.processor()
-    return {
-        "device": "cpu",
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads_per_process": 1,
-        "torch_version": torch.__version__,
-        "diffusers_version": diffusers.__version__,
-        "linfusion_version": getattr(linfusion, "__version__", "?"),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "command": " ".join(command),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": list(os.getloadavg()),
-    }
+    env = environment(torch.device("cpu"), 1, " ".join(command))
+    env.update(threads_per_process=1, diffusers_version=diffusers.__version__)
+    return env
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -289,12 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             report["wall_time"].append(wall_time(world, config))
             print(json.dumps(report["wall_time"][-1]), flush=True)
     report["environment"]["loadavg_end"] = list(os.getloadavg())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"parallel-{args.tag}-{datetime.date.today().isoformat()}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(_markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    paths = write_results(args.out, stem, report, _markdown(report))
+    print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 
 

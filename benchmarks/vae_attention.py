@@ -5,23 +5,24 @@ the linear layer, and the layer dropped (residual only, the scale of what the la
 Writes ``benchmarks/results/vae-attention-bundled.{json,md}``.
 
     python benchmarks/vae_attention.py --sizes 32,64,128,256,512 --images 4
+
+A script rather than a ``linfusion bench`` command: it measures the bundled model, not any user's model
+(users run :func:`linfusion.patches.vae_attention.measure_vae_attention` on their own VAE).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from linfusion.bundled.components import load_pipeline
-from linfusion.data import shapes
-from linfusion.vae_attention import measure_vae_attention
+from linfusion.bench.harness import environment, write_results
+from linfusion.bundled import load_pipeline, shapes
+from linfusion.patches.vae_attention import measure_vae_attention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record), file=sys.stderr, flush=True)
     command = "python benchmarks/vae_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
-        "environment": {
-            "device": "cpu",
-            "torch_version": torch.__version__,
-            "threads": args.threads,
-            "platform": platform.platform(),
-            "command": command.strip(),
-        },
+        "environment": environment(torch.device("cpu"), args.threads, command.strip()),
         "images_per_size": args.images,
         "records": records,
     }
@@ -68,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['size']} | {r['tokens']:,} | {r['reconstruction_psnr']:.1f} | {r['linear_vs_exact_psnr']:.1f} "
             f"| {r['dropped_vs_exact_psnr']:.1f} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines) + "\n")):
-        partial = out / f".vae-attention-bundled{suffix}.partial"
-        partial.write_text(text)
-        partial.replace(out / f"vae-attention-bundled{suffix}")
+    write_results(args.out, "vae-attention-bundled", result, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

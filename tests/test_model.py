@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from linfusion import GeneralizedLinearAttention, LinFusion
+from linfusion import GeneralizedLinearAttention, LinFusion, mounted_on
+from linfusion.patches import PatchOrderError
 from linfusion.registry import (
     attention_signature,
     build_meta_unet,
@@ -19,6 +20,7 @@ from linfusion.registry import (
     resolve_checkpoint,
 )
 from linfusion.testing import tiny_pipeline, tiny_unet
+from support import write_published_folder
 
 
 def published_parameter_count(width: int, mid: int) -> int:
@@ -108,46 +110,6 @@ def test_unresolvable_model_lists_what_was_tried() -> None:
 
 
 # ---------------------------------------------------------------- published layout, legacy layout, round trip
-def write_published_folder(
-    folder: Path, unet: torch.nn.Module, legacy: bool = False
-) -> dict[str, torch.Tensor]:
-    """A checkpoint folder written by hand exactly as published (SPEC 3), fp16 tensors; returns them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(7)
-    tensors: dict[str, torch.Tensor] = {}
-    modules_list = []
-    for index, (path, width, heads) in enumerate(attention_signature(unet)):
-        if legacy:
-            modules_list.append([path, width, heads])
-        else:
-            modules_list.append(
-                {"module_name": path, "dim_n": width, "heads": heads, "projection_mid_dim": None}
-            )
-        shapes = {
-            "to_q.weight": (width, width),
-            "to_k.weight": (width, width),
-            "to_v.weight": (width, width),
-            "to_out.0.weight": (width, width),
-            "to_out.0.bias": (width,),
-        }
-        for prefix in ("to_q_", "to_k_"):
-            shapes |= {
-                f"{prefix}.0.weight": (width, width),
-                f"{prefix}.0.bias": (width,),
-                f"{prefix}.1.weight": (width,),
-                f"{prefix}.1.bias": (width,),
-                f"{prefix}.3.weight": (width, width),
-                f"{prefix}.3.bias": (width,),
-            }
-        for key, shape in shapes.items():
-            tensors[f"{index}.{key}"] = (torch.randn(shape, generator=generator) * 0.1).half()
-    config = {"_class_name": "StableMamba" if legacy else "LinFusion", "_diffusers_version": "0.30.0"}
-    config["modules_list"] = modules_list
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
-    return tensors
-
-
 @pytest.mark.parametrize("legacy", [False, True])
 def test_published_layout_loads_exactly(tmp_path: Path, legacy: bool) -> None:
     unet = tiny_unet("sd15")
@@ -216,20 +178,25 @@ def attn1_types(unet: torch.nn.Module) -> set[type]:
     return {type(m) for name, m in unet.named_modules() if name.endswith("attn1")}
 
 
-def test_mount_twice_is_harmless_and_a_second_linfusion_replaces_the_first() -> None:
+def test_mount_twice_is_harmless_and_a_second_linfusion_stacks_on_the_first() -> None:
     unet = tiny_unet("sd15")
     originals = {path: unet.get_submodule(path) for path, _, _ in attention_signature(unet)}
     first = LinFusion.from_unet(unet)
-    first.mount(unet)
-    first.mount(unet)
-    assert len(first._mounts) == len(originals)
+    first_handle = first.mount(unet)
+    again = first.mount(unet)
+    assert first_handle.changed and not again.changed
+    assert mounted_on(unet) is first
     second = LinFusion.from_unet(unet, init="teacher")  # built while `first` is mounted: copies the originals
-    second.mount(unet)
-    assert not first.is_mounted
-    assert all(unet.get_submodule(p) is layer for p, layer in second.modules_dict.items())
-    second.unmount()
+    with second.mount(unet):
+        assert mounted_on(unet) is second
+        assert all(unet.get_submodule(p) is layer for p, layer in second.modules_dict.items())
+        with pytest.raises(PatchOrderError, match="unmount that one first"):
+            first.unmount()  # `second` sits on top: removing `first` now would drop it silently
+    assert mounted_on(unet) is first and not second.is_mounted
+    assert all(unet.get_submodule(p) is layer for p, layer in first.modules_dict.items())
+    first.unmount()
     assert all(unet.get_submodule(path) is module for path, module in originals.items())
-    assert attn1_types(unet) == {Attention}
+    assert attn1_types(unet) == {Attention} and mounted_on(unet) is None
 
 
 def test_mounting_does_not_register_the_container_in_the_unet() -> None:

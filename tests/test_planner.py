@@ -14,21 +14,16 @@ import torch
 
 from linfusion import LinFusion
 from linfusion.cli import main
+from linfusion.io import parse_size
 from linfusion.pipelines import plan_stages, sdedit
-from linfusion.planner import MemoryBudgetError, MemoryPlanner, Savers, parse_size
+from linfusion.planner import MemoryBudgetError, MemoryPlanner, Savers, apply_savers
 from linfusion.testing import tiny_pipeline
 
-PROBE = Path(__file__).with_name("planner_probe.py")
-
-
-def test_parse_size() -> None:
-    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * 2**30
-    assert parse_size("512MB") == 512 * 2**20 and parse_size(1000) == 1000
-    with pytest.raises(ValueError, match="cannot read memory size"):
-        parse_size("lots")
+PROBE = Path(__file__).with_name("support") / "planner_probe.py"
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("model", "size"), [("tiny", 512), ("tiny", 640), ("tiny", 768),
                                              ("bundled", 192), ("bundled", 256), ("bundled", 384)])  # fmt: skip
 def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(model: str, size: int) -> None:
@@ -56,6 +51,7 @@ def test_plan_turns_on_only_what_the_budget_needs() -> None:
     assert "CFG branches one at a time" in tight.describe()
 
 
+@pytest.mark.slow
 def test_too_small_a_budget_is_refused_with_the_smallest_workable_one() -> None:
     pipe = tiny_pipeline("sd15")
     LinFusion.construct_for(pipe, load_pretrained=False)
@@ -81,6 +77,7 @@ def test_cli_refuses_before_generating(tmp_path: Path, capsys) -> None:
     assert "smallest workable budget" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_planned_chain_equals_the_unplanned_one() -> None:
     pipe = tiny_pipeline("sd15")
     LinFusion.construct_for(pipe, load_pretrained=False, init="teacher")
@@ -98,6 +95,7 @@ def test_planned_chain_equals_the_unplanned_one() -> None:
     assert np.abs(chain(memory_plan=minimal) - chain()).max() <= 1  # savers are exact; PNG rounding aside
 
 
+@pytest.mark.slow
 def test_model_offload_is_the_last_resort_on_cuda_only() -> None:
     pipe = tiny_pipeline("sd15")
     LinFusion.construct_for(pipe, load_pretrained=False)
@@ -118,8 +116,6 @@ def test_model_offload_is_the_last_resort_on_cuda_only() -> None:
 
 
 def test_model_offload_stage_is_exact_and_leaves_no_hooks() -> None:
-    from linfusion.pipelines.sdedit import stage_memory
-
     pipe = tiny_pipeline("sd15")
 
     def image() -> np.ndarray:
@@ -127,14 +123,14 @@ def test_model_offload_stage_is_exact_and_leaves_no_hooks() -> None:
                     output_type="np").images[0]  # fmt: skip
 
     plain = image()
-    with stage_memory(pipe, Savers(model_offload=True), 32 * 32, None):
+    with apply_savers(pipe, Savers(model_offload=True)):
         assert pipe.unet._hf_hook is not None  # diffusers' model CPU offload is on
         offloaded = image()
     np.testing.assert_array_equal(offloaded, plain)
     assert getattr(pipe.unet, "_hf_hook", None) is None
     with (
         pytest.raises(RuntimeError, match="stop"),
-        stage_memory(pipe, Savers(model_offload=True), 32 * 32, None),
+        apply_savers(pipe, Savers(model_offload=True)),
     ):
         raise RuntimeError("stop")
     assert getattr(pipe.unet, "_hf_hook", None) is None and getattr(pipe.vae, "_hf_hook", None) is None

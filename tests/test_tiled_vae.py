@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from linfusion.testing import tiny_pipeline, tiny_vae
-from linfusion.tiled_vae import (
-    UnsupportedVAE,
-    disable_exact_tiling,
-    enable_exact_tiling,
-    exact_tiling,
-    tiled_decode,
-    tiled_encode_moments,
-)
-from linfusion.vae_attention import linearize_vae_attention
-from pipeline_runs import run
+from linfusion.patches.vae_attention import apply_vae_attention
+from linfusion.testing import tiny_vae
+from linfusion.tiled_vae import UnsupportedVAE, tiled_decode, tiled_encode_moments
 
 ONE_ROW = 1  # a band budget so small that every layer runs one row at a time
 
@@ -49,7 +40,7 @@ def vae(request) -> AutoencoderKL:
     """The linear mid-block attention runs through the tiler's two-pass state path instead of softmax."""
     model = four_level_vae() if request.param == "four-level" else perturbed(tiny_vae())
     if request.param.endswith("linear-attention"):
-        linearize_vae_attention(model)
+        apply_vae_attention(model, "linear")
     return model
 
 
@@ -90,20 +81,6 @@ def test_diffusers_tiling_is_not_exact_where_ours_is() -> None:
     assert our_error <= 1e-4 and their_error > 100 * our_error
 
 
-def test_pipeline_uses_exact_tiling_and_disable_restores() -> None:
-    pipe = tiny_pipeline("sd15", "img2img")
-    expected = run(pipe, "img2img")
-    enable_exact_tiling(pipe.vae, band_bytes=ONE_ROW)
-    assert "_decode" in pipe.vae.__dict__
-    assert np.abs(run(pipe, "img2img") - expected).max() <= 1e-4  # encode and decode both tiled
-    disable_exact_tiling(pipe.vae)
-    assert "_decode" not in pipe.vae.__dict__ and "_encode" not in pipe.vae.__dict__
-    assert np.array_equal(run(pipe, "img2img"), expected)
-    with exact_tiling(pipe.vae, min_pixels=10**9):  # below the threshold: the plain path
-        assert np.array_equal(run(pipe, "img2img"), expected)
-    assert "_decode" not in pipe.vae.__dict__
-
-
 def test_unknown_layers_are_refused_not_approximated() -> None:
     vae = tiny_vae()
     vae.decoder.conv_act = torch.nn.ReLU()
@@ -114,7 +91,7 @@ def test_unknown_layers_are_refused_not_approximated() -> None:
 def test_linear_attention_tiling_never_calls_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
     """The linear path is the two-pass state path, not the quadratic one under another name."""
     vae = perturbed(tiny_vae())
-    linearize_vae_attention(vae)
+    apply_vae_attention(vae, "linear")
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(

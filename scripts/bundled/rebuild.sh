@@ -10,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-TRAIN="$PYTHON scripts/bundled/train.py --threads 1"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=scripts
+TRAIN="$PYTHON -m bundled.train --threads 1"
 MODEL="${MODEL:-src/linfusion/bundled/model}"
-LOGS="${LOGS:-src/linfusion/bundled/logs}"
+LOGS="${LOGS:-scripts/bundled/logs}"
 echo "[rebuild] $(date -u +%FT%TZ) classifier"
 if [ ! -f src/linfusion/bundled/classifier/model.safetensors ]; then
     $TRAIN classifier --resume

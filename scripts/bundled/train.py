@@ -1,10 +1,10 @@
 """Train the bundled model: ``vae``, ``unet``, ``classifier`` and ``export`` stages, all resumable.
 
-Usage (one CPU core, from the repository root):
-    python scripts/bundled/train.py vae --resume
-    python scripts/bundled/train.py unet --resume
-    python scripts/bundled/train.py classifier
-    python scripts/bundled/train.py export
+Usage (one CPU core, from the repository root; ``scripts`` on the module path):
+    PYTHONPATH=scripts python -m bundled.train vae --resume
+    PYTHONPATH=scripts python -m bundled.train unet --resume
+    PYTHONPATH=scripts python -m bundled.train classifier
+    PYTHONPATH=scripts python -m bundled.train export
 Every stage writes under artifacts/bundled/<stage>/ (checkpoint.pt, log.jsonl); see docs/bundled-model.md.
 """
 
@@ -34,7 +34,7 @@ def _config(config_class: type, args: argparse.Namespace) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from linfusion.bundled import classifier, components, training
+    from . import classifier_training, components, training
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, config_class in (
         ("vae", training.VaeConfig),
         ("unet", training.UnetConfig),
-        ("classifier", classifier.ClassifierConfig),
+        ("classifier", classifier_training.ClassifierConfig),
     ):
         stage = sub.add_parser(name)
         _add_config_args(stage, config_class)
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "unet":
         print(training.train_unet(_config(training.UnetConfig, args), resume=args.resume))
     elif args.stage == "classifier":
-        config = _config(classifier.ClassifierConfig, args)
-        classifier.train_classifier(config, resume=args.resume)
+        config = _config(classifier_training.ClassifierConfig, args)
+        classifier_training.train_classifier(config, resume=args.resume)
         print(config.out_dir)
     elif args.stage == "export":
         print(training.export_pipeline(args.unet_checkpoint, args.vae_dir, args.out, use_ema=not args.no_ema))
@@ -110,7 +110,8 @@ def _distill_data(folder: str, count: int, size: int) -> str:
 
     from PIL import Image
 
-    from linfusion.data import shapes
+    from linfusion.bundled import shapes
+    from linfusion.io import atomic_file
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,8 @@ def _distill_data(folder: str, count: int, size: int) -> str:
             continue
         pixels, scene = shapes.render_seed(shapes.split_seed(index, "train"), size)
         (root / f"{index:06d}.txt").write_text(scene.caption())
-        partial = root / f".{index:06d}.png.partial"
-        Image.fromarray(pixels).save(partial, format="PNG")
-        partial.replace(image_path)
+        with atomic_file(image_path) as handle:
+            Image.fromarray(pixels).save(handle, format="PNG")
     return str(root)
 
 
@@ -131,12 +131,11 @@ def _export_linfusion(distilled: str, out: str) -> str:
     from pathlib import Path
 
     from linfusion import LinFusion
-    from linfusion.distill.trainer import _atomic_dir, _replace_dir
+    from linfusion.io import atomic_folder
 
     target = Path(out)
-    staging = _atomic_dir(target)
-    LinFusion.from_pretrained(distilled).to(torch.float16).save_pretrained(staging)
-    _replace_dir(staging, target)
+    with atomic_folder(target) as staging:
+        LinFusion.from_pretrained(distilled).to(torch.float16).save_pretrained(staging)
     return str(target)
 
 
@@ -144,7 +143,7 @@ def _copy_logs(folder: str) -> None:
     import shutil
     from pathlib import Path
 
-    from linfusion.bundled import training
+    from . import training
 
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
@@ -157,7 +156,7 @@ def _copy_logs(folder: str) -> None:
 
 
 def _gates(args: argparse.Namespace) -> dict:
-    from linfusion.bundled import checkpoint, components, evaluate, training
+    from . import checkpoint, components, evaluate, training
 
     record: dict = {"guidance_scale": args.guidance_scale, "steps": args.steps, "ema": not args.no_ema}
     with tempfile.TemporaryDirectory() as tmp:

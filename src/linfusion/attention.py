@@ -18,7 +18,7 @@ from .ops import linear_attention
 
 
 def _pre_projection(dim: int, mid_dim: int | None) -> nn.Module:
-    """The residual non-linear pre-projection MLP of SPEC section 2 (identity when ``mid_dim == -1``).
+    """The residual non-linear pre-projection MLP on the query and key inputs (identity when ``mid_dim == -1``).
 
     Indices matter for checkpoint compatibility: 0 = Linear, 1 = LayerNorm, 2 = LeakyReLU, 3 = Linear.
     """

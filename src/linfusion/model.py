@@ -22,7 +22,14 @@ from torch import nn
 
 from .attention import GeneralizedLinearAttention
 from .hub import load_failure_message
-from .registry import attention_signature, attention_width_and_heads, is_self_attention, resolve_checkpoint
+from .patches.base import Patch, PatchOrderError, replace_submodule, set_attribute
+from .registry import (
+    attention_signature,
+    attention_width_and_heads,
+    is_sdxl,
+    is_self_attention,
+    resolve_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,26 +116,19 @@ def _model_targets(target: Any, controlnet: bool | None) -> list[nn.Module]:
     return targets
 
 
-def _mounted_on(model: nn.Module) -> LinFusion | None:
-    return model.__dict__.get(_MOUNTED_ATTR)
+def mounted_on(model: nn.Module) -> LinFusion | None:
+    """The LinFusion whose layers ``model`` (a UNet or ControlNet) runs now, or None.
 
-
-def _mark_mounted(model: nn.Module, linfusion: LinFusion | None) -> None:
-    """Record which LinFusion is mounted on ``model`` as a plain attribute.
-
-    ``object.__setattr__`` bypasses ``nn.Module.__setattr__``, which would register the container as a
-    submodule of the UNet (its weights would then appear twice in the UNet's state dict and to PEFT).
+    The record is a plain instance attribute (set bypassing ``nn.Module.__setattr__``, which would register
+    the container as a submodule: its weights would then appear twice in the UNet's state dict and to PEFT).
     """
-    if linfusion is None:
-        model.__dict__.pop(_MOUNTED_ATTR, None)
-    else:
-        object.__setattr__(model, _MOUNTED_ATTR, linfusion)
+    return model.__dict__.get(_MOUNTED_ATTR)
 
 
 def _current_original(root: nn.Module, path: str) -> nn.Module:
     """The diffusers ``attn1`` at ``path``, looking through a LinFusion layer that is mounted there."""
     module = root.get_submodule(path)
-    mounted = _mounted_on(root)
+    mounted = mounted_on(root)
     if isinstance(module, GeneralizedLinearAttention) and mounted is not None:
         for mount in mounted._mounts:
             if mount.root is root and mount.path == path:
@@ -150,9 +150,7 @@ def _default_mid_dim(unet: nn.Module, width: int, projection_mid_dim: int | str 
     """As published: None (= C) for SD-1.x/2.x-shaped UNets, C/16 for SD-XL-shaped ones."""
     if projection_mid_dim != "auto":
         return projection_mid_dim  # type: ignore[return-value]
-    config = getattr(unet, "config", None)
-    is_sdxl = getattr(config, "addition_embed_type", None) == "text_time"
-    return max(1, width // 16) if is_sdxl else None
+    return max(1, width // 16) if is_sdxl(unet) else None
 
 
 class LinFusion(ModelMixin, ConfigMixin):
@@ -177,6 +175,7 @@ class LinFusion(ModelMixin, ConfigMixin):
             layer = GeneralizedLinearAttention(entry["dim_n"], entry["heads"], entry["projection_mid_dim"])
             self.add_module(str(index), layer)
         self._mounts: list[_Mount] = []
+        self._handles: list[tuple[nn.Module, Patch]] = []
 
     # ------------------------------------------------------------------ building and loading
     @property
@@ -324,33 +323,35 @@ class LinFusion(ModelMixin, ConfigMixin):
                 f"(and {len(uncovered) - 1} more) has no LinFusion layer in the checkpoint"
             )
 
-    def mount(self, target: Any, controlnet: bool = False) -> LinFusion:
+    def mount(self, target: Any, controlnet: bool = False) -> Patch:
         """Replace the ``attn1`` layers of a pipeline's UNet (or of the UNet/ControlNet given).
 
+        Returns a :class:`~linfusion.patches.Patch`: its ``remove()`` (or leaving a ``with`` block) puts
+        back exactly what this call replaced; :meth:`unmount` removes every mount of this LinFusion.
         ``controlnet=True`` also mounts on the pipeline's ControlNet(s), with copies of the UNet layers of
         the same paths (copies, so that model CPU offload can move each model on its own). Mounting twice
-        is harmless; a different LinFusion already mounted is unmounted first. All checks run before any
-        module is replaced.
+        changes nothing the second time. Mounting over another LinFusion stacks on it: removing this mount
+        brings the other one back. All checks run before any module is replaced.
         """
         models = _model_targets(target, controlnet)
         for model in models:
             self.check_fits(model)
+        patch = Patch("LinFusion mounted")
         for model in models:
-            previous = _mounted_on(model)
-            if previous is self:
-                continue
-            if previous is not None:
-                logger.info("LinFusion: replacing another mounted LinFusion on %s", type(model).__name__)
-                previous.unmount(model)
-            self._mount_model(model)
-        return self
+            if mounted_on(model) is not self:
+                patch.add(self._mount_model(model))
+        return patch
 
     mount_to = mount  # name used by the reference project
 
-    def _mount_model(self, model: nn.Module) -> None:
+    def _mount_model(self, model: nn.Module) -> Patch:
         parameter = next(model.parameters(), None)
         if not _is_controlnet(model):
             _place_like(self, parameter)
+        patch = Patch(f"LinFusion on {type(model).__name__}")
+        # Bookkeeping is registered before each change, so it is undone only after the change was.
+        self._handles.append((model, patch))
+        patch.on_remove(lambda: self._handles.remove((model, patch)))
         for path, layer in self.modules_dict.items():
             if not _has_submodule(model, path):
                 continue  # a ControlNet covers only the encoder paths
@@ -358,29 +359,36 @@ class LinFusion(ModelMixin, ConfigMixin):
             if _is_controlnet(model):
                 replacement = copy.deepcopy(layer)
                 _place_like(replacement, parameter)
-            original = model.get_submodule(path)
-            _set_submodule(model, path, replacement)
-            self._mounts.append(_Mount(model, path, original, replacement))
-        _mark_mounted(model, self)
+            mount = _Mount(model, path, _current_original(model, path), replacement)
+            self._mounts.append(mount)
+            patch.on_remove(lambda mount=mount: self._mounts.remove(mount))
+
+            def restore_where_the_model_went(
+                previous: nn.Module, replacement: nn.Module = replacement
+            ) -> None:
+                _place_like(previous, next(replacement.parameters(), None))
+
+            patch.add(replace_submodule(model, path, replacement, on_restore=restore_where_the_model_went))
+        patch.add(set_attribute(model, _MOUNTED_ATTR, self, "LinFusion marker"))
+        return patch
 
     def unmount(self, target: Any = None) -> None:
         """Put the original ``attn1`` layers back (all models, or only those of ``target``)."""
         roots = None if target is None else {id(m) for m in _model_targets(target, controlnet=None)}
-        kept: list[_Mount] = []
-        for mount in reversed(self._mounts):
-            if roots is not None and id(mount.root) not in roots:
-                kept.append(mount)
+        for model, patch in list(reversed(self._handles)):
+            if roots is not None and id(model) not in roots:
                 continue
-            if mount.root.get_submodule(mount.path) is mount.replacement:
-                _place_like(mount.original, next(mount.replacement.parameters(), None))
-                _set_submodule(mount.root, mount.path, mount.original)
-            if _mounted_on(mount.root) is self:
-                _mark_mounted(mount.root, None)
-        self._mounts = list(reversed(kept))
+            try:
+                patch.remove()
+            except PatchOrderError as error:
+                raise PatchOrderError(
+                    f"another LinFusion (or patch) was mounted on this {type(model).__name__} after this one; "
+                    "unmount that one first"
+                ) from error
 
     @property
     def is_mounted(self) -> bool:
-        return bool(self._mounts)
+        return bool(self._handles)
 
     @contextlib.contextmanager
     def original_attention(self) -> Iterator[None]:

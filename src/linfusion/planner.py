@@ -5,23 +5,31 @@ chosen savers) and the VAE (plain or exactly tiled) are rebuilt from their confi
 at the stage's size under a dispatch mode that counts the bytes of live tensors. Nothing is computed, so
 a 16K stage is traced in seconds, and every saver is accounted for exactly as it changes the program.
 Device allocators add overhead on top of live tensors; ``OVERHEAD`` holds the correction per device
-type, measured with ``benchmarks/planner.py`` (CPU: RSS high-water mark, see docs/high-resolution.md).
+type (CPU: fitted on RSS high-water marks of fresh processes, see docs/high-resolution.md).
+
+:func:`apply_savers` is the one place that turns a stage's :class:`Savers` into patches on a pipeline.
 """
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-MIB = 2**20
-GIB = 2**30
+from .io import MIB, format_size, parse_size, size_flag
+from .model import LinFusion, mounted_on
+from .patches.base import Patch
+from .patches.savers import apply_memory_savers
+from .patches.tiling import apply_exact_tiling
+from .patches.vae_attention import apply_vae_attention
+from .tiled_vae import ExactTiler
+from .vae_attention import vae_attention_mode
+
 # real peak ~= scale * traced live bytes + constant. CPU: fitted on RSS high-water marks (2 cores, torch
 # 2.13, oneDNN convolutions). CUDA: not measured yet; the allocator's max_memory_allocated counts live
 # tensors plus library workspaces, so a 10 % + 512 MiB margin is used until a GPU run calibrates it.
@@ -97,21 +105,6 @@ def traced_peak(run: Callable[[], Any]) -> int:
     return mode.peak
 
 
-def parse_size(text: str | int | float) -> int:
-    """'24GB', '24G', '1.5GiB', '512MB', '512MiB' or a number of bytes -> bytes (GB and GiB both 2**30)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
-    if not match:
-        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB, 1.5GiB or 512MB")
-    number, unit = float(match.group(1)), match.group(2)
-    return int(number * 1024 ** "_kmgt".index(unit or "_"))
-
-
-def format_size(size: float) -> str:
-    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / MIB:.0f} MiB"
-
-
 def available_memory(device: torch.device) -> int:
     """Free memory of ``device``: the GPU's free memory, or the machine's available RAM."""
     if device.type == "cuda":
@@ -148,8 +141,10 @@ class Savers:
         return names or ["none needed"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
+    """One stage's size, the savers chosen for it and the bytes they leave (activations with overhead)."""
+
     width: int
     height: int
     savers: Savers
@@ -170,11 +165,13 @@ class StagePlan:
         return self.weights + max(self.unet_activations, self.vae_activations)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryPlan:
+    """The plan of a whole run (one :class:`StagePlan` per stage), what the pipelines take as ``memory_plan``."""
+
     budget: int
     device: torch.device
-    stages: list[StagePlan] = field(default_factory=list)
+    stages: tuple[StagePlan, ...] = ()
 
     @property
     def peak(self) -> int:
@@ -195,23 +192,19 @@ class MemoryPlanner:
     """Estimates and plans for one pipeline (with or without LinFusion mounted) on one device."""
 
     def __init__(self, pipe: Any, device: torch.device | str | None = None):
-        from .model import _mounted_on
-
         self.pipe = pipe
         parameter = next(pipe.unet.parameters())
         self.device = torch.device(device) if device is not None else parameter.device
         self.dtype = parameter.dtype
-        self.linfusion = _mounted_on(pipe.unet)
+        self.linfusion = mounted_on(pipe.unet)
         self.vae_factor = pipe.vae_scale_factor
         self._meta_unet: Any = None
-        self._meta_vae: Any = None
+        self._meta_vaes: dict[str, Any] = {}
         self._traced: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
         if self._meta_unet is None:
-            from .model import LinFusion
-
             with torch.device("meta"):
                 unet = type(self.pipe.unet).from_config(self.pipe.unet.config).to(self.dtype)
                 if self.linfusion is not None:
@@ -221,14 +214,14 @@ class MemoryPlanner:
 
     def meta_vae(self) -> Any:
         """The VAE on meta, with the mid-block attention kernel the real VAE runs now (exact or linear)."""
-        from .vae_attention import set_vae_attention, vae_attention_mode
-
-        mode = vae_attention_mode(self.pipe.vae)
-        if self._meta_vae is None:
+        mode = "linear" if vae_attention_mode(self.pipe.vae) == "linear" else "exact"
+        if mode not in self._meta_vaes:
             with torch.device("meta"):
-                self._meta_vae = type(self.pipe.vae).from_config(self.pipe.vae.config).to(self.dtype).eval()
-        set_vae_attention(self._meta_vae, "linear" if mode == "linear" else "exact")
-        return self._meta_vae
+                vae = type(self.pipe.vae).from_config(self.pipe.vae.config).to(self.dtype).eval()
+            if mode == "linear":
+                apply_vae_attention(vae, "linear")  # the meta copy is the planner's own: never removed
+            self._meta_vaes[mode] = vae
+        return self._meta_vaes[mode]
 
     def weights(
         self, names: Sequence[str] = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
@@ -242,7 +235,7 @@ class MemoryPlanner:
         return total
 
     # ------------------------------------------------------------------ traced phases
-    def _unet_inputs(self, height: int, width: int, batch: int) -> tuple[Any, ...]:
+    def unet_inputs(self, height: int, width: int, batch: int) -> tuple[Any, ...]:
         config = self.pipe.unet.config
         latents = torch.empty(batch, config.in_channels, height // self.vae_factor, width // self.vae_factor,
                               device="meta", dtype=self.dtype)  # fmt: skip
@@ -264,10 +257,8 @@ class MemoryPlanner:
         return self._traced[key]
 
     def _trace_unet(self, width: int, height: int, savers: Savers, guidance: bool) -> int:
-        from .memory import memory_savers
-
         unet = self.meta_unet()
-        latents, context, extra = self._unet_inputs(height, width, 2 if guidance else 1)
+        latents, context, extra = self.unet_inputs(height, width, 2 if guidance else 1)
         timestep = torch.tensor(999, device="meta")
         options = {
             "feed_forward_chunk": savers.feed_forward_chunk,
@@ -275,21 +266,17 @@ class MemoryPlanner:
             "skip_offload": "meta" if savers.skip_offload else None,
         }
         # With skip_offload the parked skips stay on meta in the trace: an upper bound for the device.
-        with memory_savers(unet, **options):
+        with apply_memory_savers(unet, **options):
             live = traced_peak(lambda: unet(latents, timestep, encoder_hidden_states=context, **extra))
         return self._with_overhead(live + 3 * latents.numel() * latents.element_size())
 
     def vae_activations(self, width: int, height: int, savers: Savers, encode: bool = False) -> int:
-        from .vae_attention import vae_attention_mode
-
         key = ("vae", width, height, savers.tiled_vae, encode, vae_attention_mode(self.pipe.vae))
         if key not in self._traced:
             self._traced[key] = self._trace_vae(width, height, savers, encode)
         return self._traced[key]
 
     def _trace_vae(self, width: int, height: int, savers: Savers, encode: bool) -> int:
-        from .tiled_vae import ExactTiler
-
         vae = self.meta_vae()
         latents = torch.empty(1, vae.config.latent_channels, height // self.vae_factor, width // self.vae_factor,
                               device="meta", dtype=self.dtype)  # fmt: skip
@@ -376,20 +363,59 @@ class MemoryPlanner:
         """
         budget = available_memory(self.device) + self.weights() if budget is None else parse_size(budget)
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
-        plan = MemoryPlan(budget, self.device)
-        for (width, height), encode in zip(sizes, encodes):
-            plan.stages.append(self.plan_stage(width, height, budget, guidance, encode))
+        stages = tuple(
+            self.plan_stage(width, height, budget, guidance, encode)
+            for (width, height), encode in zip(sizes, encodes)
+        )
+        plan = MemoryPlan(budget, self.device, stages)
         if plan.peak > budget:
             raise MemoryBudgetError(
                 f"estimated peak {format_size(plan.peak)} exceeds the budget of {format_size(budget)} even with "
                 f"every saver on; the smallest workable budget is about {format_size(plan.peak)} "
-                f"(pass --max-memory {_flag_value(plan.peak)} or a smaller size)\n" + plan.describe()
+                f"(pass --max-memory {size_flag(plan.peak)} or a smaller size)\n" + plan.describe()
             )
         return plan
 
 
-def _flag_value(size: int) -> str:
-    """A --max-memory value at least ``size``: whole MB below 1 GiB, tenths of GB above."""
-    if size < GIB:
-        return f"{-(-size // MIB)}MB"
-    return f"{-(-size * 10 // GIB) / 10:g}GB"
+def apply_savers(pipe: Any, savers: Savers) -> Patch:
+    """Turn on what ``savers`` says on ``pipe`` (UNet savers, exact VAE tiling, model offload).
+
+    The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was.
+    """
+    patch = Patch("stage savers")
+    try:  # the UNet savers first: model offload wraps the UNet's forward last (see apply_sequential_cfg)
+        patch.add(
+            apply_memory_savers(
+                pipe.unet,
+                feed_forward_chunk=savers.feed_forward_chunk,
+                sequential_cfg=savers.sequential_cfg,
+                skip_offload="cpu" if savers.skip_offload else None,
+            )
+        )
+        if savers.tiled_vae:
+            patch.add(apply_exact_tiling(pipe.vae))
+        if savers.model_offload:
+            patch.add(apply_model_offload(pipe))
+    except BaseException:
+        patch.remove()
+        raise
+    return patch
+
+
+def apply_model_offload(pipe: Any) -> Patch:
+    """diffusers' model CPU offload (only the model at work on the device); ``remove()`` moves it all back."""
+    device = pipe.unet.device
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    attributes = [set(model.__dict__) for model in models]
+    pipe.enable_model_cpu_offload(device=device)
+    patch = Patch("model CPU offload")
+
+    def undo() -> None:
+        pipe.remove_all_hooks()
+        pipe.to(device)
+        for model, before in zip(models, attributes):  # accelerate leaves its restored forward behind
+            for name in set(model.__dict__) - before:
+                del model.__dict__[name]
+
+    patch.on_remove(undo)
+    return patch

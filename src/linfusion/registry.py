@@ -69,6 +69,39 @@ _SDXL_UNET: dict[str, Any] = {
 # Full-size UNet configs of the three families, for architecture matching and meta-device structure checks.
 UNET_CONFIGS: dict[str, dict[str, Any]] = {"sd15": _SD15_UNET, "sd21": _SD21_UNET, "sdxl": _SDXL_UNET}
 
+# The published SD VAEs share one architecture (SD-1.x/2.x and SD-XL differ in scaling factor only).
+SD_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+# Text encoders: CLIP ViT-L/14 (SD-1.x, SD-XL's first) and OpenCLIP ViT-bigG/14 (SD-XL's second).
+CLIP_L: dict[str, int] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+}
+CLIP_BIG_G: dict[str, int] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+}
+
+
+def is_sdxl(model: Any) -> bool:
+    """True for an SD-XL pipeline (two text encoders) or an SD-XL-shaped UNet (added time ids)."""
+    if getattr(model, "text_encoder_2", None) is not None:
+        return True
+    config = getattr(getattr(model, "unet", model), "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
 
 @dataclass(frozen=True)
 class KnownCheckpoint:

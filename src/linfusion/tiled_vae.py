@@ -21,8 +21,7 @@ largest layer (input and output of the layer being computed).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -342,47 +341,6 @@ def tiled_encode_moments(vae: nn.Module, images: torch.Tensor, **options: Any) -
     return ExactTiler(vae, **options).encode_moments(images)
 
 
-def enable_exact_tiling(vae: nn.Module, min_pixels: int = 0, **options: Any) -> None:
-    """Make ``vae.encode``/``vae.decode`` (and so every pipeline using the VAE) tile exactly.
-
-    Images of fewer than ``min_pixels`` output pixels keep the plain path. Reversed by
-    :func:`disable_exact_tiling`.
-    """
-    from diffusers.models.autoencoders.vae import DecoderOutput
-
-    disable_exact_tiling(vae)
-    plain_decode, plain_encode = vae._decode, vae._encode
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    def decode(z: torch.Tensor, return_dict: bool = True) -> Any:
-        if z.shape[-1] * z.shape[-2] * factor * factor < min_pixels:
-            return plain_decode(z, return_dict=return_dict)
-        sample = tiled_decode(vae, z, **options).to(z.device)
-        return DecoderOutput(sample=sample) if return_dict else (sample,)
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] * x.shape[-2] < min_pixels:
-            return plain_encode(x)
-        return tiled_encode_moments(vae, x, **options).to(x.device)
-
-    vae._decode, vae._encode = decode, encode
-    vae._linfusion_exact_tiling = True
-
-
-def disable_exact_tiling(vae: nn.Module) -> None:
-    if vae.__dict__.pop("_linfusion_exact_tiling", False):
-        del vae._decode, vae._encode  # the instance attributes: the class methods show through again
-
-
-@contextlib.contextmanager
-def exact_tiling(vae: nn.Module, **options: Any) -> Iterator[nn.Module]:
-    enable_exact_tiling(vae, **options)
-    try:
-        yield vae
-    finally:
-        disable_exact_tiling(vae)
-
-
 def estimate_band_rows(band_bytes: int, channels: int, width: int) -> int:
     """Rows per band for a layer of ``channels`` x ``width`` within ``band_bytes`` of working memory.
 
@@ -395,10 +353,7 @@ def estimate_band_rows(band_bytes: int, channels: int, width: int) -> int:
 __all__ = [
     "ExactTiler",
     "UnsupportedVAE",
-    "disable_exact_tiling",
-    "enable_exact_tiling",
     "estimate_band_rows",
-    "exact_tiling",
     "tiled_decode",
     "tiled_encode_moments",
 ]

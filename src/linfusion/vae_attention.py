@@ -8,30 +8,29 @@ FLOP per decode, days on a CPU); at 16K with an SD 8x VAE over 4.2M tokens too. 
 :class:`LinearVAEAttnProcessor` swaps that layer's kernel for LinFusion's normalized linear attention
 (phi = elu + 1, :func:`linfusion.ops.linear_attention`) and keeps the layer's own weights, GroupNorm and
 residual: no training. It is an approximation of the VAE, so it is opt-in
-(``vae_attention="linear"``) and :func:`measure_vae_attention` reports how close it is on a given VAE.
-Measured on the bundled VAE (benchmarks/vae_attention.py): encode + decode within 46-48 dB PSNR of the
+(``vae_attention="linear"``, applied by :func:`linfusion.patches.vae_attention.apply_vae_attention`) and
+:func:`linfusion.patches.vae_attention.measure_vae_attention` reports how close it is on a given VAE.
+Measured on the bundled VAE (``benchmarks/vae_attention.py``): encode + decode within 46-48 dB PSNR of the
 softmax VAE at 32-512 px, while dropping the layer lands at 24-26 dB; the VAE's own reconstruction is at
 33-37 dB, so the change is well below the VAE's own error. SD's VAEs have not been measured here (no
 weights offline): run the measurement before relying on it there.
 
-It is a diffusers attention processor, so ``attn.set_processor`` mounts it and :func:`restore_vae_attention`
-puts back the processors that were there. The exact tiler recognises it and runs it as two passes over
+It is a diffusers attention processor; the patch installs it with ``attn.set_processor`` and its handle's
+``remove()`` puts back the processors that were there. The exact tiler recognises it and runs it as two passes over
 row bands (accumulate the state of all keys, then read it per band), so tiled and untiled decodes agree.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .choices import VAE_ATTENTION_MODES
 from .ops import linear_attention
-
-VAE_ATTENTION_MODES = ("exact", "linear")
 
 
 class LinearVAEAttnProcessor:
@@ -122,63 +121,16 @@ def vae_attention_mode(vae: nn.Module) -> str:
     return "exact"
 
 
-def linearize_vae_attention(vae: nn.Module, eps: float = 1e-4) -> int:
-    """Run the VAE's mid-block attentions with linear attention; returns how many layers changed.
-
-    The processors in place are kept on the VAE and put back by :func:`restore_vae_attention`.
-    Calling it twice is harmless.
-    """
-    layers = vae_attentions(vae)
-    if not layers:
-        return 0
-    saved: list[Any] = vae.__dict__.setdefault("_linfusion_vae_processors", [None] * len(layers))
-    changed = 0
-    for index, layer in enumerate(layers):
-        check_vae_attention(layer)
-        if is_linear(layer):
-            continue
-        saved[index] = layer.processor
-        layer.set_processor(LinearVAEAttnProcessor(eps))
-        changed += 1
-    return changed
-
-
-def restore_vae_attention(vae: nn.Module) -> None:
-    """Undo :func:`linearize_vae_attention`: the VAE computes exactly what it did before."""
-    saved = vae.__dict__.pop("_linfusion_vae_processors", None)
-    if saved is None:
-        return
-    for layer, processor in zip(vae_attentions(vae), saved):
-        if processor is not None:
-            layer.set_processor(processor)
-
-
-def set_vae_attention(vae: nn.Module, mode: str) -> None:
-    """``"linear"`` or ``"exact"`` (the VAE's own softmax attention)."""
-    if mode not in VAE_ATTENTION_MODES:
-        raise ValueError(f"vae attention must be one of {VAE_ATTENTION_MODES}; got {mode!r}")
-    if mode == "linear":
-        linearize_vae_attention(vae)
-    else:
-        restore_vae_attention(vae)
-
-
-@contextlib.contextmanager
-def linear_vae_attention(vae: nn.Module) -> Iterator[nn.Module]:
-    """``with linear_vae_attention(pipe.vae): ...``; only the layers this call changed are put back."""
-    had = "_linfusion_vae_processors" in vae.__dict__
-    linearize_vae_attention(vae)
-    try:
-        yield vae
-    finally:
-        if not had:
-            restore_vae_attention(vae)
-
-
 def mid_block_tokens(vae: nn.Module, width: int, height: int) -> int:
     """Tokens the mid-block attention sees for a ``width`` x ``height`` image."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return (width // factor) * (height // factor)
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2); the reconstruction is clamped to that range."""
+    mse = (reconstruction.double().clamp(-1, 1) - target.double()).square().mean().item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 QUADRATIC_HINT_TOKENS = 2**18  # ~6 minutes per decode + encode on one CPU core with the bundled VAE
@@ -201,84 +153,16 @@ def quadratic_attention_hint(vae: nn.Module, sizes: Sequence[tuple[int, int]]) -
     )
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2); the reconstruction is clamped to that range."""
-    mse = (reconstruction.double().clamp(-1, 1) - target.double()).square().mean().item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
-
-
-@torch.no_grad()
-def measure_vae_attention(
-    vae: nn.Module, images: torch.Tensor, sizes: Sequence[int] = ()
-) -> list[dict[str, Any]]:
-    """How close the linear VAE attention is to the VAE's own, on ``images`` (B, 3, H, W) in [-1, 1].
-
-    For each size (default: the images' own) encode + decode with the exact and the linear layers, and
-    with the layer dropped (its residual only) as the scale of what the layer contributes. Returns one
-    record per size: PSNR of the exact reconstruction to the input, linear to exact, dropped to exact.
-    """
-    had = "_linfusion_vae_processors" in vae.__dict__
-    restore_vae_attention(vae)
-    records = []
-    try:
-        for size in sizes or (images.shape[-1],):
-            batch = torch.nn.functional.interpolate(
-                images, size=(size, size), mode="bilinear", antialias=True
-            )
-            batch = batch.to(next(vae.parameters()))
-            outputs = {}
-            for mode in ("exact", "linear", "dropped"):
-                context = _dropped_attention(vae) if mode == "dropped" else contextlib.nullcontext()
-                set_vae_attention(vae, "linear" if mode == "linear" else "exact")
-                with context:
-                    latents = vae.encode(batch).latent_dist.mean
-                    outputs[mode] = vae.decode(latents).sample.float()
-            records.append(
-                {
-                    "size": size,
-                    "tokens": mid_block_tokens(vae, size, size),
-                    "reconstruction_psnr": psnr(outputs["exact"], batch.float().clamp(-1, 1)),
-                    "linear_vs_exact_psnr": psnr(outputs["linear"], outputs["exact"].clamp(-1, 1)),
-                    "dropped_vs_exact_psnr": psnr(outputs["dropped"], outputs["exact"].clamp(-1, 1)),
-                }
-            )
-    finally:
-        restore_vae_attention(vae)
-        if had:
-            linearize_vae_attention(vae)
-    return records
-
-
-class _ResidualOnly:
-    def __call__(
-        self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _dropped_attention(vae: nn.Module) -> Iterator[None]:
-    layers = vae_attentions(vae)
-    previous = [layer.processor for layer in layers]
-    for layer in layers:
-        layer.set_processor(_ResidualOnly())
-    try:
-        yield
-    finally:
-        for layer, processor in zip(layers, previous):
-            layer.set_processor(processor)
-
-
 __all__ = [
     "VAE_ATTENTION_MODES",
     "LinearVAEAttnProcessor",
-    "linear_vae_attention",
-    "linearize_vae_attention",
-    "measure_vae_attention",
+    "check_vae_attention",
+    "is_linear",
     "mid_block_tokens",
+    "output_projection",
+    "psnr",
     "quadratic_attention_hint",
-    "restore_vae_attention",
-    "set_vae_attention",
+    "split_heads",
     "vae_attention_mode",
     "vae_attentions",
 ]

@@ -145,6 +145,7 @@ def test_strongly_negative_keys(dtype: torch.dtype, shift: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_million_tokens_half_precision(dtype: torch.dtype) -> None:
     """2^20 tokens: fp32 accumulation keeps fp16/bf16 finite and within 2e-2 of the fp32 reference."""

@@ -1,6 +1,6 @@
 """Spatial-parallel output against the single-process output, on 2, 3 and 4 gloo processes (tiny models).
 
-Each group of cases runs once per module in forked processes (``linfusion.parallel.check``); every rank
+Each group of cases runs once per module in forked processes (``linfusion.testing.parallel``); every rank
 recomputes the single-process reference with the same seeds and reports the max abs difference.
 """
 
@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from linfusion.parallel.check import spawn
+from linfusion.testing.parallel import spawn
+
+pytestmark = [pytest.mark.multiprocess]
 
 TOLERANCE = 1e-4  # fp32; measured differences are ~1e-6 (float summation order only)
 

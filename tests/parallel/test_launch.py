@@ -15,11 +15,13 @@ from PIL import Image
 import linfusion
 from linfusion import LinFusion
 from linfusion.cli import main
-from linfusion.parallel.check import free_port
 from linfusion.testing import tiny_pipeline
+from linfusion.testing.parallel import free_port
+
+pytestmark = [pytest.mark.multiprocess]
 
 SOURCE = str(Path(linfusion.__file__).resolve().parents[1])
-DRIVER = str(Path(__file__).with_name("fail_driver.py"))
+DRIVER = str(Path(__file__).parents[1] / "support" / "fail_driver.py")
 ARGS = ["a red circle", "--steps", "2", "--quiet", "--guidance", "5"]
 
 

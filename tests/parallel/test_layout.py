@@ -80,7 +80,8 @@ def test_state_of_parts_sums_to_the_whole() -> None:
 
 def test_world_of_one_matches_and_restores_even_after_an_error() -> None:
     unet = tiny_unet("sd15")
-    linfusion = LinFusion.from_unet(unet, init="random").mount(unet)
+    linfusion = LinFusion.from_unet(unet, init="random")
+    linfusion.mount(unet)
     sample, context = torch.randn(1, 4, 10, 8), torch.randn(1, 7, 32)
     with torch.no_grad():
         reference = unet(sample, 10, context).sample

@@ -23,13 +23,9 @@ Results go to ``<out>/attention-<device>-<date>[-tag].{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import datetime as _dt
 import gc
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -43,9 +39,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from ..ops import linear_attention, linear_attention_reference
 from ..ops.chunked import new_output
+from .harness import environment, loadavg, rss_peak, wait_for_idle, write_results
 
 # Head layouts by head dim: SD-1.5 attention blocks have 8 heads at 320/640/1280 channels; SD-XL uses
 # 64-dim heads (10 heads at 640 channels, 20 at 1280).
@@ -61,7 +57,7 @@ MODES = ("forward", "forward+backward")
 # sequence length instead (same kernels, a sixteenth of the time).
 SLOW_WARMUP_SECONDS = 5.0
 
-# Targets of the project's issue 3 (CPU, fp32, B=1, 8 heads, d=40), evaluated in the JSON.
+# The op's CPU targets (fp32, B=1, 8 heads, d=40), evaluated in the JSON (docs/kernels.md).
 TARGETS = {
     "speedup_vs_sdpa_at_16384": 60.0,
     "speedup_vs_sdpa_at_65536": 150.0,
@@ -239,12 +235,12 @@ def _arithmetic_callable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> C
     """The unavoidable arithmetic of the chunked forward with torch's kernels, without anything else:
     exp over q and k, phi(K)^T V and phi(Q) [S | m] as chunked GEMMs on cache-resident operands.
     Reported next to the memory-traffic floor because on a few CPU cores this op is compute bound."""
-    from ..ops.chunked import _heads_view, default_chunk_size
+    from ..ops.chunked import default_chunk_size, heads_view
 
     b, h, n, d = q.shape
     e = v.shape[-1]
     chunk = default_chunk_size(b * h, n, d, q.device, q.element_size())
-    q3, k3, v3 = (_heads_view(t) for t in (q, k, v))
+    q3, k3, v3 = (heads_view(t) for t in (q, k, v))
     if q3 is None or k3 is None or v3 is None or q.dtype != torch.float32:
         return lambda: None
     buf = torch.empty(b * h, chunk, d)
@@ -286,28 +282,6 @@ def tensor_peak_bytes_cpu(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _read_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def _rss_peak_cpu(fn: Callable[[], Any]) -> int | None:
-    """Peak RSS increase during fn (bytes); needs Linux clear_refs. None where unsupported."""
-    try:
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets VmHWM to the current RSS
-        before = _read_status_kib("VmRSS")
-        result = fn()
-        del result
-        return max(0, (_read_status_kib("VmHWM") - before) * 1024)
-    except OSError:
-        return None
-
-
 def _limit_malloc_caching() -> bool:
     """Make glibc serve >= 64 KiB blocks with mmap and return them at free, so RSS tracks live memory."""
     try:
@@ -337,7 +311,7 @@ def _memory_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
         result["tensor_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
     else:
         fn()  # first call outside the measurement (lazy initialisation of kernels, thread pools)
-        result["rss_peak_bytes"] = _rss_peak_cpu(fn)
+        result["rss_peak_bytes"] = rss_peak(fn)
         result["tensor_peak_bytes"] = tensor_peak_bytes_cpu(fn)
     result["tensor_peak_over_qkv"] = result["tensor_peak_bytes"] / qkv_bytes
     if result.get("rss_peak_bytes") is not None:
@@ -447,59 +421,6 @@ def half_precision_accuracy(
 # The run
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def _environment(device: torch.device, threads: int, command: str | None = None) -> dict[str, Any]:
-    cpu_model = platform.processor() or ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    env: dict[str, Any] = {
-        "device": device.type,
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch_version": torch.__version__,
-        "linfusion_version": __version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "command": command or "",
-        "process_command": " ".join(shlex.quote(a) for a in getattr(sys, "orig_argv", sys.argv)),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "thp_mem_alloc_enabled": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-    }
-    env["loadavg_start"] = _loadavg()
-    if device.type == "cuda":
-        env["gpu_name"] = torch.cuda.get_device_name(device)
-    try:
-        import triton
-
-        env["triton_version"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        env["triton_version"] = None
-    return env
-
-
-def wait_for_idle(max_seconds: float, threshold: float, poll: float = 30.0) -> list[float] | None:
-    """Poll the 1-minute load average until it drops below threshold (or time runs out)."""
-    deadline = time.monotonic() + max_seconds
-    while True:
-        load = _loadavg()
-        if load is None:
-            return None
-        if load[0] < threshold or time.monotonic() >= deadline:
-            return load
-        print(f"load average {load[0]:.2f} >= {threshold}; waiting", flush=True)
-        time.sleep(poll)
-
-
 class _SdpaPlanner:
     """Decides whether an SDPA case runs: per-call cap and a run-wide budget of predicted seconds."""
 
@@ -578,7 +499,7 @@ def run_benchmark(
         if "triton" in available_backends(probe):
             backends.append("triton")
     result: dict[str, Any] = {
-        "environment": _environment(device, torch.get_num_threads(), command),
+        "environment": environment(device, torch.get_num_threads(), command),
         "config": asdict(cfg),
         "backends": backends,
         "cases": [],
@@ -692,7 +613,7 @@ def run_benchmark(
             tokens, head_dim, heads, cfg.batch, cfg.accuracy_dtypes, device, cfg.seed
         )
     result["sdpa_agreement"] = sdpa_agreement(device, cfg.seed)
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["targets"] = evaluate_targets(result)
     return result
 
@@ -799,7 +720,8 @@ def _fmt_ms(seconds: float | None) -> str:
     return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
-def _fmt_bytes(n: int | None) -> str:
+def _fmt_mib(n: int | None) -> str:
+    """MiB with one decimal, the unit the attention tables state in their headers."""
     if n is None:
         return "-"
     return f"{n / 2**20:,.1f}"
@@ -991,12 +913,9 @@ def plot_report(result: dict[str, Any], path: Path) -> bool:
 
 def write_outputs(result: dict[str, Any], out_dir: Path, tag: str = "", plot: bool = True) -> dict[str, Path]:
     """Write JSON, Markdown and (if matplotlib is there) PNG; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     date = result["environment"]["timestamp"][:10]
     stem = f"attention-{result['environment']['device']}-{date}" + (f"-{tag}" if tag else "")
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    paths["md"].write_text(markdown_report(result) + "\n")
+    paths = write_results(out_dir, stem, result, markdown_report(result))
     if plot:
         png = out_dir / f"{stem}.png"
         if plot_report(result, png):
@@ -1039,24 +958,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/attention.py`` / ``python -m linfusion.bench.attention``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--memory-worker"]:
+if __name__ == "__main__":  # the CPU memory worker (a fresh process: RSS depends on the heap's history)
+    if sys.argv[1:2] == ["--memory-worker"]:
         payload = json.loads(sys.stdin.read())
-        measured = memory_worker(payload["cases"], payload["device"], payload.get("threads"))
-        print(json.dumps(measured))
-        return 0
-    from .cli import add_attention_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/attention.py",
-        description="Linear attention backends vs SDPA (same as `linfusion bench attention`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_attention_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        print(json.dumps(memory_worker(payload["cases"], payload["device"], payload.get("threads"))))

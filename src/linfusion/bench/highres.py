@@ -20,117 +20,24 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..vae_attention import set_vae_attention
-from .attention import _environment, _loadavg, _read_status_kib
-
-RANDOM_MODELS = ("random-sd15", "random-sdxl")
-# Facts of the published SD VAEs (the same architecture for SD-1.x/2.x and SD-XL; scaling differs).
-_SD_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-}
-_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-_CLIP_BIG_G = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-}
-
-
-def random_full_size_pipeline(family: str, dtype: torch.dtype, device: torch.device | str) -> Any:
-    """An SD-1.5 or SD-XL pipeline of full size with random weights (``family``: "sd15" or "sdxl").
-
-    Built directly on ``device`` (``meta`` gives the structure without memory). Tokenizers are the offline
-    byte-level ones, so prompts are spelled out character by character: fine for timing.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ..registry import UNET_CONFIGS
-    from ..testing import byte_level_clip_tokenizer
-
-    if family not in ("sd15", "sdxl"):
-        raise ValueError(f"family must be 'sd15' or 'sdxl'; got {family!r}")
-    tokenizer = byte_level_clip_tokenizer(model_max_length=77)
-
-    def clip(size: dict[str, int], projection: bool) -> Any:
-        config = CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="quick_gelu",
-            projection_dim=size["hidden_size"], bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **size,
-        )  # fmt: skip
-        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    with torch.device(device):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[family])
-        if family == "sd15":
-            vae = AutoencoderKL(**_SD_VAE, sample_size=512, scaling_factor=0.18215)
-            pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=clip(_CLIP_L, False), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )  # fmt: skip
-        else:
-            vae = AutoencoderKL(**_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False)
-            pipe = StableDiffusionXLPipeline(
-                vae=vae, text_encoder=clip(_CLIP_L, False), text_encoder_2=clip(_CLIP_BIG_G, True),
-                tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-            )  # fmt: skip
-    return pipe.to(dtype=dtype)
+from ..io import format_size
+from .harness import environment, loadavg, peak_bytes, read_status_kib, reset_peak, write_results
 
 
 # ---------------------------------------------------------------------- the child: one configuration
 def _load(model: str, device: torch.device, dtype: torch.dtype, linfusion: bool) -> Any:
-    from ..generate import attach_linfusion, load_pipeline, resolve_model
+    from ..app.loading import attach_linfusion, load_pipeline, resolve_model
 
-    if model in RANDOM_MODELS:
-        pipe = random_full_size_pipeline(model.split("-", 1)[1], dtype, device)
-        if linfusion:
-            from ..model import LinFusion
-
-            LinFusion.from_unet(pipe.unet, init="random").to(device=device, dtype=dtype).mount(pipe.unet)
-        return pipe
     path = resolve_model(model)
     pipe = load_pipeline(path, device, dtype)
     if linfusion:
         attach_linfusion(pipe, path, "auto")
     return pipe
-
-
-def _memory_mark(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # VmHWM := current RSS
-
-
-def _memory_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return _read_status_kib("VmHWM") * 1024
 
 
 class _StopChain(Exception):
@@ -139,7 +46,10 @@ class _StopChain(Exception):
 
 def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one chain as ``spec`` says; the per-stage record (in this process)."""
+    from ..app.run import plan_memory
+    from ..patches.vae_attention import apply_vae_attention
     from ..pipelines import demofusion, plan_stages, sdedit
+    from ..registry import is_sdxl
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -149,23 +59,18 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     load_start = time.perf_counter()
     pipe = _load(spec["model"], device, dtype, spec["attention"] == "linfusion")
     pipe.set_progress_bar_config(disable=True)
-    set_vae_attention(pipe.vae, spec.get("vae_attention", "exact"))
+    apply_vae_attention(pipe.vae, spec.get("vae_attention", "exact"))  # this process's own pipeline: kept
     load_seconds = time.perf_counter() - load_start
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = spec["width"], spec["height"]
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    plan = plan_stages(width, height, native, sdxl=sdxl or spec["mode"] == "demofusion")
+    plan = plan_stages(width, height, native, sdxl=is_sdxl(pipe) or spec["mode"] == "demofusion")
     stages: list[dict[str, Any]] = []
     steps_in_stage = [0]
     clock = {"start": 0.0}
     cap = spec.get("cap_seconds")
     memory_plan = None
     if spec.get("max_memory"):
-        from ..generate import plan_memory
-
-        sizes = [(stage.width, stage.height) for stage in plan]
-        encodes = [stage.strength is not None for stage in plan]
-        memory_plan = plan_memory(pipe, sizes, encodes, spec["max_memory"], spec["guidance"], quiet=False)
+        memory_plan = plan_memory(pipe, plan, spec["max_memory"], spec["guidance"], quiet=False)
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         steps_in_stage[0] += 1
@@ -182,7 +87,7 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
                 "strength": stage.strength,
                 "steps": steps_in_stage[0],
                 "seconds": seconds,
-                "peak_bytes": _memory_peak(device),
+                "peak_bytes": peak_bytes(device),
                 "finite": bool(torch.isfinite(pixels).all()),
                 "pixel_std": float(pixels.std()),
             }
@@ -204,12 +109,12 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
                                "skipped": True, "predicted_seconds": predicted})  # fmt: skip
                 raise _StopChain
         steps_in_stage[0] = 0
-        _memory_mark(device)
+        reset_peak(device)
         clock["start"] = time.perf_counter()
 
     run = sdedit if spec["mode"] == "sdedit" else demofusion
-    baseline = _memory_peak(device) if device.type == "cuda" else _read_status_kib("VmRSS") * 1024
-    _memory_mark(device)
+    baseline = peak_bytes(device) if device.type == "cuda" else read_status_kib("VmRSS") * 1024
+    reset_peak(device)
     total_start = clock["start"] = time.perf_counter()
     completed = True
     try:
@@ -253,8 +158,6 @@ def _finished_stages(stderr: str) -> list[dict[str, Any]]:
 
 
 def _fmt_bytes(size: int | None) -> str:
-    from ..planner import format_size
-
     return "-" if size is None else format_size(size)
 
 
@@ -329,7 +232,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         + (f" --max-memory {args.max_memory}" if args.max_memory else "")
     )
     result: dict[str, Any] = {
-        "environment": _environment(device, args.threads or torch.get_num_threads(), command),
+        "environment": environment(device, args.threads or torch.get_num_threads(), command),
         "config": {
             "model": args.model,
             "mode": args.mode,
@@ -353,35 +256,17 @@ def run_from_args(args: argparse.Namespace) -> int:
         }  # fmt: skip
         print(f"[highres] {attention} ...", file=sys.stderr, flush=True)
         result["runs"].append(_child(spec, args.timeout))
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["stage_ratios"] = _stage_ratios(result["runs"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"highres-{device.type}-{args.model.replace('/', '_')}-{args.mode}-{width}x{height}"
     stem += "-linear-vae" if args.vae_attention == "linear" else ""
     stem += f"-{args.tag}" if args.tag else ""
     report = markdown_report(result)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", report)):
-        partial = out / f".{stem}{suffix}.partial"
-        partial.write_text(text)
-        partial.replace(out / f"{stem}{suffix}")
+    write_results(args.out, stem, result, report)
     print(report)
     return 0 if all("error" not in run for run in result["runs"]) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        print(json.dumps(run_configuration(json.loads(argv[1]))))
-        return 0
-    from .cli import add_highres_arguments
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_highres_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one configuration in a fresh process (peaks depend on the heap's history)
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(run_configuration(json.loads(sys.argv[2]))))

@@ -12,7 +12,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 @dataclass
 class DistillConfig:
-    """Everything ``linfusion distill`` takes; defaults follow SPEC section 4 plus our fixes.
+    """Everything ``linfusion distill`` takes; defaults follow the published recipe plus our fixes
+    (teacher initialization, caption dropout, aspect-preserving crops, optimizer-step counting).
 
     Steps are optimizer steps (one per ``grad_accum`` micro-batches), not micro-batches.
     """

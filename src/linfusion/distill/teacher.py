@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..registry import is_sdxl
+
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -51,10 +53,6 @@ def caption_token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
-
-
-def is_sdxl(pipe: Any) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 class TextConditioner:

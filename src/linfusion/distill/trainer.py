@@ -1,4 +1,4 @@
-"""The distillation loop (SPEC section 4): student = teacher UNet with LinFusion mounted.
+"""The distillation loop: student = teacher UNet with LinFusion mounted.
 
 One UNet serves both passes: the teacher pass swaps the original ``attn1`` layers back in
 (:meth:`LinFusion.original_attention`), so no second UNet copy is needed. Only the LinFusion layers train.
@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_text, replace_folder, torch_save
 from ..model import LinFusion
+from ..registry import is_sdxl
 from .config import DistillConfig
 from .data import CachedLatentDataset, DistillDataset, collate, epoch_order, open_source
-from .teacher import TextConditioner, frozen, is_sdxl, load_teacher
+from .teacher import TextConditioner, frozen, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +83,6 @@ def _reset_single_process_state() -> None:
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _atomic_dir(final: Path) -> Path:
-    """A temporary sibling folder to fill and then rename onto ``final``."""
-    temporary = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    return temporary
-
-
-def _replace_dir(temporary: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
 
 
 def find_checkpoint(config: DistillConfig) -> Path | None:
@@ -217,9 +202,7 @@ class Distiller:
         if cache is None or cache.get("key") != key:
             if self.is_main:
                 cache = self._encode_all(key)
-                temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-                torch.save(cache, temporary)
-                os.replace(temporary, path)
+                torch_save(cache, path)
             self.accelerator.wait_for_everyone()
             cache = torch.load(path, weights_only=False)
         self.dataset = CachedLatentDataset(cache)
@@ -328,7 +311,7 @@ class Distiller:
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly, written to a temporary folder and renamed."""
         final = self.config.checkpoint_dir / f"{_CHECKPOINT_PREFIX}{self.step:06d}"
-        temporary = final.with_name(f".tmp-{final.name}")
+        temporary = final.with_name(f".tmp-{final.name}")  # shared by every rank: each writes its RNG state
         if self.is_main:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
@@ -360,10 +343,10 @@ class Distiller:
                 "num_processes": self.accelerator.num_processes,
                 "config": json.loads(self.config.to_json()),
             }
-            (temporary / "state.json").write_text(
-                json.dumps(state, indent=2)
-            )  # written last: marks completeness
-            _replace_dir(temporary, final)
+            atomic_write_text(
+                temporary / "state.json", json.dumps(state, indent=2)
+            )  # last: marks completeness
+            replace_folder(temporary, final)
             self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
         return final
@@ -416,11 +399,13 @@ class Distiller:
     def export(self) -> Path:
         """The final LinFusion weights at the top of the output folder (``LinFusion.from_pretrained(output)``)."""
         output = self.config.output_dir
-        temporary = _atomic_dir(output / "final")
-        self.linfusion.save_pretrained(temporary)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            os.replace(temporary / name, output / name)
-        shutil.rmtree(temporary, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export.", dir=output))
+        try:
+            self.linfusion.save_pretrained(staging)
+            for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+                os.replace(staging / name, output / name)  # each file complete or not there
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return output
 
     @torch.no_grad()

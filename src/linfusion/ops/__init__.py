@@ -1,7 +1,7 @@
 """Linear-attention kernels behind one signature, and their dispatch.
 
 ``linear_attention(q, k, v, eps, backend)`` is the single entry point: every backend computes the same
-normalized non-causal linear attention (SPEC section 2) and is tested against
+normalized non-causal linear attention (docs/kernels.md) and is tested against
 :func:`linfusion.ops.reference.linear_attention_reference`.
 
 Backends:

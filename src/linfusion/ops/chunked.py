@@ -127,7 +127,7 @@ def feature_map_(x: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch
     return out.exp_().add_(tmp)
 
 
-def _heads_view(x: torch.Tensor) -> torch.Tensor | None:
+def heads_view(x: torch.Tensor) -> torch.Tensor | None:
     """(B, H, n, d) -> (B*H, n, d) without copying when the strides allow it, else None."""
     b, h, n, d = x.shape
     if h == 1:
@@ -142,7 +142,7 @@ def _heads_view(x: torch.Tensor) -> torch.Tensor | None:
 def _as_batched(x: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
     """A (B*H, n, d) bmm operand from a (B, H, n, d) slice: a view when possible, else a copy in scratch."""
     if x.dtype == dtype:
-        view = _heads_view(x)
+        view = heads_view(x)
         if view is not None and view.stride(-1) == 1:
             return view
     scratch.view(x.shape).copy_(x)
@@ -300,7 +300,7 @@ def chunked_backward(
     ds_t = ds.transpose(1, 2)
     dk = new_output(k)
     dv = new_output(v)
-    dv_direct = _heads_view(dv) if dv.dtype == dtype else None
+    dv_direct = heads_view(dv) if dv.dtype == dtype else None
     for start, end in _chunks(n, chunk):
         m = end - start
         phi = _phi_chunk(ws, k[:, :, start:end])

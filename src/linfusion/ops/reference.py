@@ -1,7 +1,8 @@
 """Plain, readable reference of LinFusion's normalized non-causal linear attention.
 
-This is the oracle every faster backend is tested against. It follows SPEC section 2 literally, in the
-same order of operations as the published model, and computes in fp32 (or fp64 when given fp64).
+This is the oracle every faster backend is tested against. It follows the published model's formula
+literally, in its order of operations, and computes in fp32 (or fp64 when given fp64); its results stay
+in that dtype (the dispatcher :func:`linfusion.ops.linear_attention` casts back to the input dtype).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def linear_attention_reference(
     """Normalized non-causal linear attention on (B, H, N, d) tensors, before the feature map.
 
     out_i = phi(q_i) @ S / (phi(q_i) . mean_j phi(k_j) + eps), with S = (phi(K)^T / sqrt(N)) @ (V / sqrt(N)).
-    Half-precision inputs are computed in fp32 and the result is cast back to the input dtype.
+    Half-precision inputs are computed in fp32 and the result is returned in fp32 (fp64 for fp64 inputs);
+    :func:`linfusion.ops.linear_attention` casts it back to the input dtype.
     The two halves are :func:`linear_attention_state` and :func:`linear_attention_from_state`, which
     spatial-parallel inference calls with an all-reduce in between (one formula for both paths).
     """

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..attention import GeneralizedLinearAttention
 from ..ops import linear_attention_from_state, linear_attention_state
+from ..patches.base import Patch, set_attribute
 from ..vae_attention import LinearVAEAttnProcessor
 from .comm import Communicator
 from .layout import StripeLayoutError
@@ -112,7 +113,7 @@ class SpatialParallel:
         self.active = active
         self.layout_key: Any = None
         self._sizes: dict[tuple[int, Any, int], list[int]] = {}
-        self._restore: list[tuple[nn.Module, str, bool, Any]] = []
+        self._changes = Patch("spatial parallelism")
         self.patched: dict[str, int] = {}
 
     # ------------------------------------------------------------------ bookkeeping
@@ -127,9 +128,7 @@ class SpatialParallel:
         return sizes
 
     def _set(self, module: nn.Module, name: str, value: Callable) -> None:
-        had = name in module.__dict__
-        self._restore.append((module, name, had, module.__dict__.get(name)))
-        object.__setattr__(module, name, value)
+        self._changes.add(set_attribute(module, name, value))
 
     def patch(self) -> SpatialParallel:
         """Patch every layer that needs cross-stripe data; checks all layers before changing any."""
@@ -179,13 +178,9 @@ class SpatialParallel:
         return self
 
     def restore(self) -> None:
-        """Put every original forward back (in reverse order), whatever happened meanwhile."""
-        while self._restore:
-            module, name, had, value = self._restore.pop()
-            if had:
-                object.__setattr__(module, name, value)
-            else:
-                module.__dict__.pop(name, None)
+        """Put every original forward back, in reverse order (:mod:`linfusion.patches` protocol)."""
+        self._changes.remove()
+        self._changes = Patch("spatial parallelism")
         self._sizes.clear()
 
     # ------------------------------------------------------------------ the layers

@@ -1,0 +1,169 @@
+"""Which model, on which device, in which dtype, with which attention: everything before the first step.
+
+:func:`load` turns :class:`~linfusion.app.params.GenerationParams` into a :class:`LoadedPipeline`: the
+diffusers pipeline with its scheduler, LinFusion mounted (or not) and the VAE attention kernel chosen, and
+one :class:`~linfusion.patches.Patch` that undoes every change made to the models. Loading is the slow part,
+so a long-lived caller (the web UI) keeps the pipeline and reapplies only what differs between jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..choices import BUNDLED_MODEL_NAME, SCHEDULERS
+from ..hub import load_failure_message, looks_like_hub_id
+from ..model import LinFusion
+from ..patches.base import Patch
+from ..patches.vae_attention import apply_vae_attention
+from ..registry import is_sdxl
+from .params import GenerationError, GenerationParams
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "bundled" / "model"
+LINFUSION_SUBFOLDER = "linfusion"
+RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_model(model: str | None) -> str:
+    """The folder or Hub id behind ``--model`` (None and "bundled": the bundled model's folder)."""
+    return str(BUNDLED_MODEL) if model in (None, BUNDLED_MODEL_NAME) else model
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:1, ... or auto") from error
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A text-to-image pipeline from a local folder or a Hub id, with a clear error when neither works.
+
+    ``random-sd15`` / ``random-sdxl`` build a full-size pipeline with random weights on ``device`` (for
+    timings and memory plans without downloads; ``meta`` builds the structure alone).
+    """
+    from diffusers import AutoPipelineForText2Image
+
+    if model in RANDOM_MODELS:
+        from ..testing.full_size import random_full_size_pipeline
+
+        return random_full_size_pipeline(RANDOM_MODELS[model], dtype, device)
+
+    if model == str(BUNDLED_MODEL) and not (BUNDLED_MODEL / "model_index.json").exists():
+        raise GenerationError(
+            f"the bundled model is not in this installation ({BUNDLED_MODEL}); pass --model with a diffusers "
+            "pipeline folder or Hub id"
+        )
+    try:
+        if not looks_like_hub_id(model) and not (Path(model) / "model_index.json").exists():
+            raise FileNotFoundError(f"no model_index.json in {model}")
+        pipe = AutoPipelineForText2Image.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        needs = "model_index.json and the component folders (as a pipeline's save_pretrained writes)"
+        raise GenerationError(load_failure_message("the model", model, error, needs)) from error
+    return pipe.to(device)
+
+
+def use_scheduler(pipe: Any, name: str | None) -> str:
+    """Put the scheduler ``name`` (a key of ``SCHEDULERS``) on ``pipe``; returns the name now in use.
+
+    Without ``name`` the pipeline keeps its own scheduler, named as ``--scheduler`` would name it.
+    """
+    if name:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, SCHEDULERS[name])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        return name
+    own = type(pipe.scheduler).__name__
+    return next((key for key, cls in SCHEDULERS.items() if cls == own), own)
+
+
+def attach_linfusion(pipe: Any, model: str, choice: str) -> LinFusion | None:
+    """Mount LinFusion per ``choice``: "none", a Hub id/folder, or "auto".
+
+    "auto" uses the model folder's own ``linfusion/`` subfolder when it has one (the bundled model does),
+    else the registry (model id, then UNet architecture).
+    """
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return LinFusion.construct_for(pipe, pretrained_model_name_or_path=choice)
+    if model in RANDOM_MODELS:  # random weights want random LinFusion layers of the right shape
+        return LinFusion.construct_for(pipe, load_pretrained=False)
+    own = Path(model) / LINFUSION_SUBFOLDER
+    if (own / "config.json").exists():
+        return LinFusion.construct_for(pipe, pretrained_model_name_or_path=own)
+    try:
+        return LinFusion.construct_for(pipe, pipe_name_path=model)
+    except LookupError as error:
+        raise GenerationError(f"{error} Or run without LinFusion: --no-linfusion.") from error
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A pipeline ready to run ``params``; ``patch.remove()`` undoes LinFusion and the VAE kernel."""
+
+    pipe: Any
+    device: torch.device
+    params: GenerationParams  # with the model and scheduler resolved
+    patch: Patch
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels of the images the UNet was trained at."""
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return is_sdxl(self.pipe)
+
+
+def load(params: GenerationParams, device: str = "auto") -> LoadedPipeline:
+    """Load the pipeline ``params`` names, with its scheduler, LinFusion and VAE attention in place.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the pipeline is also made spatial-parallel.
+    """
+    from ..parallel.launch import enable_for_pipeline
+
+    params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
+    torch_device = resolve_device(device)
+    model = resolve_model(params.model)
+    pipe = load_pipeline(model, torch_device, resolve_dtype(params.dtype, torch_device))
+    params = params.replace(scheduler=use_scheduler(pipe, params.scheduler))
+    patch = Patch("loaded pipeline")
+    linfusion = attach_linfusion(pipe, model, params.linfusion)
+    if linfusion is not None:
+        patch.on_remove(linfusion.unmount)
+    patch.add(apply_vae_attention(pipe.vae, params.vae_attention))
+    enable_for_pipeline(pipe)  # under torchrun (WORLD_SIZE > 1): spatial-parallel, else nothing
+    return LoadedPipeline(pipe, torch_device, params, patch)
+
+
+__all__ = [
+    "BUNDLED_MODEL",
+    "DTYPES",
+    "RANDOM_MODELS",
+    "LoadedPipeline",
+    "attach_linfusion",
+    "load",
+    "load_pipeline",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model",
+    "use_scheduler",
+]

@@ -1,0 +1,32 @@
+"""The choices users see (modes, kernels, schedulers, dtypes), defined once for every layer.
+
+This module imports nothing, so the command line can offer the choices in ``--help`` without torch, and
+the layers that act on them (the VAE attention patch, the pipelines, the application) validate against
+the very same tuples.
+"""
+
+from __future__ import annotations
+
+GENERATION_MODES = ("plain", "sdedit", "demofusion")  # plain: one pass; the others: native size, then stages
+CHAIN_MODES = ("sdedit", "demofusion")  # the stage recipes of a chain or a super-resolution
+VAE_ATTENTION_MODES = ("exact", "linear")  # the VAE mid-block attention: softmax, or the linear kernel
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+SCHEDULERS = {  # command-line name -> diffusers class
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+BUNDLED_MODEL_NAME = "bundled"  # --model bundled (the default), recorded as "Model: bundled" in PNGs
+
+__all__ = [
+    "BUNDLED_MODEL_NAME",
+    "DTYPE_NAMES",
+    "GENERATION_MODES",
+    "SCHEDULERS",
+    "CHAIN_MODES",
+    "VAE_ATTENTION_MODES",
+]

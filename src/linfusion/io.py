@@ -1,0 +1,153 @@
+"""Files written the way users expect, and byte sizes read and shown one way.
+
+Every file the package writes (images, weights, checkpoints, logs, benchmark results) goes through
+:func:`atomic_file` or :func:`atomic_folder`: the content is written to a temporary sibling and renamed
+over the target only once complete, so a crash or a kill never leaves half a file. The result gets the
+permissions the process umask gives a new file (``0644`` under the usual umask ``022``), also when it
+replaces an existing file (a bare ``mkstemp`` would leave ``0600``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+MIB = 2**20
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------- sizes
+def parse_size(text: str | int | float) -> int:
+    """'24GB', '24G', '1.5GiB', '512MB', '512MiB' or a number of bytes -> bytes (GB and GiB both 2**30)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB, 1.5GiB or 512MB")
+    try:
+        number = float(match.group(1))
+    except ValueError as error:
+        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB, 1.5GiB or 512MB") from error
+    return int(number * 1024 ** "_kmgt".index(match.group(2) or "_"))
+
+
+def format_size(size: float) -> str:
+    """Bytes for people: ``1.50 GiB`` from one GiB up, whole MiB below."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / MIB:.0f} MiB"
+
+
+def size_flag(size: int) -> str:
+    """A ``--max-memory`` value of at least ``size`` bytes: whole MB below 1 GiB, tenths of GB above."""
+    if size < GIB:
+        return f"{-(-size // MIB)}MB"
+    return f"{-(-size * 10 // GIB) / 10:g}GB"
+
+
+# ---------------------------------------------------------------------- files
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    umask = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+                break
+    if umask is None:  # not Linux: read it by setting it (briefly process-wide)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+def new_file_mode() -> int:
+    """The mode a newly created file gets under the current umask (``0o666 & ~umask``)."""
+    return 0o666 & ~current_umask()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """``with atomic_file(path) as handle: ...`` writes ``path`` completely or not at all.
+
+    The parent folder must exist. On an exception inside the block the temporary file is removed and
+    ``path`` is untouched.
+    """
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, new_file_mode())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_file`; returns the path."""
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_folder(final) as folder: ...``: fill a temporary sibling folder, then swap it in.
+
+    An existing ``final`` is replaced only after the new content is complete; on an exception the
+    temporary folder is removed and ``final`` is untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield temporary
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        replace_folder(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def replace_folder(complete: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the ``complete`` folder onto ``final``; an existing ``final`` goes only once the new one is in."""
+    complete, final = Path(complete), Path(final)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(complete, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, final)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_file` (checkpoints are never half written)."""
+    import torch
+
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
+
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "atomic_file",
+    "atomic_folder",
+    "atomic_write_text",
+    "current_umask",
+    "format_size",
+    "new_file_mode",
+    "parse_size",
+    "replace_folder",
+    "size_flag",
+    "torch_save",
+]

@@ -1,0 +1,183 @@
+"""``linfusion generate`` on a tiny pipeline folder: PNG, reproducible parameters, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from linfusion import LinFusion
+from linfusion.app.params import read_png_parameters
+from linfusion.cli import main
+from linfusion.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD pipeline folder with its own LinFusion weights in ``linfusion/`` (the bundled layout)."""
+    folder = tmp_path_factory.mktemp("model")
+    pipe = tiny_pipeline("sd15")
+    pipe.save_pretrained(folder)
+    LinFusion.from_unet(pipe.unet, init="teacher").save_pretrained(folder / "linfusion")
+    return folder
+
+
+def cli(model: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_generate_writes_a_png_whose_parameters_reproduce_it(model: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first.png"
+    assert cli(model, first, "--seed", "3", "--negative-prompt", "blurry, dark", "--guidance", "5") == 0
+    image = Image.open(first)
+    assert image.size == (32, 32)  # native: sample_size 16 x VAE factor 2
+    assert image.info["parameters"].startswith("a red circle\nNegative prompt: blurry, dark\nSteps: 2")
+    params = read_png_parameters(first)
+    assert (params.seed, params.guidance, params.width, params.negative_prompt) == (
+        3,
+        5.0,
+        32,
+        "blurry, dark",
+    )
+    assert params.model == str(model) and params.linfusion == "auto"
+
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(first), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+    other_seed = tmp_path / "other.png"
+    assert cli(model, other_seed, "--seed", "4", "--negative-prompt", "blurry, dark", "--guidance", "5") == 0
+    assert not np.array_equal(pixels(first), pixels(other_seed))
+
+
+def test_linfusion_is_used_by_default_and_can_be_turned_off(model: Path, tmp_path: Path) -> None:
+    assert cli(model, tmp_path / "linear.png") == 0
+    assert cli(model, tmp_path / "softmax.png", "--no-linfusion") == 0
+    assert cli(model, tmp_path / "explicit.png", "--linfusion", str(model / "linfusion")) == 0
+    assert "LinFusion: none" in Image.open(tmp_path / "softmax.png").info["parameters"]
+    assert not np.array_equal(pixels(tmp_path / "linear.png"), pixels(tmp_path / "softmax.png"))
+    assert np.array_equal(pixels(tmp_path / "linear.png"), pixels(tmp_path / "explicit.png"))
+
+
+def test_size_and_scheduler_options(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "wide.png"
+    assert cli(model, out, "--size", "48x32", "--scheduler", "euler") == 0
+    assert Image.open(out).size == (48, 32)
+    assert read_png_parameters(out).scheduler == "euler"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--size", "500x512"], "width 500 is not a positive multiple of 8"),
+        (["--model", "/no/such/model"], "could not load the model from '/no/such/model': no such folder"),
+        (
+            ["--model", "someorg/some-model"],
+            "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache",
+        ),
+        (["--scheduler", "warp"], "unknown scheduler 'warp'"),
+    ],
+)
+def test_bad_input_is_refused_without_a_file(
+    model: Path, tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "never.png"
+    assert cli(model, out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_prompt_and_unwritable_output(model: Path, tmp_path: Path, capsys) -> None:
+    assert main(["generate", "  ", "--model", str(model), "--out", str(tmp_path / "x.png")]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli(model, blocker / "out.png") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_sdedit_mode_and_upscale_commands(model: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    assert (
+        cli(model, big, "--mode", "sdedit", "--size", "128x64", "--save-stages", str(tmp_path / "stages"))
+        == 0
+    )
+    assert Image.open(big).size == (128, 64)
+    assert "Mode: sdedit" in Image.open(big).info["parameters"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        "stage-1-32x16.png", "stage-2-64x32.png", "stage-3-128x64.png",
+    ]  # fmt: skip
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(big), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(big), pixels(again))
+
+    upscaled = tmp_path / "up.png"
+    arguments = [
+        "upscale",
+        str(big),
+        "--scale",
+        "2",
+        "--model",
+        str(model),
+        "--out",
+        str(upscaled),
+        "--quiet",
+    ]
+    assert main([*arguments, "--steps", "2"]) == 0
+    assert Image.open(upscaled).size == (256, 128)
+    assert (
+        main(["upscale", str(tmp_path / "missing.png"), "--scale", "2", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_demofusion_mode_reproduces_from_its_png_and_upscales(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    assert cli(model, out, "--mode", "demofusion", "--size", "64x64") == 0
+    assert "Mode: demofusion" in Image.open(out).info["parameters"]
+    sdedit_out = tmp_path / "sdedit.png"
+    assert cli(model, sdedit_out, "--mode", "sdedit", "--size", "64x64") == 0
+    assert not np.array_equal(pixels(out), pixels(sdedit_out))  # the recipes differ
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    upscaled = tmp_path / "up.png"
+    arguments = ["upscale", str(out), "--scale", "2", "--mode", "demofusion", "--model", str(model)]
+    assert main([*arguments, "--out", str(upscaled), "--steps", "2", "--quiet"]) == 0
+    assert Image.open(upscaled).size == (128, 128)
+    assert "Mode: demofusion" in Image.open(upscaled).info["parameters"]
+
+
+def test_vae_attention_option_is_recorded_and_reproduced(model: Path, tmp_path: Path, capsys) -> None:
+    exact, linear, again = (tmp_path / f"{name}.png" for name in ("exact", "linear", "again"))
+    assert cli(model, exact, "--size", "64x64") == 0
+    assert cli(model, linear, "--size", "64x64", "--vae-attention", "linear") == 0
+    assert "VAE attention: linear" in Image.open(linear).info["parameters"]
+    assert read_png_parameters(exact).vae_attention == "exact"
+    assert main(["generate", "--from-png", str(linear), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(pixels(linear), pixels(again))
+    difference = np.abs(pixels(linear).astype(int) - pixels(exact).astype(int))
+    assert difference.max() > 0 and difference.mean() < 8  # the decoder's attention kernel, nothing else
+    with pytest.raises(SystemExit):
+        cli(model, tmp_path / "bad.png", "--vae-attention", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

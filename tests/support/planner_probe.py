@@ -1,0 +1,71 @@
+"""Run as a script in a fresh process: plan one stage of a pipeline (a tiny SD-1.5-shaped one, or the
+bundled model with its LinFusion weights), run it, and print the plan's activation estimate and the
+measured RSS peak above the baseline (weights loaded), as JSON.
+
+A fresh process per measurement matters: RSS high-water marks depend on the heap's history.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+
+import torch
+
+from linfusion import LinFusion
+from linfusion.io import parse_size
+from linfusion.patches.savers import apply_memory_savers
+from linfusion.planner import MemoryPlanner
+from linfusion.testing import tiny_pipeline
+from linfusion.tiled_vae import tiled_decode
+
+
+def rss(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+
+def main(size: int, activation_budget: str, model: str = "tiny") -> dict:
+    torch.set_num_threads(1)
+    if model == "bundled":
+        from linfusion.bundled import MODEL_DIR, load_pipeline
+
+        pipe = load_pipeline(MODEL_DIR)
+        LinFusion.from_pretrained(MODEL_DIR / "linfusion").to(torch.float32).mount(pipe.unet)
+    else:
+        pipe = tiny_pipeline("sd15")
+        LinFusion.construct_for(pipe, load_pretrained=False)
+    planner = MemoryPlanner(pipe)
+    stage = planner.plan_stage(size, size, parse_size(activation_budget) + planner.weights())
+    latents, context, _ = planner.unet_inputs(size, size, 2)
+    latents, context = torch.randn(latents.shape), torch.randn(context.shape)
+    vae_latents = torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    extra = {"timestep": torch.tensor(999), "encoder_hidden_states": context}
+    savers = stage.savers
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the high-water mark to the current RSS
+    baseline = rss("VmRSS:")
+    with torch.no_grad():
+        with apply_memory_savers(
+            pipe.unet, feed_forward_chunk=savers.feed_forward_chunk, sequential_cfg=savers.sequential_cfg
+        ):
+            pipe.unet(latents, **extra)
+        if savers.tiled_vae:
+            tiled_decode(pipe.vae, vae_latents)
+        else:
+            pipe.vae.decode(vae_latents)
+    measured = rss("VmHWM:") - baseline
+    estimate = max(stage.unet_activations, stage.vae_activations)
+    return {
+        "model": model,
+        "size": size,
+        "savers": savers.names(),
+        "estimate": estimate,
+        "measured": measured,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]), sys.argv[2], *sys.argv[3:4])))

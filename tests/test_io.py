@@ -1,0 +1,67 @@
+"""Files written completely or not at all, with the mode the umask gives; sizes read and shown one way."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from linfusion.io import atomic_file, atomic_folder, atomic_write_text, format_size, parse_size, size_flag
+
+
+def test_parse_size() -> None:
+    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * 2**30
+    assert parse_size("512MB") == 512 * 2**20 and parse_size(1000) == 1000
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        parse_size("lots")
+
+
+def test_size_formatting() -> None:
+    assert format_size(1.5 * 2**30) == "1.50 GiB" and format_size(300 * 2**20) == "300 MiB"
+    assert size_flag(2**30 + 1) == "1.1GB" and size_flag(5 * 2**20 + 1) == "6MB"
+    assert parse_size(size_flag(123_456_789_012)) >= 123_456_789_012
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_new_and_replaced_files_get_the_umask_mode(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        target = tmp_path / "out.txt"
+        atomic_write_text(target, "first")
+        assert mode_of(target) == 0o666 & ~umask
+        target.chmod(0o600)
+        atomic_write_text(target, "second")  # replacing: the umask's mode again, not the temporary's 0600
+        assert target.read_text() == "second" and mode_of(target) == 0o666 & ~umask
+        with atomic_folder(tmp_path / "folder") as folder:
+            (folder / "a").write_text("a")
+        assert mode_of(tmp_path / "folder") == 0o777 & ~umask
+    finally:
+        os.umask(previous)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_file(target, "w") as handle:
+        handle.write("half of the new")
+        raise RuntimeError("disk on fire")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_a_folder_is_swapped_in_only_when_complete(tmp_path: Path) -> None:
+    final = tmp_path / "run"
+    with atomic_folder(final) as folder:
+        (folder / "state.json").write_text("1")
+    with pytest.raises(RuntimeError), atomic_folder(final) as folder:
+        (folder / "state.json").write_text("2")
+        raise RuntimeError("killed")
+    assert (final / "state.json").read_text() == "1"
+    with atomic_folder(final) as folder:
+        (folder / "state.json").write_text("3")
+    assert (final / "state.json").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
