@@ -2,8 +2,11 @@
 
 Estimates come from running the real program on the ``meta`` device: the UNet (with LinFusion and the
 chosen savers) and the VAE (plain or exactly tiled) are rebuilt from their configs on ``meta`` and called
-at the stage's size under a dispatch mode that counts the bytes of live tensors. Nothing is computed, so
-a 16K stage is traced in seconds, and every saver is accounted for exactly as it changes the program.
+under a dispatch mode that counts the bytes of live tensors (and torch's flop counter for FLOPs). Nothing
+is computed, and every saver is accounted for exactly as it changes the program. Stages up to
+``TRACE_LIMIT_TOKENS`` latent tokens are traced at their own size; larger ones at a few smaller sizes of
+the same aspect ratio, extended as a polynomial in pixels (:class:`Extrapolated`), so that a 16K stage is
+planned in seconds. Each stage also gets a host budget (what is parked off the device) and its FLOPs.
 Device allocators add overhead on top of live tensors; ``OVERHEAD`` holds the correction per device
 type (CPU: fitted on RSS high-water marks of fresh processes, see docs/high-resolution.md).
 
@@ -13,7 +16,7 @@ type (CPU: fitted on RSS high-water marks of fresh processes, see docs/high-reso
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,7 +42,11 @@ DEFAULT_BAND_BYTES = 256 * MIB
 
 
 class MemoryBudgetError(MemoryError):
-    """No combination of savers fits the budget; the message gives the smallest budget that would."""
+    """No combination of savers fits the budget; the message gives the smallest budgets that would."""
+
+    def __init__(self, message: str, plan: MemoryPlan | None = None) -> None:
+        super().__init__(message)
+        self.plan = plan  # the closest plan (smallest device peak), for callers that show it
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -142,8 +149,18 @@ class Savers:
 
 
 @dataclass(frozen=True)
+class PhaseCost:
+    """One way to run a phase (the UNet's denoising, or the VAE) of a stage, and what it costs."""
+
+    savers: Savers
+    device: int  # activation bytes on the device, allocator overhead included
+    host: int  # bytes parked in host memory meanwhile (skip tensors, stores)
+    flops: int  # floating-point operations of the phase over the whole stage
+
+
+@dataclass(frozen=True)
 class StagePlan:
-    """One stage's size, the savers chosen for it and the bytes they leave (activations with overhead)."""
+    """One stage's size, the savers chosen for it, and what it needs on the device and the host."""
 
     width: int
     height: int
@@ -153,9 +170,14 @@ class StagePlan:
     vae_activations: int
     unet_weights: int = 0  # the UNet's (and ControlNet's) share of ``weights``
     vae_weights: int = 0
+    unet_host: int = 0  # parked in host memory while the UNet runs
+    vae_host: int = 0
+    flops: int = 0  # of the stage as planned (UNet calls, VAE decode and encode)
+    plain_flops: int = 0  # of the same stage without any saver
 
     @property
     def peak(self) -> int:
+        """Device bytes at the stage's busiest moment, weights included."""
         if self.savers.model_offload:  # each phase holds only its own model (text encoders: their weights)
             return max(
                 self.unet_weights + self.unet_activations,
@@ -163,6 +185,24 @@ class StagePlan:
                 self.weights - self.unet_weights - self.vae_weights,
             )
         return self.weights + max(self.unet_activations, self.vae_activations)
+
+    @property
+    def host_peak(self) -> int:
+        """Host bytes the stage parks at once (model offload also parks the idle models' weights)."""
+        idle_unet = self.weights - self.unet_weights if self.savers.model_offload else 0
+        idle_vae = self.weights - self.vae_weights if self.savers.model_offload else 0
+        return max(self.unet_host + idle_unet, self.vae_host + idle_vae)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "device_peak_bytes": self.peak,
+            "host_peak_bytes": self.host_peak,
+            "flops": self.flops,
+            "plain_flops": self.plain_flops,
+            "savers": [] if self.savers == Savers() else self.savers.names(),
+        }
 
 
 @dataclass(frozen=True)
@@ -172,35 +212,137 @@ class MemoryPlan:
     budget: int
     device: torch.device
     stages: tuple[StagePlan, ...] = ()
+    host_budget: int | None = None  # None: host memory not limited (the device is the host, or no limit)
 
     @property
     def peak(self) -> int:
         return max(stage.peak for stage in self.stages)
 
+    @property
+    def host_peak(self) -> int:
+        return max(stage.host_peak for stage in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        host_fits = self.host_budget is None or self.host_peak <= self.host_budget
+        return self.peak <= self.budget and host_fits
+
+    @property
+    def flops(self) -> int:
+        return sum(stage.flops for stage in self.stages)
+
     def describe(self) -> str:
-        lines = [f"memory plan for {self.device.type} (budget {format_size(self.budget)}):"]
+        host = "" if self.host_budget is None else f", host budget {format_size(self.host_budget)}"
+        lines = [f"memory plan for {self.device.type} (budget {format_size(self.budget)}{host}):"]
         for index, stage in enumerate(self.stages, start=1):
+            parked = f", host {format_size(stage.host_peak)}" if stage.host_peak else ""
             lines.append(
-                f"  stage {index} {stage.width}x{stage.height}: peak ~{format_size(stage.peak)} "
+                f"  stage {index} {stage.width}x{stage.height}: peak ~{format_size(stage.peak)}{parked} "
                 f"(weights {format_size(stage.weights)}, UNet {format_size(stage.unet_activations)}, "
                 f"VAE {format_size(stage.vae_activations)}); savers: {', '.join(stage.savers.names())}"
             )
         return "\n".join(lines)
 
+    def to_json(self) -> dict[str, Any]:
+        """The plan as plain data (what ``linfusion plan --json`` prints)."""
+        return {
+            "fits": self.fits,
+            "device": self.device.type,
+            "device_budget_bytes": self.budget,
+            "host_budget_bytes": self.host_budget,
+            "device_peak_bytes": self.peak,
+            "host_peak_bytes": self.host_peak,
+            "flops": self.flops,
+            "stages": [stage.to_json() for stage in self.stages],
+        }
+
+
+class Extrapolated:
+    """A quantity measured on ``meta`` at small sizes and extended to large ones as a polynomial in pixels.
+
+    Activation bytes grow linearly with the pixel count (LinFusion, fused softmax attention, chunked
+    feed-forward beyond one chunk, tiled VAE bands beyond one band) and FLOPs as a polynomial of degree 2
+    at most (softmax attention). Tracing a 16K stage op by op would take minutes (chunked layers run
+    thousands of chunks), so beyond ``limit`` latent tokens the quantity is measured at ``degree + 1``
+    smaller sizes of the same aspect ratio and the polynomial through them is evaluated at the target;
+    at ``limit`` or below it is measured at the size itself. Measurements are cached per size.
+    """
+
+    def __init__(self, measure: Callable[[int, int], int], multiple: int, degree: int, limit: int) -> None:
+        self.measure = measure
+        self.multiple = multiple  # sizes must be multiples of this many pixels
+        self.degree = degree
+        self.limit = limit  # latent tokens
+        self._cache: dict[tuple[int, int], int] = {}
+
+    def _at(self, width: int, height: int) -> int:
+        if (width, height) not in self._cache:
+            self._cache[(width, height)] = self.measure(width, height)
+        return self._cache[(width, height)]
+
+    def __call__(self, width: int, height: int, tokens_per_pixel: float) -> int:
+        if width * height * tokens_per_pixel <= self.limit:
+            return self._at(width, height)
+        points = []
+        for index in range(self.degree + 1):
+            tokens = self.limit * (index + 1) / (self.degree + 1)
+            scale = (tokens / (width * height * tokens_per_pixel)) ** 0.5
+            size = (self._round(width * scale), self._round(height * scale))
+            if size not in [p[0] for p in points]:
+                points.append((size, self._at(*size)))
+        return int(round(_polynomial_through([(w * h, v) for (w, h), v in points], width * height)))
+
+    def _round(self, value: float) -> int:
+        return max(self.multiple, int(round(value / self.multiple)) * self.multiple)
+
+
+def _polynomial_through(points: list[tuple[int, int]], x: int) -> float:
+    """Lagrange interpolation through ``points`` (x, y), evaluated at ``x`` (in exact fractions)."""
+    from fractions import Fraction
+
+    total = Fraction(0)
+    for i, (xi, yi) in enumerate(points):
+        term = Fraction(yi)
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                term *= Fraction(x - xj, xi - xj)
+        total += term
+    return float(total)
+
+
+def traced_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of ``run`` as torch's flop counter sees them (matmuls, convolutions, attention); on ``meta``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+# Latent tokens up to which a stage is traced at its own size: memory beyond two feed-forward chunks (so
+# chunking is in its linear regime at the reference sizes), FLOPs (exact polynomials) far smaller.
+TRACE_LIMIT_TOKENS = 96 * 96
+FLOPS_LIMIT_TOKENS = 32 * 32
+
 
 class MemoryPlanner:
-    """Estimates and plans for one pipeline (with or without LinFusion mounted) on one device."""
+    """Estimates and plans for one pipeline (with or without LinFusion mounted) on one device.
 
-    def __init__(self, pipe: Any, device: torch.device | str | None = None):
+    ``pipe`` may be a loaded pipeline or a structure built on ``meta`` (``app.loading.load_structure``):
+    only the models' configs and parameter sizes are read, so a plan needs neither the device nor weights.
+    """
+
+    def __init__(self, pipe: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         self.pipe = pipe
         parameter = next(pipe.unet.parameters())
         self.device = torch.device(device) if device is not None else parameter.device
-        self.dtype = parameter.dtype
+        self.dtype = dtype or parameter.dtype
         self.linfusion = mounted_on(pipe.unet)
         self.vae_factor = pipe.vae_scale_factor
         self._meta_unet: Any = None
         self._meta_vaes: dict[str, Any] = {}
-        self._traced: dict[tuple, int] = {}
+        self._measures: dict[tuple, Extrapolated] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
@@ -214,7 +356,7 @@ class MemoryPlanner:
 
     def meta_vae(self) -> Any:
         """The VAE on meta, with the mid-block attention kernel the real VAE runs now (exact or linear)."""
-        mode = "linear" if vae_attention_mode(self.pipe.vae) == "linear" else "exact"
+        mode = self._vae_mode()
         if mode not in self._meta_vaes:
             with torch.device("meta"):
                 vae = type(self.pipe.vae).from_config(self.pipe.vae.config).to(self.dtype).eval()
@@ -223,23 +365,34 @@ class MemoryPlanner:
             self._meta_vaes[mode] = vae
         return self._meta_vaes[mode]
 
+    def _vae_mode(self) -> str:
+        return "linear" if vae_attention_mode(self.pipe.vae) == "linear" else "exact"
+
     def weights(
         self, names: Sequence[str] = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
     ) -> int:
-        """Bytes of the parameters and buffers of the pipeline's models named in ``names``."""
+        """Bytes of the parameters and buffers of the pipeline's models named in ``names`` (in the plan's dtype)."""
         total = 0
         for name in names:
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
-                total += sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+                tensors = [*module.parameters(), *module.buffers()]
+                total += sum(
+                    t.numel() * (self._itemsize if t.is_floating_point() else t.element_size())
+                    for t in tensors
+                )
         return total
 
-    # ------------------------------------------------------------------ traced phases
+    @property
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    # ------------------------------------------------------------------ measured phases
     def unet_inputs(self, height: int, width: int, batch: int) -> tuple[Any, ...]:
         config = self.pipe.unet.config
         latents = torch.empty(batch, config.in_channels, height // self.vae_factor, width // self.vae_factor,
                               device="meta", dtype=self.dtype)  # fmt: skip
-        tokens = getattr(self.pipe.tokenizer, "model_max_length", 77)
+        tokens = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77)
         context = torch.empty(batch, tokens, config.cross_attention_dim, device="meta", dtype=self.dtype)
         extra: dict[str, Any] = {}
         if config.get("addition_embed_type") == "text_time":
@@ -250,48 +403,115 @@ class MemoryPlanner:
             }
         return latents, context, extra
 
+    @property
+    def _size_multiple(self) -> int:
+        """Sizes the UNet accepts: the latent must halve evenly at every downsampling."""
+        levels = len(self.pipe.unet.config.block_out_channels) - 1
+        return self.vae_factor * 2**levels
+
+    def _extrapolated(
+        self, key: tuple, measure: Callable[[int, int], int], degree: int, limit: int = TRACE_LIMIT_TOKENS
+    ) -> Extrapolated:
+        if key not in self._measures:
+            self._measures[key] = Extrapolated(measure, self._size_multiple, degree, limit)
+        return self._measures[key]
+
+    @property
+    def _tokens_per_pixel(self) -> float:
+        return 1.0 / self.vae_factor**2
+
     def unet_activations(self, width: int, height: int, savers: Savers, guidance: bool = True) -> int:
-        key = ("unet", width, height, replace(savers, tiled_vae=False, model_offload=False), guidance)
-        if key not in self._traced:
-            self._traced[key] = self._trace_unet(width, height, savers, guidance)
-        return self._traced[key]
+        """Device bytes of one UNet call's activations with ``savers`` (allocator overhead included)."""
+        key = ("unet", replace(savers, tiled_vae=False, model_offload=False), guidance)
+        measure = self._extrapolated(key, lambda w, h: self._trace_unet(w, h, savers, guidance), 1)
+        return self._with_overhead(measure(width, height, self._tokens_per_pixel))
+
+    def _run_unet(self, width: int, height: int, batch: int) -> Callable[[], Any]:
+        unet = self.meta_unet()
+        latents, context, extra = self.unet_inputs(height, width, batch)
+        timestep = torch.tensor(999, device="meta")
+        return lambda: unet(latents, timestep, encoder_hidden_states=context, **extra)
 
     def _trace_unet(self, width: int, height: int, savers: Savers, guidance: bool) -> int:
-        unet = self.meta_unet()
-        latents, context, extra = self.unet_inputs(height, width, 2 if guidance else 1)
-        timestep = torch.tensor(999, device="meta")
+        batch = 2 if guidance else 1
         options = {
             "feed_forward_chunk": savers.feed_forward_chunk,
             "sequential_cfg": savers.sequential_cfg,
             "skip_offload": "meta" if savers.skip_offload else None,
         }
         # With skip_offload the parked skips stay on meta in the trace: an upper bound for the device.
-        with apply_memory_savers(unet, **options):
-            live = traced_peak(lambda: unet(latents, timestep, encoder_hidden_states=context, **extra))
-        return self._with_overhead(live + 3 * latents.numel() * latents.element_size())
+        with apply_memory_savers(self.meta_unet(), **options):
+            live = traced_peak(self._run_unet(width, height, batch))
+        return (
+            live + 3 * batch * 4 * (height // self.vae_factor) * (width // self.vae_factor) * self._itemsize
+        )
+
+    def skip_bytes(self, width: int, height: int, guidance: bool = True) -> int:
+        """Bytes of the skip tensors the down blocks hand to the up blocks (what skip offload parks)."""
+        key = ("skips", guidance)
+
+        def measure(w: int, h: int) -> int:
+            latents, context, extra = self.unet_inputs(h, w, 2 if guidance else 1)
+            total = 0
+
+            def count(module: Any, args: Any, output: Any) -> None:
+                nonlocal total
+                if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], tuple):
+                    total += sum(t.numel() * t.element_size() for t in output[1])
+
+            unet = self.meta_unet()
+            handles = [block.register_forward_hook(count) for block in unet.down_blocks]
+            try:
+                with torch.no_grad():
+                    unet(latents, torch.tensor(999, device="meta"), encoder_hidden_states=context, **extra)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return total
+
+        return self._extrapolated(key, measure, 1)(width, height, self._tokens_per_pixel)
+
+    def unet_flops(self, width: int, height: int, guidance: bool = True) -> int:
+        """FLOPs of one UNet call (both guidance branches when ``guidance``)."""
+        key = ("unet flops", guidance)
+        measure = self._extrapolated(
+            key, lambda w, h: traced_flops(self._run_unet(w, h, 2 if guidance else 1)), 2
+        )
+        return measure(width, height, self._tokens_per_pixel)
 
     def vae_activations(self, width: int, height: int, savers: Savers, encode: bool = False) -> int:
-        key = ("vae", width, height, savers.tiled_vae, encode, vae_attention_mode(self.pipe.vae))
-        if key not in self._traced:
-            self._traced[key] = self._trace_vae(width, height, savers, encode)
-        return self._traced[key]
+        """Device bytes of the VAE decode (and encode, when ``encode``) activations with ``savers``."""
+        key = ("vae", savers.tiled_vae, encode, self._vae_mode())
+        measure = self._extrapolated(key, lambda w, h: self._trace_vae(w, h, savers, encode), 1)
+        return self._with_overhead(measure(width, height, self._tokens_per_pixel))
 
-    def _trace_vae(self, width: int, height: int, savers: Savers, encode: bool) -> int:
+    def _vae_runs(self, width: int, height: int, tiled: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
         vae = self.meta_vae()
         latents = torch.empty(1, vae.config.latent_channels, height // self.vae_factor, width // self.vae_factor,
                               device="meta", dtype=self.dtype)  # fmt: skip
         image = torch.empty(1, 3, height, width, device="meta", dtype=self.dtype)
-        if savers.tiled_vae:
+        if tiled:
             tiler = ExactTiler(vae, band_bytes=DEFAULT_BAND_BYTES)
-            decode, encode_run = (lambda: tiler.decode(latents)), (lambda: tiler.encode_moments(image))
-        else:
-            decode = lambda: vae.decode(latents)  # noqa: E731
-            encode_run = lambda: vae.encode(image)  # noqa: E731
+            return (lambda: tiler.decode(latents)), (lambda: tiler.encode_moments(image))
+        return (lambda: vae.decode(latents)), (lambda: vae.encode(image))
+
+    def _trace_vae(self, width: int, height: int, savers: Savers, encode: bool) -> int:
+        decode, encode_run = self._vae_runs(width, height, savers.tiled_vae)
         live = traced_peak(decode)
         if encode:
             live = max(live, traced_peak(encode_run))
         # the pipeline also holds the decoded image as float and as uint8 (postprocessing)
-        return self._with_overhead(live + image.numel() * 4)
+        return live + 3 * height * width * 4
+
+    def vae_flops(self, width: int, height: int, encode: bool = False) -> int:
+        """FLOPs of the plain VAE decode (plus encode when ``encode``)."""
+        key = ("vae flops", encode, self._vae_mode())
+
+        def measure(w: int, h: int) -> int:
+            decode, encode_run = self._vae_runs(w, h, tiled=False)
+            return traced_flops(decode) + (traced_flops(encode_run) if encode else 0)
+
+        return self._extrapolated(key, measure, 2, FLOPS_LIMIT_TOKENS)(width, height, self._tokens_per_pixel)
 
     def _with_overhead(self, live: int) -> int:
         scale, constant = OVERHEAD.get(self.device.type, OVERHEAD["cuda"])
@@ -305,45 +525,81 @@ class MemoryPlanner:
             ladder.append(replace(ladder[-1], skip_offload=True))
         return ladder
 
-    def plan_stage(
-        self, width: int, height: int, budget: int, guidance: bool = True, encode: bool = False
-    ) -> StagePlan:
-        """The cheapest savers that fit ``budget`` for one stage, the UNet and VAE phases chosen apart.
+    def unet_options(self, width: int, height: int, guidance: bool, calls: int) -> list[PhaseCost]:
+        """Every way to run the stage's UNet calls, cheapest first."""
+        flops = calls * self.unet_flops(width, height, guidance)
+        options = []
+        for savers in self._unet_ladder():
+            parked = self.skip_bytes(width, height, guidance) if savers.skip_offload else 0
+            # the trace keeps the parked skips on meta: an upper bound for the device
+            options.append(
+                PhaseCost(savers, self.unet_activations(width, height, savers, guidance), parked, flops)
+            )
+        return options
 
-        Model CPU offload (CUDA only) is the last resort: it keeps only the model at work on the device,
-        at the price of moving weights every call. When nothing fits, the choice with the smallest peak is
-        kept, so the plan's peak is the smallest workable budget.
+    def vae_options(self, width: int, height: int, encode: bool) -> list[PhaseCost]:
+        """Every way to run the stage's VAE decode (and encode), cheapest first."""
+        flops = self.vae_flops(width, height, encode)
+        return [
+            PhaseCost(savers, self.vae_activations(width, height, savers, encode), 0, flops)
+            for savers in (Savers(), Savers(tiled_vae=True))
+        ]
+
+    def plan_stage(
+        self,
+        width: int,
+        height: int,
+        budget: int,
+        guidance: bool = True,
+        encode: bool = False,
+        unet_calls: int = 1,
+        host_budget: int | None = None,
+    ) -> StagePlan:
+        """The cheapest savers that fit ``budget`` (and ``host_budget``) for one stage.
+
+        The UNet and VAE phases are chosen apart, each the cheapest option (FLOPs, then fewer savers)
+        whose device and host bytes fit. Model CPU offload (CUDA only) is the last resort: it keeps only
+        the model at work on the device, at the price of moving weights every call. When nothing fits, the
+        choice with the smallest device peak is kept, so the plan's peak is the smallest workable budget.
         """
         weights = self.weights()
         unet_weights = self.weights(("unet", "controlnet"))
         vae_weights = self.weights(("vae",))
+        host_limit = host_budget if host_budget is not None and self.device.type != "cpu" else None
+        plain_flops = unet_calls * self.unet_flops(width, height, guidance) + self.vae_flops(
+            width, height, encode
+        )
 
-        def first_fitting(options: list[tuple[Savers, int]], resident: int) -> tuple[Savers, int]:
-            for savers, activations in options:
-                if resident + activations <= budget:
-                    return savers, activations
-            return min(options, key=lambda option: option[1])
+        def choose(options: Iterator[PhaseCost], resident: int, idle: int) -> PhaseCost:
+            """The first (cheapest) option that fits, else the one with the smallest device bytes."""
+            seen = []
+            for option in options:
+                if resident + option.device <= budget and (
+                    host_limit is None or option.host + idle <= host_limit
+                ):
+                    return option
+                seen.append(option)
+            return min(seen, key=lambda option: option.device)
 
         best: StagePlan | None = None
         for offload in (False, True) if self.device.type == "cuda" else (False,):
-            unet_resident = unet_weights if offload else weights
-            vae_resident = vae_weights if offload else weights
-            unet_options = []
-            for savers in self._unet_ladder():
-                unet_options.append((savers, self.unet_activations(width, height, savers, guidance)))
-                if unet_resident + unet_options[-1][1] <= budget:
-                    break
-            vae_options = [(Savers(), self.vae_activations(width, height, Savers(), encode))]
-            if vae_resident + vae_options[0][1] > budget:
-                tiled = Savers(tiled_vae=True)
-                vae_options.append((tiled, self.vae_activations(width, height, tiled, encode)))
-            unet_savers, unet_bytes = first_fitting(unet_options, unet_resident)
-            vae_savers, vae_bytes = first_fitting(vae_options, vae_resident)
-            savers = replace(unet_savers, tiled_vae=vae_savers.tiled_vae, model_offload=offload)
-            stage = StagePlan(
-                width, height, savers, weights, unet_bytes, vae_bytes, unet_weights, vae_weights
+            unet = choose(
+                self.unet_options(width, height, guidance, unet_calls),
+                unet_weights if offload else weights,
+                weights - unet_weights if offload else 0,
             )
-            if stage.peak <= budget:
+            vae = choose(
+                self.vae_options(width, height, encode),
+                vae_weights if offload else weights,
+                weights - vae_weights if offload else 0,
+            )
+            savers = replace(unet.savers, tiled_vae=vae.savers.tiled_vae, model_offload=offload)
+            stage = StagePlan(
+                width, height, savers, weights, unet.device, vae.device, unet_weights, vae_weights,
+                unet.host, vae.host, unet.flops + vae.flops, plain_flops,
+            )  # fmt: skip
+            host_fits = host_limit is None or stage.host_peak <= host_limit
+            if stage.peak <= budget and host_fits:
                 return stage
             if best is None or stage.peak < best.peak:
                 best = stage
@@ -356,25 +612,42 @@ class MemoryPlanner:
         budget: int | str | None = None,
         guidance: bool = True,
         encodes: Sequence[bool] | None = None,
+        host_budget: int | str | None = None,
+        unet_calls: Sequence[int] | None = None,
+        refuse: bool = True,
     ) -> MemoryPlan:
-        """Plan every stage; raise :class:`MemoryBudgetError` before anything runs if one cannot fit.
+        """Plan every stage; with ``refuse`` raise :class:`MemoryBudgetError` before anything runs if one
+        cannot fit (the message names the smallest budgets that would).
 
-        Without ``budget``: the device's free memory plus the weights already loaded on it.
+        Without ``budget``: the device's free memory plus the weights already loaded on it. ``unet_calls``
+        counts each stage's UNet calls (denoising steps, twice for DemoFusion's dilated branch) for FLOPs.
         """
         budget = available_memory(self.device) + self.weights() if budget is None else parse_size(budget)
+        host = None if host_budget is None else parse_size(host_budget)
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
+        calls = list(unet_calls) if unet_calls is not None else [1] * len(sizes)
         stages = tuple(
-            self.plan_stage(width, height, budget, guidance, encode)
-            for (width, height), encode in zip(sizes, encodes)
+            self.plan_stage(width, height, budget, guidance, encode, call_count, host)
+            for (width, height), encode, call_count in zip(sizes, encodes, calls)
         )
-        plan = MemoryPlan(budget, self.device, stages)
-        if plan.peak > budget:
-            raise MemoryBudgetError(
-                f"estimated peak {format_size(plan.peak)} exceeds the budget of {format_size(budget)} even with "
-                f"every saver on; the smallest workable budget is about {format_size(plan.peak)} "
-                f"(pass --max-memory {size_flag(plan.peak)} or a smaller size)\n" + plan.describe()
-            )
+        plan = MemoryPlan(budget, self.device, stages, host if self.device.type != "cpu" else None)
+        if refuse and not plan.fits:
+            raise MemoryBudgetError(refusal(plan), plan)
         return plan
+
+
+def refusal(plan: MemoryPlan) -> str:
+    """Why ``plan`` does not fit, and the smallest budgets that would."""
+    host = ""
+    if plan.host_budget is not None:
+        host = f" and a host budget of about {format_size(plan.host_peak)} (--host-memory {size_flag(plan.host_peak)})"
+    return (
+        f"estimated peak {format_size(plan.peak)} on the device (host {format_size(plan.host_peak)}) does not fit "
+        f"the budget of {format_size(plan.budget)}"
+        + (f" and {format_size(plan.host_budget)} of host memory" if plan.host_budget is not None else "")
+        + f" even with every saver on; the smallest workable budget is about {format_size(plan.peak)} "
+        f"(pass --max-memory {size_flag(plan.peak)}{host}, or a smaller size)\n" + plan.describe()
+    )
 
 
 def apply_savers(pipe: Any, savers: Savers) -> Patch:

@@ -78,6 +78,66 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     return pipe.to(device)
 
 
+def load_structure(model: str, dtype: torch.dtype) -> Any:
+    """The pipeline's models built on the ``meta`` device from their configs: shapes and sizes, no weights.
+
+    What the memory planner needs to plan for any machine without loading (or downloading) weights: a
+    local pipeline folder, a Hub id already in the local cache, the bundled model, or ``random-sd15`` /
+    ``random-sdxl``. LinFusion is mounted (random layers of the right shape) unless the caller removes it.
+    """
+    import json
+    from types import SimpleNamespace
+
+    import diffusers
+    import transformers
+
+    if model in RANDOM_MODELS:
+        from ..testing.full_size import random_full_size_pipeline
+
+        pipe = random_full_size_pipeline(RANDOM_MODELS[model], dtype, "meta")
+        LinFusion.construct_for(pipe, load_pretrained=False)
+        return pipe
+    folder = _local_pipeline_folder(model)
+    index = json.loads((folder / "model_index.json").read_text())
+    parts: dict[str, Any] = {"tokenizer": SimpleNamespace(model_max_length=77)}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+        library, class_name = (index.get(name) or (None, None))[:2]
+        if library is None or class_name is None:
+            continue
+        with torch.device("meta"):
+            if library == "diffusers":
+                model_class = getattr(diffusers, class_name)
+                parts[name] = model_class.from_config(model_class.load_config(folder / name)).to(dtype)
+            else:
+                config = transformers.AutoConfig.from_pretrained(folder / name)
+                parts[name] = getattr(transformers, class_name)(config).to(dtype)
+    if "unet" not in parts or "vae" not in parts:
+        raise GenerationError(
+            f"{model} is not a Stable Diffusion pipeline (no unet or vae in model_index.json)"
+        )
+    structure = SimpleNamespace(
+        **parts, vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    )
+    LinFusion.from_unet(structure.unet).mount(structure.unet)  # on meta, like the UNet
+    return structure
+
+
+def _local_pipeline_folder(model: str) -> Path:
+    """The folder holding ``model``'s configs: itself, or its snapshot in the Hub cache (configs only)."""
+    folder = Path(resolve_model(model))
+    if (folder / "model_index.json").exists():
+        return folder
+    if not looks_like_hub_id(model):
+        raise GenerationError(f"no model_index.json in {model}: pass a diffusers pipeline folder or a Hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.txt"]))
+    except Exception as error:  # noqa: BLE001 - any Hub failure becomes one message
+        needs = "model_index.json and the component config.json files"
+        raise GenerationError(load_failure_message("the model's configs", model, error, needs)) from error
+
+
 def use_scheduler(pipe: Any, name: str | None) -> str:
     """Put the scheduler ``name`` (a key of ``SCHEDULERS``) on ``pipe``; returns the name now in use.
 

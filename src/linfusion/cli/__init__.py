@@ -13,7 +13,12 @@ import importlib
 import sys
 
 # Modules providing sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("linfusion.cli.generate", "linfusion.cli.distill", "linfusion.cli.bench")
+COMMAND_MODULES: tuple[str, ...] = (
+    "linfusion.cli.generate",
+    "linfusion.cli.plan",
+    "linfusion.cli.distill",
+    "linfusion.cli.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,214 @@
+"""Planning a request without running it: the stages, each one's device and host peak, savers, FLOPs and a
+predicted time on a named GPU. What ``linfusion plan`` prints; it needs neither the device nor weights.
+
+The pipeline is built on the ``meta`` device from its configs (:func:`~linfusion.app.loading.load_structure`),
+so a plan for an 80 GB GPU can be made on a laptop. Times are *predictions*: FLOPs divided by the GPU's
+published peak dense fp16/bf16 (tf32 for fp32) throughput times :data:`EFFICIENCY`, never measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..choices import BUNDLED_MODEL_NAME
+from ..io import format_size, parse_size
+from ..pipelines.chain import Stage, native_long_side, plan_stages, stage_steps
+from ..planner import MemoryPlan, MemoryPlanner
+from .params import GenerationError
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU's published peak dense throughput (FLOP/s) by dtype."""
+
+    name: str
+    peak: dict[str, float]
+
+
+# Published dense tensor-core peaks (no sparsity): H100 SXM, A100 SXM, GeForce RTX 4090 (fp16/bf16 with
+# fp32 accumulation, as PyTorch's kernels run them; fp32 as tf32 on the first two, plain fp32 on the 4090).
+GPUS = {
+    "h100": GPU("NVIDIA H100 SXM", {"float16": 989.4e12, "bfloat16": 989.4e12, "float32": 494.7e12}),
+    "a100": GPU("NVIDIA A100 SXM", {"float16": 312e12, "bfloat16": 312e12, "float32": 156e12}),
+    "4090": GPU("NVIDIA GeForce RTX 4090", {"float16": 165.2e12, "bfloat16": 165.2e12, "float32": 82.6e12}),
+}
+# The fraction of that peak a diffusion UNet and VAE sustain end to end: an assumption (convolutions and
+# GEMMs run near peak, GroupNorm, activations and memory traffic do not), not a measurement.
+EFFICIENCY = 0.35
+DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float32": "float32", "fp32": "float32"}  # fmt: skip
+DEFAULT_HOST_BUDGET = "64GB"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: the model, the final size and recipe, the device, the budgets."""
+
+    model: str = BUNDLED_MODEL_NAME
+    width: int = 1024
+    height: int = 1024
+    mode: str = "sdedit"  # plain, sdedit or demofusion
+    device: str = "cuda"
+    dtype: str = "float16"
+    max_memory: str | None = None
+    host_memory: str = DEFAULT_HOST_BUDGET
+    steps: int = 25
+    guidance: float = 7.5
+    nproc: int = 1
+    gpu: str = "h100"
+    linfusion: bool = True
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A plan with the stages it was made for and how many UNet calls each runs."""
+
+    request: PlanRequest
+    stages: tuple[Stage, ...]
+    unet_calls: tuple[int, ...]
+    plan: MemoryPlan
+    stripes: int  # processes sharing each stage (the plan is one rank's)
+
+    def predicted_seconds(self) -> list[float]:
+        """Each stage's predicted time on ``request.gpu`` (FLOPs / (peak x EFFICIENCY))."""
+        gpu = GPUS[self.request.gpu]
+        throughput = gpu.peak[DTYPE_NAMES[self.request.dtype]] * EFFICIENCY
+        return [stage.flops / throughput for stage in self.plan.stages]
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.plan.to_json()
+        seconds = self.predicted_seconds()
+        for entry, stage, calls, predicted in zip(data["stages"], self.stages, self.unet_calls, seconds):
+            entry.update(strength=stage.strength, unet_calls=calls, predicted_seconds=predicted)
+        data.update(
+            model=self.request.model,
+            mode=self.request.mode,
+            dtype=DTYPE_NAMES[self.request.dtype],
+            nproc=self.stripes,
+            prediction={"gpu": GPUS[self.request.gpu].name, "efficiency": EFFICIENCY, "predicted": True},
+        )
+        if not self.plan.fits:
+            data["smallest_device_budget_bytes"] = self.plan.peak
+            data["smallest_host_budget_bytes"] = self.plan.host_peak
+        return data
+
+    def describe(self) -> str:
+        request, plan = self.request, self.plan
+        gpu = GPUS[request.gpu]
+        rank = f", one rank of {self.stripes} (its stripe of every stage)" if self.stripes > 1 else ""
+        host = "" if plan.host_budget is None else f", host {format_size(plan.host_budget)}"
+        lines = [
+            f"plan: {request.model}, {request.mode} to {request.width}x{request.height}, "
+            f"{DTYPE_NAMES[request.dtype]} on {request.device}, LinFusion {'on' if request.linfusion else 'off'}{rank}",
+            f"budgets: device {format_size(plan.budget)}{host}",
+        ]
+        for index, (planned, seconds) in enumerate(zip(plan.stages, self.predicted_seconds())):
+            parked = format_size(planned.host_peak) if planned.host_peak else "0"
+            lines.append(
+                f"  stage {index + 1} {planned.width}x{planned.height}: device {format_size(planned.peak)}, "
+                f"host {parked}, {planned.flops:.3g} FLOPs ({planned.flops / max(planned.plain_flops, 1):.2f}x "
+                f"plain), predicted {seconds:.1f} s; savers: {', '.join(planned.savers.names())}"
+            )
+        total = sum(self.predicted_seconds())
+        lines.append(
+            f"{'fits' if plan.fits else 'does NOT fit'}: device peak {format_size(plan.peak)}, host peak "
+            f"{format_size(plan.host_peak)}; {plan.flops:.3g} FLOPs in all, predicted {total:.0f} s on one "
+            f"{gpu.name} at {EFFICIENCY:.0%} of its {gpu.peak[DTYPE_NAMES[request.dtype]] / 1e12:.0f} TFLOP/s "
+            "peak (a prediction, not a measurement)"
+        )
+        if not plan.fits:
+            lines.append(
+                f"smallest budgets that fit: --max-memory {_flag(plan.peak)}"
+                + (f" --host-memory {_flag(plan.host_peak)}" if plan.host_budget is not None else "")
+            )
+        return "\n".join(lines)
+
+
+def _flag(size: int) -> str:
+    from ..io import size_flag
+
+    return size_flag(size)
+
+
+def unet_calls(stage: Stage, steps: int, mode: str) -> int:
+    """UNet calls of a stage: its denoising steps (as diffusers' img2img counts them), twice with DemoFusion's
+    dilated branch."""
+    if stage.strength is None:
+        return steps
+    scheduled = stage_steps(steps, stage.strength)
+    calls = min(int(scheduled * stage.strength), scheduled)
+    return calls * (2 if mode == "demofusion" else 1)
+
+
+def validate(request: PlanRequest) -> None:
+    """Refuse what cannot be planned, with what to change."""
+    if request.gpu not in GPUS:
+        raise GenerationError(f"unknown GPU {request.gpu!r}; choose one of {', '.join(GPUS)}")
+    if request.dtype not in DTYPE_NAMES:
+        raise GenerationError(f"unknown dtype {request.dtype!r}; choose float16, bfloat16 or float32")
+    if request.nproc < 1:
+        raise GenerationError(f"--nproc must be >= 1; got {request.nproc}")
+    if request.steps < 1:
+        raise GenerationError(f"--steps must be >= 1; got {request.steps}")
+    for value in (request.max_memory, request.host_memory):
+        if value is not None:
+            try:
+                parse_size(value)
+            except ValueError as error:
+                raise GenerationError(str(error)) from error
+
+
+def make_plan(request: PlanRequest) -> PlannedRun:
+    """Build the model's structure on ``meta`` and plan every stage of the request for one rank."""
+    import torch
+
+    from ..parallel.layout import StripeLayoutError, stripe_bounds
+    from .loading import load_structure
+
+    validate(request)
+    dtype = getattr(torch, DTYPE_NAMES[request.dtype])
+    structure = load_structure(request.model, dtype)
+    if not request.linfusion:
+        from ..model import mounted_on
+
+        mounted = mounted_on(structure.unet)
+        if mounted is not None:
+            mounted.unmount()
+    native = native_long_side(structure)
+    if request.mode == "plain":
+        stages = [Stage(request.width, request.height, None)]
+    else:
+        try:
+            stages = plan_stages(request.width, request.height, native, sdxl=request.mode == "demofusion")
+        except ValueError as error:
+            raise GenerationError(str(error)) from error
+    calls = [unet_calls(stage, request.steps, request.mode) for stage in stages]
+    planner = MemoryPlanner(structure, device=request.device, dtype=dtype)
+    if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
+    sizes = []
+    for stage in stages:
+        height = stage.height
+        if request.nproc > 1:  # one rank's stripe: the tallest of them
+            factor = structure.vae_scale_factor
+            multiple = 2 ** (len(structure.unet.config.block_out_channels) - 1)
+            try:
+                bounds = stripe_bounds(stage.height // factor, request.nproc, multiple)
+            except StripeLayoutError as error:
+                raise GenerationError(str(error)) from error
+            height = max(stop - start for start, stop in bounds) * factor
+        sizes.append((stage.width, height))
+    plan = planner.plan(
+        sizes,
+        budget=request.max_memory,
+        guidance=request.guidance > 1.0,
+        encodes=[stage.strength is not None for stage in stages],
+        host_budget=request.host_memory,
+        unet_calls=calls,
+        refuse=False,
+    )
+    return PlannedRun(request, tuple(stages), tuple(calls), plan, request.nproc)
+
+
+__all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "unet_calls", "validate"]

@@ -1,0 +1,72 @@
+"""``linfusion plan``: argument parsing only; the work is in :mod:`linfusion.app.plan`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..choices import GENERATION_MODES
+
+FITS, DOES_NOT_FIT = 0, 3
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 16384x8192; got {text!r}") from error
+    return width, height
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan a run without running it: memory per stage, savers, FLOPs, predicted GPU time",
+        description="Plan a generation for any machine: each stage's device and host peak, the savers that "
+        "make it fit, its FLOPs and a predicted time on a named GPU. Needs neither a GPU nor weights (the "
+        "model is built on the meta device from its configs). Exit 0 when it fits, 3 when it does not.",
+    )
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="bundled, random-sd15, random-sdxl (full-size architectures, no weights needed), a pipeline "
+        "folder or a Hub id in the local cache",
+    )
+    parser.add_argument("--size", type=_size, required=True, help="WIDTHxHEIGHT of the final image")
+    parser.add_argument("--mode", default="sdedit", choices=GENERATION_MODES)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device planned for")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument(
+        "--max-memory", default=None, help="device budget such as 12GB (default: this GPU's free memory)"
+    )
+    parser.add_argument("--host-memory", default="64GB", help="host memory for what is parked off the device")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps of the base stage")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (> 1: two UNet branches)")
+    parser.add_argument("--nproc", type=int, default=1, help="plan one rank of an N-process torchrun run")
+    parser.add_argument(
+        "--gpu", default="h100", choices=("h100", "a100", "4090"), help="GPU of the predicted time"
+    )
+    parser.add_argument("--no-linfusion", action="store_true", help="plan the model's original attention")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..app.params import GenerationError
+    from ..app.plan import PlanRequest, make_plan
+
+    width, height = args.size
+    request = PlanRequest(
+        model=args.model, width=width, height=height, mode=args.mode, device=args.device, dtype=args.dtype,
+        max_memory=args.max_memory, host_memory=args.host_memory, steps=args.steps, guidance=args.guidance,
+        nproc=args.nproc, gpu=args.gpu, linfusion=not args.no_linfusion,
+    )  # fmt: skip
+    try:
+        planned = make_plan(request)
+    except GenerationError as error:
+        print(f"linfusion plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(planned.to_json(), indent=1) if args.json else planned.describe())
+    return FITS if planned.plan.fits else DOES_NOT_FIT
