@@ -53,12 +53,18 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # Views and in-place or out= results share an input's storage: when that storage predates the trace
+        # (weights, a caller's tensors; a Linear's weight.t() is one) they allocate nothing.
+        returns = func._schema.returns
+        aliasing = bool(returns) and all(result.alias_info is not None for result in returns)
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             key = storage._cdata
             entry = self._storages.get(key)
+            if entry is None and aliasing:
+                continue
             if entry is None:
                 self._storages[key] = [1, storage.nbytes()]
                 self.largest = max(self.largest, storage.nbytes())
