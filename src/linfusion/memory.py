@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 _PATCHED = "_linfusion_memory_patches"
+_ABSENT = object()
 
 
 def _patches(module: nn.Module) -> dict[str, Any]:
@@ -96,13 +97,20 @@ def enable_sequential_cfg(unet: nn.Module) -> None:
 
         return UNet2DConditionOutput(sample=result)
 
+    # what it wraps may itself be an instance attribute (another patch's forward): remember it to put it back
+    previous = unet.__dict__.get("forward", _ABSENT)
     unet.forward = forward
-    _patches(unet)["sequential_cfg"] = True
+    _patches(unet)["sequential_cfg"] = previous
 
 
 def disable_sequential_cfg(unet: nn.Module) -> None:
-    if _patches(unet).pop("sequential_cfg", None):
+    previous = _patches(unet).pop("sequential_cfg", None)
+    if previous is None:
+        return
+    if previous is _ABSENT:
         unet.__dict__.pop("forward", None)
+    else:
+        unet.forward = previous
 
 
 # ---------------------------------------------------------------------- skip tensors off-device
