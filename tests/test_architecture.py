@@ -27,6 +27,7 @@ LAYERS = {
     "linfusion.choices": 0,
     "linfusion.io": 0,
     "linfusion.lazy": 0,
+    "linfusion.tracing": 0,
     "linfusion.hub": 0,
     "linfusion.patches.base": 0,
     "linfusion.attention": 1,

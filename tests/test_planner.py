@@ -18,6 +18,7 @@ from linfusion.io import parse_size
 from linfusion.pipelines import plan_stages, sdedit
 from linfusion.planner import MemoryBudgetError, MemoryPlanner, Savers, apply_savers
 from linfusion.testing import tiny_pipeline
+from linfusion.tracing import traced_peak
 
 PROBE = Path(__file__).with_name("support") / "planner_probe.py"
 
@@ -34,6 +35,24 @@ def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(model: str, 
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["savers"] == ["none needed"]
     assert 0.7 <= probe["estimate"] / probe["measured"] <= 1.3, probe
+
+
+def test_traced_peak_counts_only_what_the_run_allocates() -> None:
+    """Views, in-place and out= results of tensors made before the trace (a Linear's weight.t(), a band
+    written into a preallocated store) allocate nothing; a view still keeps a traced allocation alive."""
+    weight, store = torch.empty(1000, 1000, device="meta"), torch.empty(1000, 1000, device="meta")
+    tokens = torch.empty(10, 1000, device="meta")
+    assert traced_peak(lambda: torch.nn.functional.linear(tokens, weight)) == 10 * 1000 * 4
+    assert traced_peak(lambda: store[:10].copy_(tokens)) == 0
+
+    def view_outlives_its_base() -> torch.Tensor:
+        base = torch.empty(1000, 1000, device="meta")
+        view = base[:10]
+        del base
+        torch.empty(10, device="meta")
+        return view
+
+    assert traced_peak(view_outlives_its_base) == 1000 * 1000 * 4 + 10 * 4
 
 
 def test_plan_turns_on_only_what_the_budget_needs() -> None:

@@ -15,14 +15,11 @@ type (CPU: fitted on RSS high-water marks of fresh processes, see docs/high-reso
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from .io import MIB, format_size, parse_size, size_flag
 from .model import LinFusion, mounted_on
@@ -31,6 +28,7 @@ from .patches.savers import apply_memory_savers
 from .patches.tiling import apply_exact_tiling
 from .patches.vae_attention import apply_vae_attention
 from .tiled_vae import ExactTiler
+from .tracing import traced_flops, traced_peak
 from .vae_attention import vae_attention_mode
 
 # real peak ~= scale * traced live bytes + constant. CPU: fitted on RSS high-water marks (2 cores, torch
@@ -47,69 +45,6 @@ class MemoryBudgetError(MemoryError):
     def __init__(self, message: str, plan: MemoryPlan | None = None) -> None:
         super().__init__(message)
         self.plan = plan  # the closest plan (smallest device peak), for callers that show it
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created inside the mode while any tensor still refers to them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.largest = 0
-        self._storages: dict[int, list[int]] = {}  # storage key -> [tensor references, bytes]
-
-    def _release(self, key: int) -> None:
-        entry = self._storages[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self._storages[key]
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            entry = self._storages.get(key)
-            if entry is None:
-                self._storages[key] = [1, storage.nbytes()]
-                self.largest = max(self.largest, storage.nbytes())
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            else:
-                entry[0] += 1
-            weakref.finalize(tensor, self._release, key)
-        return out
-
-
-def _fused_attention_stand_in(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """What a fused SDPA kernel allocates: the output and its per-row log-sum-exp, never the N x N scores.
-
-    On ``meta`` SDPA takes the math path, which would count a score matrix that the flash / memory-efficient
-    kernels of real CPUs and GPUs never hold.
-    """
-    query.new_empty(query.shape[:-1], dtype=torch.float32)
-    return query.new_empty((*query.shape[:-1], value.shape[-1]))
-
-
-def traced_peak(run: Callable[[], Any]) -> int:
-    """Peak bytes of tensors alive at once while ``run`` executes (call it with meta tensors)."""
-    import torch.nn.functional as F
-
-    mode = _LiveBytes()
-    real_attention = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_attention_stand_in
-    try:
-        with torch.no_grad(), mode:
-            run()
-    finally:
-        F.scaled_dot_product_attention = real_attention
-    return mode.peak
 
 
 def available_memory(device: torch.device) -> int:
@@ -308,16 +243,6 @@ def _polynomial_through(points: list[tuple[int, int]], x: int) -> float:
                 term *= Fraction(x - xj, xi - xj)
         total += term
     return float(total)
-
-
-def traced_flops(run: Callable[[], Any]) -> int:
-    """FLOPs of ``run`` as torch's flop counter sees them (matmuls, convolutions, attention); on ``meta``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        run()
-    return int(counter.get_total_flops())
 
 
 # Latent tokens up to which a stage is traced at its own size: memory beyond two feed-forward chunks (so

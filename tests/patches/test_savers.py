@@ -63,3 +63,20 @@ def test_sequential_cfg_passes_odd_batches_through() -> None:
         with apply_sequential_cfg(unet):
             actual = unet(sample, 5, encoder_hidden_states=context).sample
     assert torch.equal(actual, expected)
+
+
+def test_turning_sequential_cfg_off_restores_the_forward_it_wrapped() -> None:
+    """When the UNet's forward was already an instance attribute (another patch), it comes back, not the class's."""
+    pipe = tiny_pipeline("sd15")
+    unet = pipe.unet
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return type(unet).forward(unet, *args, **kwargs)
+
+    unet.forward = patched
+    with torch.no_grad(), apply_sequential_cfg(unet):
+        unet(torch.randn(2, 4, 8, 8), 10, encoder_hidden_states=torch.randn(2, 7, 32))
+    assert calls == [1, 1]  # the wrapped forward ran once per CFG branch
+    assert unet.__dict__["forward"] is patched

@@ -7,6 +7,7 @@ Each submodule holds one family of patches; every ``apply``-style function retur
 - :mod:`.tiling`: the exact tiled VAE behind ``vae.encode`` / ``vae.decode``;
 - :mod:`.vae_attention`: the linear kernel for the VAE mid-block attention;
 - :mod:`.dilation`: DemoFusion's dilated convolutions and its dilated global branch.
+- :mod:`.banded_unet`: the whole UNet band by band, exact, in bounded device memory (and its cost model).
 
 LinFusion mounting (:meth:`linfusion.LinFusion.mount`) and spatial parallelism (:mod:`linfusion.parallel`)
 follow the same protocol. Only the protocol itself is imported here, so any layer may use it.
