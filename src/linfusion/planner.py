@@ -23,6 +23,13 @@ import torch
 
 from .io import MIB, format_size, parse_size, size_flag
 from .model import LinFusion, mounted_on
+from .patches.banded_unet import (
+    UNetCost,
+    UnsupportedUNet,
+    apply_banded_unet,
+    banded_unet_cost,
+    check_banded_unet,
+)
 from .patches.base import Patch
 from .patches.savers import apply_memory_savers
 from .patches.tiling import apply_exact_tiling
@@ -37,6 +44,7 @@ from .vae_attention import vae_attention_mode
 OVERHEAD = {"cpu": (1.1, 64 * MIB), "cuda": (1.1, 512 * MIB)}
 FEED_FORWARD_CHUNK = 4096
 DEFAULT_BAND_BYTES = 256 * MIB
+BANDED_MARGIN = 1024 * MIB  # device bytes kept free of a banded UNet's store (bands, library workspaces)
 
 
 class MemoryBudgetError(MemoryError):
@@ -67,9 +75,20 @@ class Savers:
     skip_offload: bool = False
     tiled_vae: bool = False
     model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
+    banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
+    unet_store_on_host: bool = False  # the banded UNet's whole activations in host memory
+    unet_store_budget: int | None = None  # ... of which this many bytes may stay on the device
 
     def names(self) -> list[str]:
         names = []
+        if self.banded_unet:
+            where = "on the device"
+            if self.unet_store_on_host:
+                kept = format_size(self.unet_store_budget or 0)
+                where = (
+                    f"on the host ({kept} kept on the device)" if self.unet_store_budget else "on the host"
+                )
+            names.append(f"banded UNet, activations {where}")
         if self.sequential_cfg:
             names.append("CFG branches one at a time")
         if self.feed_forward_chunk:
@@ -268,6 +287,8 @@ class MemoryPlanner:
         self._meta_unet: Any = None
         self._meta_vaes: dict[str, Any] = {}
         self._measures: dict[tuple, Extrapolated] = {}
+        self._banded: dict[tuple, UNetCost] = {}
+        self._banded_ok: bool | None = None
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
@@ -450,25 +471,74 @@ class MemoryPlanner:
             ladder.append(replace(ladder[-1], skip_offload=True))
         return ladder
 
-    def unet_options(self, width: int, height: int, guidance: bool, calls: int) -> list[PhaseCost]:
-        """Every way to run the stage's UNet calls, cheapest first."""
+    def unet_options(
+        self, width: int, height: int, guidance: bool, calls: int, room: int
+    ) -> Iterator[PhaseCost]:
+        """Every way to run the stage's UNet calls, cheapest first, each measured only when asked for.
+
+        First the savers of the plain UNet; then the banded UNet (exact, bounded: its store on the
+        device, then, on CUDA, on the host with ``room`` bytes of it kept on the device, then all on the
+        host), each with the guidance branches together and one after the other.
+        """
         flops = calls * self.unet_flops(width, height, guidance)
-        options = []
         for savers in self._unet_ladder():
             parked = self.skip_bytes(width, height, guidance) if savers.skip_offload else 0
             # the trace keeps the parked skips on meta: an upper bound for the device
-            options.append(
-                PhaseCost(savers, self.unet_activations(width, height, savers, guidance), parked, flops)
-            )
-        return options
+            yield PhaseCost(savers, self.unet_activations(width, height, savers, guidance), parked, flops)
+        if not self._bandable():
+            return
+        stores: list[int | None] = [None]  # None: the store on the device
+        if self.device.type == "cuda":
+            stores += [max(0, room), 0]
+        for store_budget in stores:
+            for sequential in (False, True) if guidance else (False,):
+                cost = self.banded_cost(width, height, guidance, sequential, store_budget)
+                savers = Savers(
+                    sequential_cfg=sequential,
+                    banded_unet=True,
+                    unet_store_on_host=store_budget is not None,
+                    unet_store_budget=store_budget,
+                )
+                per_call = cost.flops * (2 if sequential else 1)
+                yield PhaseCost(
+                    savers, self._with_overhead(cost.device_peak), cost.host_peak, calls * per_call
+                )
 
-    def vae_options(self, width: int, height: int, encode: bool) -> list[PhaseCost]:
+    def _bandable(self) -> bool:
+        if self._banded_ok is None:
+            try:
+                check_banded_unet(self.meta_unet())
+                self._banded_ok = True
+            except UnsupportedUNet:
+                self._banded_ok = False
+        return self._banded_ok
+
+    def banded_cost(
+        self, width: int, height: int, guidance: bool, sequential: bool, store_budget: int | None
+    ) -> UNetCost:
+        """One banded UNet call's cost (cached): both guidance branches, or one when ``sequential``."""
+        key = (width, height, guidance, sequential, store_budget)
+        if key not in self._banded:
+            self._banded[key] = banded_unet_cost(
+                self.meta_unet(),
+                width,
+                height,
+                dtype=self.dtype,
+                batch=2 if guidance and not sequential else 1,
+                band_bytes=DEFAULT_BAND_BYTES,
+                store_on_host=store_budget is not None,
+                store_budget=store_budget,
+                linfusion=self.linfusion is not None,
+                vae_scale_factor=self.vae_factor,
+                context_tokens=getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77),
+            )
+        return self._banded[key]
+
+    def vae_options(self, width: int, height: int, encode: bool) -> Iterator[PhaseCost]:
         """Every way to run the stage's VAE decode (and encode), cheapest first."""
         flops = self.vae_flops(width, height, encode)
-        return [
-            PhaseCost(savers, self.vae_activations(width, height, savers, encode), 0, flops)
-            for savers in (Savers(), Savers(tiled_vae=True))
-        ]
+        for savers in (Savers(), Savers(tiled_vae=True)):
+            yield PhaseCost(savers, self.vae_activations(width, height, savers, encode), 0, flops)
 
     def plan_stage(
         self,
@@ -499,18 +569,21 @@ class MemoryPlanner:
             """The first (cheapest) option that fits, else the one with the smallest device bytes."""
             seen = []
             for option in options:
-                if resident + option.device <= budget and (
-                    host_limit is None or option.host + idle <= host_limit
-                ):
+                host_fits = host_limit is None or option.host + idle <= host_limit
+                if resident + option.device <= budget and host_fits:
                     return option
-                seen.append(option)
-            return min(seen, key=lambda option: option.device)
+                seen.append((option, host_fits))
+            within_host = [option for option, host_fits in seen if host_fits]
+            return min(within_host or [option for option, _ in seen], key=lambda option: option.device)
 
         best: StagePlan | None = None
         for offload in (False, True) if self.device.type == "cuda" else (False,):
+            unet_resident = unet_weights if offload else weights
             unet = choose(
-                self.unet_options(width, height, guidance, unet_calls),
-                unet_weights if offload else weights,
+                self.unet_options(
+                    width, height, guidance, unet_calls, budget - unet_resident - BANDED_MARGIN
+                ),
+                unet_resident,
                 weights - unet_weights if offload else 0,
             )
             vae = choose(
@@ -581,7 +654,16 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
     The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was.
     """
     patch = Patch("stage savers")
-    try:  # the UNet savers first: model offload wraps the UNet's forward last (see apply_sequential_cfg)
+    try:  # the banded UNet first, then what wraps it; model offload wraps the UNet's forward last
+        if savers.banded_unet:
+            patch.add(
+                apply_banded_unet(
+                    pipe.unet,
+                    band_bytes=DEFAULT_BAND_BYTES,
+                    store_device="cpu" if savers.unet_store_on_host else None,
+                    store_budget=savers.unet_store_budget,
+                )
+            )
         patch.add(
             apply_memory_savers(
                 pipe.unet,

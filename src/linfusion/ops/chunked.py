@@ -229,6 +229,8 @@ def chunked_state(k: torch.Tensor, v: torch.Tensor, chunk: int, ws: _Workspace) 
     e = v.shape[-1]
     dtype = ws.phi_buf.dtype
     state = torch.zeros(b * h, d, e + 1, dtype=dtype, device=k.device)
+    if k.is_meta:  # nothing is computed on meta (memory planning): the loop only carves the workspace
+        return state
     s_part, m_part = state[..., :e], state[..., e:]
     for start, end in _chunks(n, chunk):
         phi = _phi_chunk(ws, k[:, :, start:end])
@@ -249,7 +251,7 @@ def chunked_forward(
     ws = _workspace_for(q, v, chunk, dtype)
     state = chunked_state(k, v, chunk, ws)
     out = new_output(q) if e == q.shape[-1] else new_output(v, dtype=q.dtype)
-    for start, end in _chunks(n, chunk):
+    for start, end in [] if q.is_meta else _chunks(n, chunk):  # meta: allocations only, as above
         phi = _phi_chunk(ws, q[:, :, start:end])
         wide = torch.bmm(phi, state, out=ws.wide(end - start, e + 1))
         z = wide[..., e:].add_(eps)
