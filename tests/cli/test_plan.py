@@ -1,0 +1,101 @@
+"""``linfusion plan``: plans for any machine without a GPU or weights, as text or one JSON object.
+
+The headline check: full-size SD-1.5 fits 12 GB and SD-XL 16 GB of device memory at 16K, with at most
+64 GiB of host memory, FLOPs reported per stage.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from linfusion.cli import main as linfusion
+from linfusion.io import parse_size
+
+GIB = 2**30
+
+
+def plan(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict]:
+    code = linfusion(["plan", *argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_bundled_model_on_the_cpu_fits_and_reports_every_stage(capsys: pytest.CaptureFixture) -> None:
+    code, result = plan(capsys, "--model", "bundled", "--size", "256x128", "--device", "cpu",
+                        "--dtype", "float32", "--max-memory", "8GB", "--steps", "10")  # fmt: skip
+    assert code == 0 and result["fits"] is True
+    assert result["device_budget_bytes"] == 8 * GIB
+    sizes = [(stage["width"], stage["height"]) for stage in result["stages"]]
+    assert sizes == [(32, 16), (64, 32), (128, 64), (256, 128)]  # native 32 px, doubling to the target
+    for stage in result["stages"]:
+        assert isinstance(stage["device_peak_bytes"], int) and stage["device_peak_bytes"] > 0
+        assert isinstance(stage["host_peak_bytes"], int) and stage["flops"] > 0
+        assert isinstance(stage["savers"], list) and stage["predicted_seconds"] > 0
+    flops = [stage["flops"] for stage in result["stages"]]
+    assert flops[-1] > flops[1]  # the largest stage costs the most
+
+
+def test_a_budget_too_small_exits_3_with_the_smallest_budgets(capsys: pytest.CaptureFixture) -> None:
+    code = linfusion(
+        ["plan", "--model", "bundled", "--size", "256x256", "--device", "cpu", "--max-memory", "1MB"]
+    )
+    text = capsys.readouterr().out
+    assert code == 3 and "does NOT fit" in text
+    smallest = text.split("smallest budgets that fit: --max-memory ")[1].split()[0]
+    code, result = plan(
+        capsys, "--model", "bundled", "--size", "256x256", "--device", "cpu", "--max-memory", smallest
+    )
+    assert code == 0 and result["fits"]  # the budget it names is enough
+
+
+def test_bad_input_is_refused_with_a_message(capsys: pytest.CaptureFixture) -> None:
+    assert (
+        linfusion(
+            ["plan", "--model", "bundled", "--size", "250x256", "--device", "cpu", "--max-memory", "8GB"]
+        )
+        == 2
+    )
+    assert "multiples of 8" in capsys.readouterr().err
+    assert (
+        linfusion(["plan", "--model", "no/such-model-here", "--size", "256x256", "--max-memory", "8GB"]) == 2
+    )
+    assert "could not load" in capsys.readouterr().err
+
+
+def test_one_rank_of_several_plans_its_stripe(capsys: pytest.CaptureFixture) -> None:
+    argv = [
+        "--model",
+        "bundled",
+        "--size",
+        "512x512",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-memory",
+        "8GB",
+    ]
+    _, whole = plan(capsys, *argv)
+    _, rank = plan(capsys, *argv, "--nproc", "2")
+    assert rank["nproc"] == 2
+    assert [s["height"] for s in rank["stages"]] == [s["height"] // 2 for s in whole["stages"]]
+    assert rank["stages"][-1]["device_peak_bytes"] < whole["stages"][-1]["device_peak_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "budget"), [("random-sd15", "12GB"), ("random-sdxl", "16GB")], ids=["sd15-12GB", "sdxl-16GB"]
+)
+@pytest.mark.parametrize("size", ["16384x8192", "8192x16384", "16384x16384"])
+def test_16k_fits_a_consumer_gpu(capsys: pytest.CaptureFixture, model: str, budget: str, size: str) -> None:
+    code, result = plan(
+        capsys, "--model", model, "--size", size, "--max-memory", budget, "--host-memory", "64GB"
+    )
+    assert code == 0 and result["fits"] is True, result
+    assert result["device_peak_bytes"] <= parse_size(budget)
+    assert result["host_peak_bytes"] <= 64 * GIB
+    last = result["stages"][-1]
+    assert (last["width"], last["height"]) == tuple(int(v) for v in size.split("x"))
+    assert all(stage["flops"] > 0 for stage in result["stages"])
+    assert last["flops"] <= 2.5 * last["plain_flops"]  # the bounded paths' recomputation stays modest
