@@ -1,0 +1,279 @@
+"""Bounded-memory exact VAE: plain vs tiled decode and encode, per store policy, on an SD-shaped VAE.
+
+Every measurement runs in a fresh child process (RSS high-water marks depend on the heap's history): it
+builds the VAE with random weights (seeded, so every child has the same weights), reads the RSS after
+loading, resets the high-water mark (``/proc/self/clear_refs``), runs once for the peak and then
+``repeats - 1`` more times for the median wall time, and saves the output so that the parent compares it
+with the plain VAE's. FLOPs are counted with ``FlopCounterMode`` on the ``meta`` device and set beside
+the analytic cost model's figures (:func:`linfusion.tiled_vae.tiled_vae_cost`).
+
+Store policies: ``plain`` (the diffusers VAE), ``full`` (every point stored: nothing recomputed),
+``half`` (the cheapest plan within half of the full store's peak: a mix of stored and recomputed
+points), ``level-inputs`` (only each resolution level's input and the mid-block's level are stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..planner import format_size
+from ..tiled_vae import ExactTiler, tiled_vae_cost
+
+POLICIES = ("plain", "full", "half", "level-inputs")
+# The published SD VAE's architecture (SD-1.x/2.x and SD-XL): 4 levels of 128, 256, 512, 512 channels.
+SD_VAE = {
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIB = 2**20
+
+
+def sd_vae(
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """``AutoencoderKL`` of the SD VAE's shape (or of ``config``) with random weights (no download)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoencoderKL(**(config or SD_VAE)).to(dtype).eval()
+
+
+def vae_input(size: int, encode: bool, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    """Images in [-1, 1] to encode, or latents (size / 8) to decode."""
+    generator = torch.Generator().manual_seed(seed)
+    if encode:
+        return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    return torch.randn(batch, 4, size // 8, size // 8, generator=generator)
+
+
+def tiler_options(
+    policy: str,
+    size: int,
+    encode: bool,
+    dtype: torch.dtype,
+    band_bytes: int,
+    config: dict[str, Any] | None = None,
+    store_budget: int | None = None,
+) -> dict[str, Any]:
+    """The ``ExactTiler`` keywords of a store policy (``half``: half the full store's modelled peak;
+    ``budget``: the cheapest plan within ``store_budget``)."""
+    options: dict[str, Any] = {"band_bytes": band_bytes}
+    if policy == "budget":
+        options["store_budget"] = store_budget
+    elif policy == "half":
+        full = tiled_vae_cost(
+            config or SD_VAE,
+            size,
+            size,
+            dtype=dtype,
+            band_bytes=band_bytes,
+            encode=encode,
+            store_on_device=True,
+        )
+        options["store_budget"] = full.store_peak // 2
+    elif policy == "level-inputs":
+        options["store_points"] = "level-inputs"
+    elif policy != "full":
+        raise ValueError(f"unknown store policy {policy!r}; choose from {POLICIES}")
+    return options
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child process: one policy at one size; peak RSS above the loaded VAE and input, wall times."""
+    torch.set_num_threads(spec.get("threads", 1))
+    dtype = DTYPES[spec["dtype"]]
+    encode, config = spec["encode"], spec.get("config")
+    vae = sd_vae(dtype=dtype, config=config)
+    tensor = vae_input(spec["size"], encode).to(dtype)
+    if spec["policy"] == "plain":
+        run = (lambda: vae._encode(tensor)) if encode else (lambda: vae.decode(tensor).sample)
+    else:
+        options = tiler_options(
+            spec["policy"], spec["size"], encode, dtype, spec["band_bytes"], config, spec.get("store_budget")
+        )
+        tiler = ExactTiler(vae, **options)
+        run = (lambda: tiler.encode_moments(tensor)) if encode else (lambda: tiler.decode(tensor))
+    if spec.get("warmup"):  # one small run first: lazy library state is then part of the baseline
+        small = vae_input(64, encode).to(dtype)
+        with torch.no_grad():
+            vae._encode(small) if encode else vae.decode(small)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the high-water mark restarts at the current RSS
+    baseline = _rss("VmRSS:")
+    times = []
+    with torch.no_grad():
+        for index in range(spec.get("repeats", 1)):
+            start = time.perf_counter()
+            output = run()
+            times.append(time.perf_counter() - start)
+            if index == 0:
+                peak = _rss("VmHWM:") - baseline
+                if spec.get("output"):
+                    torch.save(output.float(), spec["output"])
+            del output
+    return {"peak": peak, "times": times}
+
+
+def run_child(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process."""
+    command = [sys.executable, "-m", "linfusion.bench.vae", "--child", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def counted_flops(policy: str, size: int, encode: bool, dtype: torch.dtype, band_bytes: int) -> int:
+    """FLOPs of one run as ``FlopCounterMode`` counts them, on the ``meta`` device (nothing computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = sd_vae(device="meta", dtype=dtype)
+    tensor = vae_input(size, encode).to("meta", dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if policy == "plain":
+            vae._encode(tensor) if encode else vae.decode(tensor)
+        else:
+            tiler = ExactTiler(vae, **tiler_options(policy, size, encode, dtype, band_bytes))
+            tiler.encode_moments(tensor) if encode else tiler.decode(tensor)
+    return counter.get_total_flops()
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from .attention import _environment
+
+    dtype = DTYPES[args.dtype]
+    band_bytes = args.band_mib * MIB
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            for encode in (False, True):
+                reference = None
+                for policy in args.policies:
+                    output = str(Path(folder) / f"{size}-{encode}-{policy}.pt")
+                    spec = {"policy": policy, "size": size, "encode": encode, "dtype": args.dtype,
+                            "band_bytes": band_bytes, "repeats": args.repeats, "output": output}  # fmt: skip
+                    measured = run_child(spec)
+                    result = torch.load(output)
+                    if policy == "plain":
+                        reference = result
+                    record = {
+                        "size": size,
+                        "direction": "encode" if encode else "decode",
+                        "policy": policy,
+                        "peak_rss": measured["peak"],
+                        "times": measured["times"],
+                        "median_time": statistics.median(measured["times"]),
+                        "flops": counted_flops(policy, size, encode, dtype, band_bytes),
+                        "max_abs_diff": None
+                        if reference is None
+                        else (result - reference).abs().max().item(),
+                    }
+                    if policy != "plain":
+                        options = tiler_options(policy, size, encode, dtype, band_bytes)
+                        options.pop("band_bytes")
+                        cost = tiled_vae_cost(SD_VAE, size, size, dtype=dtype, band_bytes=band_bytes,
+                                              encode=encode, store_on_device=True, **options)  # fmt: skip
+                        record["model_peak"] = cost.device_peak
+                        record["model_flops"] = cost.flops
+                        record["store_budget"] = options.get("store_budget")
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+    environment = _environment(torch.device("cpu"), 1, command=args.command)
+    return {"environment": environment, "band_bytes": band_bytes, "dtype": args.dtype, "records": records}
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [
+        "# Bounded-memory exact VAE: plain vs tiled, per store policy",
+        "",
+        f"Machine: {env['cpu_model']}, {env['cpu_count']} cores, torch {env['torch_version']}, 1 thread; "
+        f"{result['dtype']}, band budget {format_size(result['band_bytes'])}; SD-shaped VAE with random weights. "
+        f"Command: `{env['command']}`. Each row is a fresh process; other work may have run on the other core.",
+        "",
+        "| size | direction | policy | max abs diff vs plain | peak RSS | model peak | peak / plain | "
+        "median time (s) | time / plain | FLOPs (counted) | FLOPs / plain | model FLOPs / counted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    plain: dict[tuple, dict] = {}
+    for record in result["records"]:
+        key = (record["size"], record["direction"])
+        if record["policy"] == "plain":
+            plain[key] = record
+        base = plain.get(key)
+        diff = "-" if record["max_abs_diff"] is None else f"{record['max_abs_diff']:.1e}"
+        model_peak = format_size(record["model_peak"]) if "model_peak" in record else "-"
+        model_flops = f"{record['model_flops'] / record['flops']:.6f}" if "model_flops" in record else "-"
+        lines.append(
+            f"| {record['size']} | {record['direction']} | {record['policy']} | {diff} | "
+            f"{format_size(record['peak_rss'])} | {model_peak} | {record['peak_rss'] / base['peak_rss']:.2f} | "
+            f"{record['median_time']:.2f} | {record['median_time'] / base['median_time']:.2f} | "
+            f"{record['flops']:.3e} | {record['flops'] / base['flops']:.2f} | {model_flops} |"
+        )
+    lines += [
+        "",
+        "Peak RSS: high-water mark above the RSS with the VAE and its input loaded. Model peak: "
+        "`tiled_vae_cost(..., store_on_device=True).device_peak` (store and chunks in the same memory). "
+        "FLOPs: `torch.utils.flop_counter.FlopCounterMode` on the meta device.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="256,512,1024", help="image sizes (square), comma-separated")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"from {POLICIES}; plain first")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per process; the median time is reported"
+    )
+    parser.add_argument("--band-mib", type=int, default=16, help="band_bytes of the tiler, in MiB")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--out", default="benchmarks/results/vae-bounded-cpu-1thread")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child))))
+        return 0
+    args.sizes = [int(size) for size in args.sizes.split(",")]
+    args.policies = args.policies.split(",")
+    if args.policies[0] != "plain":
+        parser.error("the policies must start with plain (the reference)")
+    args.command = "python benchmarks/vae_bounded.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run_benchmark(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    report = markdown_report(result)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
