@@ -17,13 +17,15 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.flop_counter import FlopCounterMode
 
-from linfusion.bench.vae import SD_VAE, run_child, sd_vae, tiler_options, vae_input
+from linfusion.bench.vae import SD_VAE, input_bytes, run_child, sd_vae, tiler_options, vae_input
 from linfusion.planner import traced_peak
 from linfusion.testing import tiny_pipeline, tiny_vae
 from linfusion.tiled_vae import (
     ExactTiler,
     StoreBudgetError,
+    StoreUsage,
     UnsupportedVAE,
+    _RowStore,
     disable_exact_tiling,
     enable_exact_tiling,
     exact_tiling,
@@ -70,21 +72,24 @@ def vae(request) -> AutoencoderKL:
     return model
 
 
-def smallest_budget(vae: AutoencoderKL, shape: tuple, encode: bool, band_bytes: int) -> int:
+def smallest_budget(vae: AutoencoderKL, shape: tuple, encode: bool, **options) -> int:
     with pytest.raises(StoreBudgetError) as refused:
-        ExactTiler(vae, band_bytes=band_bytes, store_budget=0).plan(shape, encode)
+        ExactTiler(vae, store_budget=0, **options).plan(shape, encode)
     return refused.value.minimum
 
 
-def policy_options(vae: AutoencoderKL, shape: tuple, encode: bool, policy: str, band_bytes: int) -> dict:
+def policy_options(
+    vae: AutoencoderKL, shape: tuple, encode: bool, policy: str, band_bytes: int, block_bytes: int = ONE_ROW
+) -> dict:
     """``full``: every point stored; ``level-inputs``: only the levels' inputs; ``minimum``: the smallest
-    store that works (most recomputation); ``mixed``: halfway between the minimum and the full store."""
-    options: dict = {"band_bytes": band_bytes}
+    store that works (most recomputation); ``mixed``: halfway between the minimum and the full store.
+    Store blocks of one row by default, so that rows are freed as they are read even at these sizes."""
+    options: dict = {"band_bytes": band_bytes, "store_block_bytes": block_bytes}
     if policy == "level-inputs":
         options["store_points"] = "level-inputs"
     elif policy in ("minimum", "mixed"):
-        minimum = smallest_budget(vae, shape, encode, band_bytes)
-        full = ExactTiler(vae, band_bytes=band_bytes).plan(shape, encode).store_peak
+        minimum = smallest_budget(vae, shape, encode, **options)
+        full = ExactTiler(vae, **options).plan(shape, encode).store_peak
         options["store_budget"] = minimum if policy == "minimum" else (minimum + full) // 2
     return options
 
@@ -96,27 +101,36 @@ def images_for(vae: AutoencoderKL, batch: int = 2) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- exactness
 # Without a GPU here, "cpu" is the VAE's own device too; the argument path is exercised all the same.
+# Store blocks of one row free rows as soon as they are read; 32 MiB blocks hold these activations whole.
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(
-    "band_bytes, store_device", [(ONE_ROW, None), (ONE_ROW, "cpu"), (50_000, None), (10**10, "cpu")]
+    "band_bytes, block_bytes, store_device",
+    [(ONE_ROW, ONE_ROW, None), (ONE_ROW, 32 * MIB, "cpu"), (50_000, ONE_ROW, None), (10**10, ONE_ROW, "cpu")],
 )
-def test_tiled_decode_equals_untiled(vae: AutoencoderKL, band_bytes: int, policy: str, store_device) -> None:
+def test_tiled_decode_equals_untiled(
+    vae: AutoencoderKL, band_bytes: int, block_bytes: int, store_device, policy: str
+) -> None:
     latents = torch.randn(2, 4, 13, 7)  # odd sizes, batch 2
     with torch.no_grad():
         expected = vae.decode(latents).sample
-    options = policy_options(vae, latents.shape, False, policy, band_bytes)
+    options = policy_options(vae, latents.shape, False, policy, band_bytes, block_bytes)
     actual = tiled_decode(vae, latents, store_device=store_device, **options)
     assert actual.shape == expected.shape
     assert (actual - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("band_bytes, store_device", [(ONE_ROW, None), (ONE_ROW, "cpu"), (10**10, None)])
-def test_tiled_encode_equals_untiled(vae: AutoencoderKL, band_bytes: int, policy: str, store_device) -> None:
+@pytest.mark.parametrize(
+    "band_bytes, block_bytes, store_device",
+    [(ONE_ROW, ONE_ROW, None), (ONE_ROW, 32 * MIB, "cpu"), (10**10, ONE_ROW, None)],
+)
+def test_tiled_encode_equals_untiled(
+    vae: AutoencoderKL, band_bytes: int, block_bytes: int, store_device, policy: str
+) -> None:
     images = images_for(vae)
     with torch.no_grad():
         expected = vae._encode(images)
-    options = policy_options(vae, images.shape, True, policy, band_bytes)
+    options = policy_options(vae, images.shape, True, policy, band_bytes, block_bytes)
     actual = tiled_encode_moments(vae, images, store_device=store_device, **options)
     assert actual.shape == expected.shape
     assert (actual - expected).abs().max().item() <= 1e-4
@@ -164,18 +178,19 @@ def test_half_precision_tiling_adds_no_error(dtype: torch.dtype, tolerance: floa
 def test_store_budget_is_kept_and_refused_below_the_minimum() -> None:
     vae = four_level_vae()
     latents = torch.randn(1, 4, 13, 7)
-    minimum = smallest_budget(vae, latents.shape, False, 50_000)
+    options = {"band_bytes": 50_000, "store_block_bytes": 4096}  # blocks of a few rows
+    minimum = smallest_budget(vae, latents.shape, False, **options)
     with pytest.raises(StoreBudgetError, match="at least"):
-        ExactTiler(vae, band_bytes=50_000, store_budget=minimum - 1).plan(latents.shape)
+        ExactTiler(vae, store_budget=minimum - 1, **options).plan(latents.shape)
     for budget in (minimum, 2 * minimum, 5 * minimum):
-        tiler = ExactTiler(vae, band_bytes=50_000, store_budget=budget)
+        tiler = ExactTiler(vae, store_budget=budget, **options)
         plan = tiler.plan(latents.shape)
         tiler.decode(latents)
         assert plan.store_peak <= budget
         # the store's own count of live bytes, pass by pass, stays within the model's
         for measured, item in zip(tiler.pass_store_peaks, plan.passes, strict=True):
             assert measured <= item.store_bytes
-        assert max(tiler.pass_store_peaks) >= 0.9 * plan.store_peak
+        assert plan.store_peak <= 1.25 * max(tiler.pass_store_peaks)
 
 
 # ---------------------------------------------------------------------------------------- cost model
@@ -230,27 +245,44 @@ def test_cost_model_memory_matches_traced_peak(encode: bool, policy: str) -> Non
     traced = traced_peak(run_tiled)
     options.pop("band_bytes")
     cost = tiled_vae_cost(FOUR_LEVEL, size, size, dtype=torch.float32, band_bytes=band_bytes, encode=encode,
-                          store_on_device=True, **options)  # fmt: skip
+                          device_store_bytes=None, **options)  # fmt: skip
     assert traced <= cost.device_peak <= 1.25 * traced
 
 
+@pytest.mark.parametrize("attention", ["linear", "exact"])
 @pytest.mark.parametrize("encode", [False, True])
 @pytest.mark.parametrize("width, height", [(16384, 8192), (8192, 16384), (16384, 16384)])
-def test_16k_fits_the_memory_budget(width: int, height: int, encode: bool) -> None:
-    """SD's VAE in fp16 at 16K, planned for a 64 GiB host store and 1 GiB chunks: at most 4 GiB on the
-    device (bands only), at most 64 GiB on the host, exact, with the FLOP overhead docs/high-resolution.md
-    reports (linear mid-block attention, as LinFusion runs at 16K)."""
+def test_16k_fits_the_memory_budget(width: int, height: int, encode: bool, attention: str) -> None:
+    """SD's VAE in fp16 at 16K: 768 MiB chunks and 3 GiB of the store on the device, the rest of a 67 GiB
+    store on the host. At most ~4 GiB on the device and 64 GiB on the host, with the FLOP overhead that
+    docs/high-resolution.md reports (at most 1.5x; the plain VAE would need over 100 GiB here)."""
     started = time.perf_counter()
-    cost = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=GIB, store_budget=64 * GIB,
-                          encode=encode, attention="linear")  # fmt: skip
+    cost = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=768 * MIB, encode=encode,
+                          store_budget=67 * GIB, device_store_bytes=3 * GIB, attention=attention)  # fmt: skip
     assert time.perf_counter() - started < 0.5  # analytic: milliseconds, no trace
-    assert cost.device_peak <= 4 * GIB
+    assert cost.device_peak <= 3.75 * GIB
     assert cost.host_peak <= 64 * GIB
-    worst = 3.2 if (width, height, encode) == (16384, 16384, False) else 2.0
-    assert 1.0 <= cost.overhead <= worst
-    softmax = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=GIB, store_budget=64 * GIB,
-                             encode=encode)  # fmt: skip
-    assert softmax.device_peak <= 4 * GIB and softmax.host_peak <= 64 * GIB
+    assert 1.0 <= cost.overhead <= 1.5
+    # with the whole store on the host, the plan recomputes more and still fits
+    host_only = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=768 * MIB, encode=encode,
+                               store_budget=64 * GIB, attention=attention)  # fmt: skip
+    assert host_only.device_peak <= 768 * MIB and host_only.host_peak <= 64 * GIB
+    assert cost.overhead <= host_only.overhead <= 3.2
+
+
+def test_store_fills_its_device_share_first() -> None:
+    """With a store device other than the VAE's, chunks stay on the VAE's device while the share has room
+    (here the store device is ``meta``: placement only, no values)."""
+    usage = StoreUsage(device_share=3 * 4096)
+    store = _RowStore(torch.device("meta"), torch.device("cpu"), usage, height=12, block_bytes=4096)
+    store.append(torch.zeros(1, 4, 3, 128))  # rows of 2048 bytes, blocks of 2 rows
+    store.append(torch.zeros(1, 4, 7, 128))
+    assert [block.device.type for block in store.blocks] == ["cpu"] * 3 + ["meta"] * 2
+    assert usage.device_live == 3 * 4096 and usage.live == 5 * 4096
+    store.release(5)  # rows 0-3 read: their two blocks are freed, the third is still partly unread
+    assert usage.device_live == 4096 and usage.live == 3 * 4096
+    store.append(torch.zeros(1, 4, 2, 128))
+    assert store.blocks[-1].device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------- diffusers, pipelines
@@ -321,9 +353,9 @@ def test_sd_vae_1024_decode_is_exact_in_a_third_of_the_memory(tmp_path) -> None:
     assert difference <= 1e-4
     assert tiled["peak"] <= 0.35 * plain["peak"]
     cost = tiled_vae_cost(SD_VAE, 1024, 1024, dtype=torch.float32, band_bytes=16 * MIB, store_budget=budget,
-                          store_on_device=True)  # fmt: skip
-    latents_bytes = 4 * 128 * 128 * 4  # created before the baseline; the model counts them in the store
-    assert abs((cost.device_peak - latents_bytes) / tiled["peak"] - 1) <= 0.25
+                          device_store_bytes=None)  # fmt: skip
+    # the latents are made before the RSS baseline; the model counts them in the store
+    assert abs((cost.device_peak - input_bytes(1024, False, torch.float32)) / tiled["peak"] - 1) <= 0.25
 
 
 @pytest.mark.slow
@@ -335,6 +367,5 @@ def test_sd_vae_1024_encode_memory_matches_the_cost_model() -> None:
     options = tiler_options("half", 1024, True, torch.float32, 16 * MIB)
     options.pop("band_bytes")
     cost = tiled_vae_cost(SD_VAE, 1024, 1024, dtype=torch.float32, band_bytes=16 * MIB, encode=True,
-                          store_on_device=True, **options)  # fmt: skip
-    image_bytes = 3 * 1024 * 1024 * 4
-    assert abs((cost.device_peak - image_bytes) / measured["peak"] - 1) <= 0.25
+                          device_store_bytes=None, **options)  # fmt: skip
+    assert abs((cost.device_peak - input_bytes(1024, True, torch.float32)) / measured["peak"] - 1) <= 0.25

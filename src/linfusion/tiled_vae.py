@@ -48,6 +48,11 @@ from .ops.reference import linear_attention_from_state, linear_attention_state
 from .vae_attention import check_vae_attention, is_linear, output_projection, split_heads
 
 DEFAULT_BAND_BYTES = 256 * 2**20
+# The store allocates whole-row blocks of about this size and frees a block once all its rows were read.
+# 32 MiB is glibc's largest dynamic mmap threshold: blocks this large are mapped and unmapped on their own,
+# so freed ones go back to the system instead of fragmenting the heap (measured: with ~2 MiB chunks the
+# CPU peak RSS sat 30 % above the live bytes).
+DEFAULT_STORE_BLOCK_BYTES = 32 * 2**20
 _FP32 = 4
 
 
@@ -392,6 +397,7 @@ class Plan:
     chain: Chain
     passes: list[Pass]
     band_bytes: int
+    block_bytes: int
 
     @property
     def flops(self) -> int:
@@ -409,36 +415,52 @@ class Plan:
     def stored(self) -> list[Point]:
         return [item.store for item in self.passes if item.store is not None]
 
-    def device_peak(self, store_on_device: bool) -> int:
-        if store_on_device:
-            return max(item.store_bytes + item.working_bytes for item in self.passes)
-        return self.working_peak
+    def peaks(self, device_store_bytes: int | None = 0) -> tuple[int, int]:
+        """(device, host) peak bytes when up to ``device_store_bytes`` of the store stay on the compute
+        device (None: all of it) and the rest is on the host; chunks fill the device part first."""
+        share = math.inf if device_store_bytes is None else device_store_bytes
+        device = max(item.working_bytes + min(item.store_bytes, share) for item in self.passes)
+        host = max(max(0, item.store_bytes - share) for item in self.passes)
+        return int(device), int(host)
 
 
-def _store_bytes(chain: Chain, source: Point, target: Point, store: Point | None, band_bytes: int,
-                 source_chunk: int | None = None) -> int:  # fmt: skip
+def _block_bytes(chain: Chain, point: Point, block_bytes: int) -> int:
+    """One store block of the tensors a resume point needs: whole rows, about ``block_bytes`` each."""
+    total = 0
+    for part in (point, Point(point.unit)) if point.inner else (point,):
+        row = chain.row_bytes(part)
+        total += min(chain.tensor_bytes(part), -(-block_bytes // row) * row)
+    return total
+
+
+def _store_bytes(
+    chain: Chain, source: Point, target: Point, store: Point | None, band_bytes: int, block_bytes: int
+) -> int:
     """The store's live bytes during one pass (see the module docstring for what is freed when).
 
-    Rows are freed chunk by chunk, so one stored chunk of the source (``source_chunk`` bytes; at most
-    ``band_bytes`` when not known) may outlive the rows read from it.
+    A pass that supersedes its source frees the source's blocks as it reads them while it fills the new
+    point's blocks, so at any moment it holds (1 - f) of one and f of the other, plus at most one
+    partly read and one partly filled block.
     """
     held = chain.tensor_bytes(Point(0))  # the input, held by the caller throughout
     read = 0 if source == Point(0) else chain.resume_bytes(source)
-    if target == chain.output:
+    if target == chain.output:  # the output is allocated whole before the pass
         return held + read + chain.tensor_bytes(target)
     if store is None:
         return held + read
-    kept = chain.tensor_bytes(source) if store.inner and source == Point(store.unit) else 0
-    slack = min(band_bytes if source_chunk is None else source_chunk, read - kept)
+    written = chain.resume_bytes(store)
     keys_values = 0
     if chain.is_attention_output(target):
         chunks = _attention_chunks(chain, source.unit, band_bytes)
         keys_values = 0 if chunks.kv_on_device else chunks.kv_bytes
-    return held + max(read, chain.resume_bytes(store)) + slack + keys_values
+    if source == Point(0) or (store.inner and source == Point(store.unit)):  # nothing is freed
+        return held + max(read, written) + keys_values
+    slack = _block_bytes(chain, source, block_bytes) + _block_bytes(chain, store, block_bytes)
+    return held + min(read + written, max(read, written) + slack) + keys_values
 
 
-def _search(chain: Chain, band_bytes: int, budget: float, peak_first: bool, allowed: set[Point] | None
-            ) -> list[tuple[Point, Point, Point | None]]:  # fmt: skip
+def _search(chain: Chain, band_bytes: int, block_bytes: int, budget: float, peak_first: bool,
+            allowed: set[Point] | None) -> list[tuple[Point, Point, Point | None]]:  # fmt: skip
     """Dynamic programme over the passes: after each target, the best way to have each point stored.
 
     Order: total FLOPs, then peak store bytes (``peak_first`` swaps them, to find the smallest budget).
@@ -464,7 +486,7 @@ def _search(chain: Chain, band_bytes: int, budget: float, peak_first: bool, allo
                 crossed = chain.between(max(source, previous), target)
                 choices = [None, *(point for point in crossed if allowed is None or point in allowed)]
             for store in choices:
-                live = _store_bytes(chain, source, target, store, band_bytes)
+                live = _store_bytes(chain, source, target, store, band_bytes, block_bytes)
                 if live > budget:
                     continue
                 total, top = flops + chain.flops(source, target), max(peak, live)
@@ -488,43 +510,37 @@ def plan_vae(
     band_bytes: int = DEFAULT_BAND_BYTES,
     store_budget: int | None = None,
     store_points: str = "any",
+    block_bytes: int = DEFAULT_STORE_BLOCK_BYTES,
 ) -> Plan:
     """The passes that minimise FLOPs with the store within ``store_budget`` bytes (None: no limit).
 
     ``store_points``: "any" point may be stored, or only the "level-inputs" (see :meth:`Chain.level_inputs`).
+    ``block_bytes``: the store's allocation unit (see ``DEFAULT_STORE_BLOCK_BYTES``).
     """
     if store_points not in STORE_POINTS:
         raise ValueError(f"store_points must be one of {STORE_POINTS}; got {store_points!r}")
     allowed = chain.level_inputs() if store_points == "level-inputs" else None
     budget = math.inf if store_budget is None else store_budget
-    chosen = _search(chain, band_bytes, budget, peak_first=False, allowed=allowed)
+    chosen = _search(chain, band_bytes, block_bytes, budget, peak_first=False, allowed=allowed)
     if not chosen:
-        smallest = _search(chain, band_bytes, math.inf, peak_first=True, allowed=allowed)
-        minimum = max(_store_bytes(chain, *item, band_bytes) for item in smallest)
+        smallest = _search(chain, band_bytes, block_bytes, math.inf, peak_first=True, allowed=allowed)
+        minimum = max(_store_bytes(chain, *item, band_bytes, block_bytes) for item in smallest)
         raise StoreBudgetError(int(budget), minimum)
     passes = []
-    chunk_bytes = {Point(0): 0}  # bytes of one stored chunk of each stored point
     for source, target, store in chosen:
         keeps_source = store is not None and store.inner and source == Point(store.unit)
         release = source != Point(0) and (target == chain.output or (store is not None and not keeps_source))
         if chain.is_attention_output(target):
             chunks = _attention_chunks(chain, source.unit, band_bytes)
             rows, working = chunks.rows, chunks.working_bytes
-            chunk_bytes[target] = chunks.query_rows * chain.row_bytes(target)
         else:
             rows = _pass_rows(chain, source, target, band_bytes)
             working = working_bytes(chain, source, target, rows)
-            if store is not None:
-                written = [store] if keeps_source or not store.inner else [Point(store.unit), store]
-                chunk = sum(
-                    _rows_at(chain, source, point, rows) * chain.row_bytes(point) for point in written
-                )
-                chunk_bytes[store] = chunk + (chunk_bytes[source] if keeps_source else 0)
-        store_bytes = _store_bytes(chain, source, target, store, band_bytes, chunk_bytes[source])
+        store_bytes = _store_bytes(chain, source, target, store, band_bytes, block_bytes)
         passes.append(
             Pass(source, target, store, release, rows, chain.flops(source, target), store_bytes, working)
         )
-    return Plan(chain, passes, band_bytes)
+    return Plan(chain, passes, band_bytes, block_bytes)
 
 
 # ------------------------------------------------------------------------------------------- cost model
@@ -532,8 +548,8 @@ def plan_vae(
 class VAECost:
     """What one tiled encode or decode costs, from the plan alone (weights excluded)."""
 
-    device_peak: int  # chunks, plus the store when it is on the device
-    host_peak: int  # the store when it is on the host
+    device_peak: int  # chunks, plus the part of the store on the compute device
+    host_peak: int  # the part of the store on the host
     store_peak: int
     working_peak: int
     flops: int
@@ -557,20 +573,24 @@ def tiled_vae_cost(
     band_bytes: int = DEFAULT_BAND_BYTES,
     store_budget: int | None = None,
     encode: bool = False,
-    store_on_device: bool = False,
+    device_store_bytes: int | None = 0,
     store_points: str = "any",
     attention: str = "exact",
+    block_bytes: int = DEFAULT_STORE_BLOCK_BYTES,
 ) -> VAECost:
     """Peaks and FLOPs of the exact tiled VAE for a ``width`` x ``height`` image, in milliseconds.
 
-    ``attention``: "exact" (the VAE's softmax) or "linear" (:mod:`linfusion.vae_attention`). Raises
-    :class:`StoreBudgetError` when no plan fits ``store_budget``.
+    ``store_budget``: bytes the whole store may hold (None: no limit); ``device_store_bytes``: how much
+    of it may stay on the compute device (None: all, as with ``store_device`` the VAE's device), the rest
+    is on the host. ``attention``: "exact" (the VAE's softmax) or "linear"
+    (:mod:`linfusion.vae_attention`). Raises :class:`StoreBudgetError` when no plan fits.
     """
     chain = _chain(vae_config, width, height, dtype, batch, encode, attention)
-    plan = plan_vae(chain, band_bytes, store_budget, store_points)
+    plan = plan_vae(chain, band_bytes, store_budget, store_points, block_bytes)
+    device_peak, host_peak = plan.peaks(device_store_bytes)
     return VAECost(
-        device_peak=plan.device_peak(store_on_device),
-        host_peak=0 if store_on_device else plan.store_peak,
+        device_peak=device_peak,
+        host_peak=host_peak,
         store_peak=plan.store_peak,
         working_peak=plan.working_peak,
         flops=plan.flops,
@@ -593,57 +613,92 @@ def _chain(config: Mapping[str, Any], width: int, height: int, dtype: torch.dtyp
 
 # ------------------------------------------------------------------------------------------- execution
 class StoreUsage:
-    """Bytes the store holds now and at most since the last :meth:`restart` (the tiler's own count)."""
+    """Bytes the store holds now and at most since the last :meth:`restart` (the tiler's own count), and
+    the part of it kept on the compute device (at most ``device_share``)."""
 
-    def __init__(self) -> None:
-        self.live = self.peak = 0
+    def __init__(self, device_share: int = 0) -> None:
+        self.live = self.peak = self.device_live = 0
+        self.device_share = device_share
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, on_device: bool = False) -> None:
         self.live += size
         self.peak = max(self.peak, self.live)
+        if on_device:
+            self.device_live += size
 
     def restart(self) -> None:
         self.peak = self.live
 
 
 class _RowStore:
-    """An activation kept as row chunks on the store device, so rows already read can be freed."""
+    """An activation kept in blocks of whole rows, freed block by block once read: on the compute device
+    while the usage's device share has room, else on the store device."""
 
-    def __init__(self, device: torch.device, usage: StoreUsage):
-        self.device, self.usage = device, usage
-        self.chunks: list[torch.Tensor | None] = []
+    def __init__(self, device: torch.device, compute_device: torch.device, usage: StoreUsage, height: int,
+                 block_bytes: int):  # fmt: skip
+        self.device, self.compute_device, self.usage = device, compute_device, usage
+        self.height, self.block_bytes = height, block_bytes
+        self.blocks: list[torch.Tensor | None] = []
+        self.on_device: list[bool] = []
         self.starts: list[int] = []
-        self.rows = 0
+        self.rows = 0  # rows written
         self._first_kept = 0
 
+    @classmethod
+    def holding(cls, tensor: torch.Tensor, compute_device: torch.device, usage: StoreUsage) -> _RowStore:
+        """The caller's tensor itself, as one block (never freed here)."""
+        store = cls(tensor.device, compute_device, usage, tensor.shape[2], 0)
+        store.blocks, store.on_device, store.starts, store.rows = [tensor], [False], [0], tensor.shape[2]
+        usage.add(tensor.numel() * tensor.element_size())
+        return store
+
     def append(self, rows: torch.Tensor) -> None:
-        chunk = rows.to(self.device)
+        written = 0
+        while written < rows.shape[2]:
+            block = self.blocks[-1] if self.blocks else None
+            filled = self.rows - self.starts[-1] if self.blocks else 0
+            if block is None or filled == block.shape[2]:
+                block, filled = self._new_block(rows), 0
+            count = min(rows.shape[2] - written, block.shape[2] - filled)
+            block[:, :, filled : filled + count] = rows[:, :, written : written + count]
+            written += count
+            self.rows += count
+
+    def _new_block(self, rows: torch.Tensor) -> torch.Tensor:
+        batch, channels, _, width = rows.shape
+        row_bytes = batch * channels * width * rows.element_size()
+        block_rows = min(self.height - self.rows, max(1, -(-self.block_bytes // row_bytes)))
+        size = block_rows * row_bytes
+        on_device = self.usage.device_live + size <= self.usage.device_share
+        device = self.compute_device if on_device else self.device
+        block = torch.empty(batch, channels, block_rows, width, dtype=rows.dtype, device=device)
+        self.blocks.append(block)
+        self.on_device.append(on_device)
         self.starts.append(self.rows)
-        self.chunks.append(chunk)
-        self.rows += rows.shape[2]
-        self.usage.add(chunk.numel() * chunk.element_size())
+        self.usage.add(size, on_device)
+        return block
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         index = bisect.bisect_right(self.starts, start) - 1
         parts = []
-        while index < len(self.chunks) and self.starts[index] < stop:
-            chunk = self.chunks[index]
-            assert chunk is not None, "rows read after they were freed"
+        while index < len(self.blocks) and self.starts[index] < stop:
+            block = self.blocks[index]
+            assert block is not None, "rows read after they were freed"
             first = self.starts[index]
-            parts.append(chunk[:, :, max(start, first) - first : stop - first])
+            parts.append(block[:, :, max(start, first) - first : stop - first])
             index += 1
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return rows.to(device)
 
     def release(self, stop: int) -> None:
-        """Free the chunks that end at or before row ``stop``."""
-        while self._first_kept < len(self.chunks):
-            chunk = self.chunks[self._first_kept]
-            if chunk is not None and self.starts[self._first_kept] + chunk.shape[2] > stop:
+        """Free the blocks that end at or before row ``stop``."""
+        while self._first_kept < len(self.blocks):
+            block = self.blocks[self._first_kept]
+            if block is not None and self.starts[self._first_kept] + block.shape[2] > stop:
                 break
-            if chunk is not None:
-                self.usage.add(-chunk.numel() * chunk.element_size())
-            self.chunks[self._first_kept] = None
+            if block is not None:
+                self.usage.add(-block.numel() * block.element_size(), self.on_device[self._first_kept])
+            self.blocks[self._first_kept] = None
             self._first_kept += 1
 
 
@@ -804,8 +859,11 @@ Stage = _ConvStage | _ResidualStage
 class ExactTiler:
     """Runs an ``AutoencoderKL``'s encoder or decoder pass by pass (see the module docstring).
 
-    ``store_budget``: bytes the store may hold at once (None: no limit, so nothing is recomputed);
-    :func:`plan_vae` picks what to store and what to recompute within it.
+    ``band_bytes``: device working memory of a pass's chunks. ``store_budget``: bytes the store may hold
+    at once (None: no limit, so nothing is recomputed); :func:`plan_vae` picks what to store and what to
+    recompute within it (``store_points="level-inputs"`` restricts it to the levels' inputs).
+    ``store_device``: where the store lives (default: the VAE's device); when that is another device,
+    up to ``device_store_bytes`` of it still stay on the VAE's device (filled first).
     """
 
     def __init__(
@@ -815,6 +873,8 @@ class ExactTiler:
         store_device: torch.device | str | None = None,
         store_budget: int | None = None,
         store_points: str = "any",
+        device_store_bytes: int = 0,
+        store_block_bytes: int = DEFAULT_STORE_BLOCK_BYTES,
     ):
         self.vae = vae
         parameter = next(vae.parameters())
@@ -824,6 +884,8 @@ class ExactTiler:
         self.band_bytes = band_bytes
         self.store_budget = store_budget
         self.store_points = store_points
+        self.device_store_bytes = device_store_bytes if self.store_device != self.device else 0
+        self.store_block_bytes = store_block_bytes
 
     # ------------------------------------------------------------------ public
     def plan(self, shape: Sequence[int], encode: bool = False) -> Plan:
@@ -836,7 +898,7 @@ class ExactTiler:
         if attentions and is_linear(self.vae.get_submodule(attentions[0].path)):
             mode = "linear"
         chain = Chain(units, batch, height, width, element_size, mode)
-        return plan_vae(chain, self.band_bytes, self.store_budget, self.store_points)
+        return plan_vae(chain, self.band_bytes, self.store_budget, self.store_points, self.store_block_bytes)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -853,10 +915,11 @@ class ExactTiler:
         plan = self.plan(tensor.shape, encode)
         self.chain = plan.chain
         self.modules = [self._module(unit, encode) for unit in plan.chain.units]
-        self.usage = StoreUsage()
+        self.usage = StoreUsage(self.device_store_bytes)
         self.pass_store_peaks: list[int] = []  # what the store held at most in each pass (bytes)
-        self.stores = {Point(0): self._new_store()}
-        self.stores[Point(0)].append(tensor.to(self.store_device, self.dtype))
+        self.stores = {
+            Point(0): _RowStore.holding(tensor.to(self.store_device, self.dtype), self.device, self.usage)
+        }
         self.statistics: dict[Point, _Statistics] = {}
         output: torch.Tensor | None = None
         for item in plan.passes:
@@ -877,8 +940,9 @@ class ExactTiler:
         assert output is not None
         return output
 
-    def _new_store(self) -> _RowStore:
-        return _RowStore(self.store_device, self.usage)
+    def _new_store(self, point: Point) -> _RowStore:
+        height = self.chain.shape(point).height
+        return _RowStore(self.store_device, self.device, self.usage, height, self.store_block_bytes)
 
     def _written(self, item: Pass) -> list[Point]:
         """The tensors a pass writes for its stored point (an inner point: its block's input too)."""
@@ -892,7 +956,7 @@ class ExactTiler:
         chain, source = self.chain, item.source
         listeners: dict[Point, list[Callable[[torch.Tensor], None]]] = {}
         for point in self._written(item):
-            self.stores[point] = self._new_store()
+            self.stores[point] = self._new_store(point)
             listeners.setdefault(point, []).append(self.stores[point].append)
         if output is not None:
             cursor = [0]
@@ -996,7 +1060,7 @@ class ExactTiler:
             def attend(query: torch.Tensor) -> torch.Tensor:
                 return _attend_in_key_chunks(query, stored, attention.scale)
 
-        out = self._new_store()
+        out = self._new_store(item.target)
         statistics = _Statistics(chain.shape(item.target), batch, self.device)
         for start in range(0, height, chunks.query_rows):
             stop = min(height, start + chunks.query_rows)

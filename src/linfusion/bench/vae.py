@@ -66,6 +66,12 @@ def vae_input(size: int, encode: bool, seed: int = 1, batch: int = 1) -> torch.T
     return torch.randn(batch, 4, size // 8, size // 8, generator=generator)
 
 
+def input_bytes(size: int, encode: bool, dtype: torch.dtype, batch: int = 1) -> int:
+    """Bytes of :func:`vae_input`: made before the RSS baseline, but counted in the cost model's store."""
+    elements = batch * (3 * size * size if encode else 4 * (size // 8) ** 2)
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
 def tiler_options(
     policy: str,
     size: int,
@@ -88,7 +94,7 @@ def tiler_options(
             dtype=dtype,
             band_bytes=band_bytes,
             encode=encode,
-            store_on_device=True,
+            device_store_bytes=None,
         )
         options["store_budget"] = full.store_peak // 2
     elif policy == "level-inputs":
@@ -198,8 +204,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         options = tiler_options(policy, size, encode, dtype, band_bytes)
                         options.pop("band_bytes")
                         cost = tiled_vae_cost(SD_VAE, size, size, dtype=dtype, band_bytes=band_bytes,
-                                              encode=encode, store_on_device=True, **options)  # fmt: skip
-                        record["model_peak"] = cost.device_peak
+                                              encode=encode, device_store_bytes=None, **options)  # fmt: skip
+                        record["model_peak"] = cost.device_peak - input_bytes(size, encode, dtype)
                         record["model_flops"] = cost.flops
                         record["store_budget"] = options.get("store_budget")
                     records.append(record)
@@ -239,9 +245,52 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Peak RSS: high-water mark above the RSS with the VAE and its input loaded. Model peak: "
-        "`tiled_vae_cost(..., store_on_device=True).device_peak` (store and chunks in the same memory). "
+        "`tiled_vae_cost(..., device_store_bytes=None).device_peak` (store and chunks in the same memory, less the input made before the baseline). "
         "FLOPs: `torch.utils.flop_counter.FlopCounterMode` on the meta device.",
     ]
+    return "\n".join(lines) + "\n"
+
+
+SIZES_16K = ((16384, 8192), (8192, 16384), (16384, 16384))
+
+
+def cost_table_16k(
+    band_bytes: int = 768 * MIB, device_store_bytes: int = 3 * 2**30, host_bytes: int = 64 * 2**30
+) -> str:
+    """Markdown: the cost model for SD's VAE in fp16 at 16K (linear mid-block attention), with part of the
+    store on the device, and with all of it on the host; beside it the plain VAE's peak of live tensors,
+    traced on ``meta``."""
+    from ..planner import traced_peak
+    from ..vae_attention import linearize_vae_attention
+
+    plain_vae = sd_vae(device="meta", dtype=torch.float16)
+    linearize_vae_attention(plain_vae)
+    lines = [
+        "| size | direction | plain VAE: peak | device peak | host peak | FLOPs | plain FLOPs | overhead | "
+        "store all on host: host peak | overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for width, height in SIZES_16K:
+        for encode in (False, True):
+            tensor = torch.empty(1, 3, height, width, device="meta", dtype=torch.float16)
+            if not encode:
+                tensor = torch.empty(1, 4, height // 8, width // 8, device="meta", dtype=torch.float16)
+            plain = traced_peak(lambda: plain_vae._encode(tensor) if encode else plain_vae.decode(tensor))  # noqa: B023
+            common = {
+                "dtype": torch.float16,
+                "band_bytes": band_bytes,
+                "encode": encode,
+                "attention": "linear",
+            }
+            split = tiled_vae_cost(SD_VAE, width, height, store_budget=host_bytes + device_store_bytes,
+                                   device_store_bytes=device_store_bytes, **common)  # fmt: skip
+            host = tiled_vae_cost(SD_VAE, width, height, store_budget=host_bytes, **common)
+            lines.append(
+                f"| {width}x{height} | {'encode' if encode else 'decode'} | {format_size(plain)} | "
+                f"{format_size(split.device_peak)} | "
+                f"{format_size(split.host_peak)} | {split.flops:.3e} | {split.plain_flops:.3e} | "
+                f"{split.overhead:.2f}x | {format_size(host.host_peak)} | {host.overhead:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -256,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--band-mib", type=int, default=16, help="band_bytes of the tiler, in MiB")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--out", default="benchmarks/results/vae-bounded-cpu-1thread")
+    parser.add_argument("--cost-16k", action="store_true", help="print the 16K cost-model table and exit")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
+        return 0
+    if args.cost_16k:
+        print(cost_table_16k(), end="")
         return 0
     args.sizes = [int(size) for size in args.sizes.split(",")]
     args.policies = args.policies.split(",")
