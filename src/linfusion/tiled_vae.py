@@ -13,8 +13,9 @@ chain of layers streamed over row chunks instead, and every GroupNorm uses whole
   per channel (float64 across chunks): the statistics the GroupNorm reading the target needs;
 - the program is one pass per GroupNorm input, in order, then a last pass that writes the output. A pass
   may *store* a point it crosses (rows written as they are produced); later passes start there instead of
-  recomputing from further back. A pass that replaces its source by a newer stored point frees the
-  source's rows as it reads them, so the store holds about the larger of the two, not their sum;
+  recomputing from further back. The store keeps whole-row blocks of about 32 MiB; a pass that replaces
+  its source by a newer stored point frees the source's blocks as it reads them, so the store holds about
+  the larger of the two, not their sum;
 - the mid-block self-attention is global: keys and values of all tokens are built chunk by chunk and the
   queries attend to them in chunks (exact softmax; when the keys and values do not fit the chunk budget
   they go to the store and are read in chunks with a running log-sum-exp). With the linear VAE attention
@@ -28,7 +29,7 @@ and FLOPs analytically, without running anything (the memory planner calls it).
 
 The result equals the untiled VAE up to float summation order. Working memory on the compute device is the
 chunks of one pass (about ``band_bytes``); the store sits on ``store_device`` (the VAE's device by default;
-``"cpu"`` keeps only chunks on the GPU).
+``"cpu"`` keeps only chunks on the GPU, or also ``device_store_bytes`` of the store).
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def _pass_rows(chain: Chain, source: Point, target: Point, band_bytes: int) -> i
 
 
 @dataclass(frozen=True)
-class AttentionChunks:
+class _AttentionChunks:
     """How the attention pass is chunked: token rows per chunk, query rows, keys/values on the device."""
 
     rows: int
@@ -352,7 +353,7 @@ class AttentionChunks:
     working_bytes: int
 
 
-def _attention_chunks(chain: Chain, unit_index: int, band_bytes: int) -> AttentionChunks:
+def _attention_chunks(chain: Chain, unit_index: int, band_bytes: int) -> _AttentionChunks:
     """Keys and values stay on the compute device when they take at most half the chunk budget; else they go
     to the store and each query chunk reads them key chunk by key chunk (scores: 3 float32 copies)."""
     unit = chain.units[unit_index]
@@ -372,7 +373,7 @@ def _attention_chunks(chain: Chain, unit_index: int, band_bytes: int) -> Attenti
     work = 8 * token_row * max(rows, query_rows) + (kv_bytes if kv_on_device else 0)
     if softmax and not kv_on_device:
         work += scores_row * rows * query_rows
-    return AttentionChunks(rows, query_rows, kv_on_device, kv_bytes, work)
+    return _AttentionChunks(rows, query_rows, kv_on_device, kv_bytes, work)
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -863,7 +864,9 @@ class ExactTiler:
     at once (None: no limit, so nothing is recomputed); :func:`plan_vae` picks what to store and what to
     recompute within it (``store_points="level-inputs"`` restricts it to the levels' inputs).
     ``store_device``: where the store lives (default: the VAE's device); when that is another device,
-    up to ``device_store_bytes`` of it still stay on the VAE's device (filled first).
+    up to ``device_store_bytes`` of it still stay on the VAE's device (filled first). ``store_block_bytes``:
+    the store's allocation unit. After a run, ``pass_store_peaks`` holds the bytes the store held at most
+    during each pass of the plan (its own count).
     """
 
     def __init__(
@@ -1235,12 +1238,15 @@ def estimate_band_rows(band_bytes: int, channels: int, width: int) -> int:
 
 __all__ = [
     "DEFAULT_BAND_BYTES",
+    "DEFAULT_STORE_BLOCK_BYTES",
+    "STORE_POINTS",
     "Chain",
     "ExactTiler",
     "Pass",
     "Plan",
     "Point",
     "StoreBudgetError",
+    "StoreUsage",
     "UnsupportedVAE",
     "Unit",
     "VAECost",
