@@ -171,8 +171,9 @@ def counted_flops(policy: str, size: int, encode: bool, dtype: torch.dtype, band
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from .attention import _environment
+    from .attention import _environment, _loadavg
 
+    load_at_start = _loadavg()
     dtype = DTYPES[args.dtype]
     band_bytes = args.band_mib * MIB
     records = []
@@ -183,7 +184,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for policy in args.policies:
                     output = str(Path(folder) / f"{size}-{encode}-{policy}.pt")
                     spec = {"policy": policy, "size": size, "encode": encode, "dtype": args.dtype,
-                            "band_bytes": band_bytes, "repeats": args.repeats, "output": output}  # fmt: skip
+                            "band_bytes": band_bytes, "repeats": args.repeats, "output": output,
+                            "warmup": True}  # fmt: skip
                     measured = run_child(spec)
                     result = torch.load(output)
                     if policy == "plain":
@@ -211,6 +213,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     records.append(record)
                     print(json.dumps(record), flush=True)
     environment = _environment(torch.device("cpu"), 1, command=args.command)
+    environment["loadavg_start"] = load_at_start
+    environment["loadavg_end"] = _loadavg()
     return {"environment": environment, "band_bytes": band_bytes, "dtype": args.dtype, "records": records}
 
 
@@ -221,7 +225,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Machine: {env['cpu_model']}, {env['cpu_count']} cores, torch {env['torch_version']}, 1 thread; "
         f"{result['dtype']}, band budget {format_size(result['band_bytes'])}; SD-shaped VAE with random weights. "
-        f"Command: `{env['command']}`. Each row is a fresh process; other work may have run on the other core.",
+        f"Command: `{env['command']}`. Each row is a fresh process (one small warm-up run first, then the "
+        f"measured runs); the machine is shared: load average {env['loadavg_start']} at the start, "
+        f"{env['loadavg_end']} at the end, so other work ran beside these runs and times are noisy.",
         "",
         "| size | direction | policy | max abs diff vs plain | peak RSS | model peak | peak / plain | "
         "median time (s) | time / plain | FLOPs (counted) | FLOPs / plain | model FLOPs / counted |",
@@ -245,7 +251,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Peak RSS: high-water mark above the RSS with the VAE and its input loaded. Model peak: "
-        "`tiled_vae_cost(..., device_store_bytes=None).device_peak` (store and chunks in the same memory, less the input made before the baseline). "
+        "`tiled_vae_cost(..., device_store_bytes=None).device_peak` (store and chunks in the same memory), "
+        "less the input, which is made before the baseline. "
         "FLOPs: `torch.utils.flop_counter.FlopCounterMode` on the meta device.",
     ]
     return "\n".join(lines) + "\n"
