@@ -134,6 +134,29 @@ def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="")
 
 
+def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``linfusion bench vae``."""
+    parser.add_argument("--sizes", default="256,512,1024", help="image sizes (square), comma-separated")
+    parser.add_argument(
+        "--policies",
+        default="plain,full,half,level-inputs",
+        help="store policies; plain (the reference) first",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per process; the median time is reported"
+    )
+    parser.add_argument("--band-mib", type=int, default=16, help="band_bytes of the tiler, in MiB")
+    parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--out", default="benchmarks/results/vae-bounded-cpu-1thread", help="path stem")
+    parser.add_argument("--cost-16k", action="store_true", help="print the 16K cost-model table and exit")
+
+
+def _run_vae(args: argparse.Namespace) -> int:
+    from ..bench.vae import run_from_args
+
+    return run_from_args(args)
+
+
 def _run_attention(args: argparse.Namespace) -> int:
     from ..bench.attention import run_from_args
 
@@ -168,4 +191,11 @@ def register(subparsers: Any) -> None:
     )
     add_highres_arguments(highres)
     highres.set_defaults(func=_run_highres)
+    vae = bench_sub.add_parser(
+        "vae",
+        help="the exact tiled VAE vs the plain one per store policy: exactness, peak RSS, time, FLOPs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_vae_arguments(vae)
+    vae.set_defaults(func=_run_vae)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
