@@ -34,7 +34,7 @@ from .patches.base import Patch
 from .patches.savers import apply_memory_savers
 from .patches.tiling import apply_exact_tiling
 from .patches.vae_attention import apply_vae_attention
-from .tiled_vae import ExactTiler
+from .tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
 from .tracing import traced_flops, traced_peak
 from .vae_attention import vae_attention_mode
 
@@ -78,6 +78,9 @@ class Savers:
     banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
     unet_store_on_host: bool = False  # the banded UNet's whole activations in host memory
     unet_store_budget: int | None = None  # ... of which this many bytes may stay on the device
+    vae_store_on_host: bool = False  # the tiled VAE's store in host memory ...
+    vae_store_budget: int | None = None  # ... holding at most this many bytes (None: no limit)
+    vae_device_store_bytes: int = 0  # ... of which this many stay on the device
 
     def names(self) -> list[str]:
         names = []
@@ -96,7 +99,11 @@ class Savers:
         if self.skip_offload:
             names.append("skip tensors parked on the CPU")
         if self.tiled_vae:
-            names.append("exact tiled VAE")
+            where = "host" if self.vae_store_on_host else "device"
+            limit = (
+                f", at most {format_size(self.vae_store_budget)}" if self.vae_store_budget is not None else ""
+            )
+            names.append(f"exact tiled VAE (store on the {where}{limit})")
         if self.model_offload:
             names.append("model CPU offload")
         return names or ["none needed"]
@@ -289,6 +296,7 @@ class MemoryPlanner:
         self._measures: dict[tuple, Extrapolated] = {}
         self._banded: dict[tuple, UNetCost] = {}
         self._banded_ok: bool | None = None
+        self._tiled: dict[tuple, tuple[int, int, int] | None] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
@@ -534,11 +542,66 @@ class MemoryPlanner:
             )
         return self._banded[key]
 
-    def vae_options(self, width: int, height: int, encode: bool) -> Iterator[PhaseCost]:
-        """Every way to run the stage's VAE decode (and encode), cheapest first."""
-        flops = self.vae_flops(width, height, encode)
-        for savers in (Savers(), Savers(tiled_vae=True)):
-            yield PhaseCost(savers, self.vae_activations(width, height, savers, encode), 0, flops)
+    def vae_options(
+        self, width: int, height: int, encode: bool, room: int, host_room: int | None
+    ) -> Iterator[PhaseCost]:
+        """Every way to run the stage's VAE decode (and encode), cheapest first.
+
+        The plain VAE; then the exact tiled VAE (:mod:`linfusion.tiled_vae`, costed analytically): its store
+        whole on the device; on CUDA in host memory (``host_room`` bytes, ``room`` of it kept on the
+        device); then within ``room`` on the device, recomputing what it cannot keep (more FLOPs); then on
+        CUDA within ``host_room`` alone.
+        """
+        yield PhaseCost(
+            Savers(),
+            self.vae_activations(width, height, Savers(), encode),
+            0,
+            self.vae_flops(width, height, encode),
+        )
+        stores: list[tuple[bool, int | None, int | None]] = [
+            (False, None, None)
+        ]  # (on host, budget, on device)
+        if self.device.type == "cuda" and host_room is not None:
+            stores.append((True, host_room + max(0, room), max(0, room)))
+        stores.append((False, max(0, room), None))
+        if self.device.type == "cuda" and host_room is not None:
+            stores.append((True, host_room, 0))
+        options = []
+        for on_host, store_budget, on_device in stores:
+            cost = self.tiled_vae_cost(width, height, encode, store_budget, on_device)
+            if cost is None:
+                continue
+            savers = Savers(
+                tiled_vae=True, vae_store_on_host=on_host, vae_store_budget=store_budget,
+                vae_device_store_bytes=on_device or 0,
+            )  # fmt: skip
+            options.append(PhaseCost(savers, self._with_overhead(cost[0]), cost[1], cost[2]))
+        yield from sorted(options, key=lambda option: option.flops)  # stable: the order above on ties
+
+    def tiled_vae_cost(
+        self, width: int, height: int, encode: bool, store_budget: int | None, on_device: int | None
+    ) -> tuple[int, int, int] | None:
+        """(device bytes, host bytes, FLOPs) of the tiled decode (and encode), or None when the store
+        cannot be that small."""
+        key = (width, height, encode, store_budget, on_device, self._vae_mode())
+        if key not in self._tiled:
+            common = {"dtype": self.dtype, "band_bytes": DEFAULT_BAND_BYTES, "store_budget": store_budget,
+                      "device_store_bytes": on_device, "attention": self._vae_mode()}  # fmt: skip
+            try:
+                costs = [tiled_vae_cost(self.pipe.vae.config, width, height, encode=False, **common)]
+                if encode:
+                    costs.append(tiled_vae_cost(self.pipe.vae.config, width, height, encode=True, **common))
+            except StoreBudgetError:
+                self._tiled[key] = None
+            else:
+                postprocessing = 3 * height * width * 4  # the decoded image as float, then as uint8
+                device = max(cost.device_peak for cost in costs) + postprocessing
+                self._tiled[key] = (
+                    device,
+                    max(cost.host_peak for cost in costs),
+                    sum(c.flops for c in costs),
+                )
+        return self._tiled[key]
 
     def plan_stage(
         self,
@@ -586,12 +649,27 @@ class MemoryPlanner:
                 unet_resident,
                 weights - unet_weights if offload else 0,
             )
+            vae_resident = vae_weights if offload else weights
+            vae_idle = weights - vae_weights if offload else 0
             vae = choose(
-                self.vae_options(width, height, encode),
-                vae_weights if offload else weights,
-                weights - vae_weights if offload else 0,
+                self.vae_options(
+                    width,
+                    height,
+                    encode,
+                    budget - vae_resident - BANDED_MARGIN,
+                    None if host_limit is None else host_limit - vae_idle - BANDED_MARGIN,
+                ),
+                vae_resident,
+                vae_idle,
             )
-            savers = replace(unet.savers, tiled_vae=vae.savers.tiled_vae, model_offload=offload)
+            savers = replace(
+                unet.savers,
+                tiled_vae=vae.savers.tiled_vae,
+                vae_store_on_host=vae.savers.vae_store_on_host,
+                vae_store_budget=vae.savers.vae_store_budget,
+                vae_device_store_bytes=vae.savers.vae_device_store_bytes,
+                model_offload=offload,
+            )
             stage = StagePlan(
                 width, height, savers, weights, unet.device, vae.device, unet_weights, vae_weights,
                 unet.host, vae.host, unet.flops + vae.flops, plain_flops,
@@ -673,7 +751,15 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
             )
         )
         if savers.tiled_vae:
-            patch.add(apply_exact_tiling(pipe.vae))
+            patch.add(
+                apply_exact_tiling(
+                    pipe.vae,
+                    band_bytes=DEFAULT_BAND_BYTES,
+                    store_device="cpu" if savers.vae_store_on_host else None,
+                    store_budget=savers.vae_store_budget,
+                    device_store_bytes=savers.vae_device_store_bytes,
+                )
+            )
         if savers.model_offload:
             patch.add(apply_model_offload(pipe))
     except BaseException:

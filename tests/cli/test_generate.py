@@ -181,3 +181,13 @@ def test_vae_attention_option_is_recorded_and_reproduced(model: Path, tmp_path: 
     with pytest.raises(SystemExit):
         cli(model, tmp_path / "bad.png", "--vae-attention", "fast")
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_a_host_budget_larger_than_this_machine_is_refused_before_loading(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out.png"
+    assert cli(model, out, "--host-memory", "100000TB") == 2
+    error = capsys.readouterr().err
+    assert "more than this machine's" in error and "linfusion plan" in error
+    assert not out.exists()

@@ -15,10 +15,8 @@ import torch
 
 from linfusion import LinFusion
 from linfusion.io import parse_size
-from linfusion.patches.savers import apply_memory_savers
-from linfusion.planner import MemoryPlanner
+from linfusion.planner import MemoryPlanner, apply_savers
 from linfusion.testing import tiny_pipeline
-from linfusion.tiled_vae import tiled_decode
 
 
 def rss(field: str) -> int:
@@ -42,26 +40,21 @@ def main(size: int, activation_budget: str, model: str = "tiny") -> dict:
     latents, context = torch.randn(latents.shape), torch.randn(context.shape)
     vae_latents = torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     extra = {"timestep": torch.tensor(999), "encoder_hidden_states": context}
-    savers = stage.savers
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the high-water mark to the current RSS
-    baseline = rss("VmRSS:")
-    with torch.no_grad():
-        with apply_memory_savers(
-            pipe.unet, feed_forward_chunk=savers.feed_forward_chunk, sequential_cfg=savers.sequential_cfg
-        ):
-            pipe.unet(latents, **extra)
-        if savers.tiled_vae:
-            tiled_decode(pipe.vae, vae_latents)
-        else:
-            pipe.vae.decode(vae_latents)
+    with torch.no_grad(), apply_savers(pipe, stage.savers):  # whatever the plan chose, as a run applies it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the high-water mark to the current RSS
+        baseline = rss("VmRSS:")
+        pipe.unet(latents, **extra)
+        pipe.vae.decode(vae_latents)
     measured = rss("VmHWM:") - baseline
     estimate = max(stage.unet_activations, stage.vae_activations)
     return {
         "model": model,
         "size": size,
-        "savers": savers.names(),
+        "savers": stage.savers.names(),
+        "banded_unet": stage.savers.banded_unet,
+        "tiled_vae": stage.savers.tiled_vae,
         "estimate": estimate,
         "measured": measured,
     }

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from ..choices import BUNDLED_MODEL_NAME
-from ..io import atomic_file
+from ..io import atomic_file, format_size, parse_size, size_flag
 from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages
 from ..pipelines.demofusion import demofusion
 from ..pipelines.sdedit import sdedit
 from ..pipelines.upscale import upscale_target
-from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, Savers, apply_savers
+from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, Savers, apply_savers, available_memory
 from ..vae_attention import quadratic_attention_hint
 from .loading import LoadedPipeline, load
 from .params import GenerationError, GenerationParams
@@ -72,14 +72,43 @@ def stages_for(
     )
 
 
+def check_host_budget(host_memory: str | None) -> None:
+    """Refuse a host budget this machine does not have (a plan for another machine: ``linfusion plan``)."""
+    if host_memory is None:
+        return
+    try:
+        wanted = parse_size(host_memory)
+    except ValueError as error:
+        raise GenerationError(str(error)) from error
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if wanted > total:
+        raise GenerationError(
+            f"--host-memory {host_memory} is more than this machine's {format_size(total)} of memory; pass at "
+            f"most --host-memory {size_flag(total)} (to plan for another machine: linfusion plan)"
+        )
+
+
 def plan_memory(
-    pipe: Any, stages: Sequence[Stage], max_memory: str | None, guidance: float, quiet: bool
+    pipe: Any,
+    stages: Sequence[Stage],
+    max_memory: str | None,
+    guidance: float,
+    quiet: bool,
+    host_memory: str | None = None,
 ) -> MemoryPlan:
-    """The memory plan for these stages (printed), or a GenerationError that names the smallest budget."""
+    """The memory plan for these stages (printed), or a GenerationError that names the smallest budgets.
+
+    ``host_memory``: what may be parked in host memory (default on a GPU: the machine's available memory).
+    """
     sizes = [stage.size for stage in stages]
     encodes = [stage.strength is not None for stage in stages]
+    planner = MemoryPlanner(pipe)
+    if host_memory is None and planner.device.type == "cuda":
+        host_memory = str(available_memory(torch.device("cpu")))
     try:
-        plan = MemoryPlanner(pipe).plan(sizes, budget=max_memory, guidance=guidance > 1.0, encodes=encodes)
+        plan = planner.plan(
+            sizes, budget=max_memory, guidance=guidance > 1.0, encodes=encodes, host_budget=host_memory
+        )
     except (MemoryBudgetError, ValueError) as error:  # ValueError: an unreadable --max-memory
         raise GenerationError(str(error)) from error
     if not quiet:
@@ -138,6 +167,7 @@ def generate(
     save_stages: str | os.PathLike | None = None,
     max_memory: str | None = None,
     on_stage_end: StageCallback | None = None,
+    host_memory: str | None = None,
 ) -> Path:
     """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads.
 
@@ -148,6 +178,7 @@ def generate(
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
     params.validate()
     check_writable(out_path)
+    check_host_budget(host_memory)
     loaded = load(params, device)
     try:
         params = loaded.params
@@ -156,7 +187,7 @@ def generate(
         )
         loaded.pipe.set_progress_bar_config(disable=not progress, desc="generate")
         memory_plan = plan_memory(
-            loaded.pipe, stages_for(loaded, params), max_memory, params.guidance, not progress
+            loaded.pipe, stages_for(loaded, params), max_memory, params.guidance, not progress, host_memory
         )
         image = render(loaded, params, memory_plan, None, callback_on_step_end, on_stage_end, save_stages)
     finally:
@@ -175,6 +206,7 @@ def upscale_file(
     max_memory: str | None = None,
     callback_on_step_end: Callable | None = None,
     on_stage_end: StageCallback | None = None,
+    host_memory: str | None = None,
 ) -> Path:
     """Enlarge the image at ``source`` by ``scale`` with SDEdit (or, with ``params.mode`` "demofusion",
     DemoFusion) stages guided by ``params.prompt``."""
@@ -197,12 +229,13 @@ def upscale_file(
     params.validate()
     out_path = Path(out)
     check_writable(out_path)
+    check_host_budget(host_memory)
     loaded = load(params, device)
     try:
         params = loaded.params
         loaded.pipe.set_progress_bar_config(disable=not progress)
         stages = plan_stages(width, height, max(image.size), start=image.size)
-        memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress)
+        memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
         result = render(loaded, params, memory_plan, image, callback_on_step_end, on_stage_end, save_stages)
     finally:
         loaded.patch.remove()

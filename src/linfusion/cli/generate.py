@@ -36,6 +36,12 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
         "--max-memory", default=None, help="memory budget such as 24GB (default: the device's free memory)"
     )
     parser.add_argument(
+        "--host-memory",
+        default=None,
+        help="host memory for what is parked off a GPU (exact tiled VAE and banded UNet stores, offloaded "
+        "weights), such as 64GB (default: the machine's available memory)",
+    )
+    parser.add_argument(
         "--vae-attention",
         default="exact",
         choices=VAE_ATTENTION_MODES,
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             params = _params(args, args.prompt or "", args.size, args.mode)
         out = generate(
             params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages,
-            max_memory=args.max_memory,
+            max_memory=args.max_memory, host_memory=args.host_memory,
         )  # fmt: skip
     except GenerationError as error:
         print(f"linfusion generate: {error}", file=sys.stderr)
@@ -129,7 +135,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         params = _params(args, args.prompt, None, args.mode)
         out = upscale_file(
             args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
-            save_stages=args.save_stages, max_memory=args.max_memory,
+            save_stages=args.save_stages, max_memory=args.max_memory, host_memory=args.host_memory,
         )  # fmt: skip
     except GenerationError as error:
         print(f"linfusion upscale: {error}", file=sys.stderr)
