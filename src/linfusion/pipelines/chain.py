@@ -130,6 +130,13 @@ def set_progress_label(pipe: Any, label: str) -> None:
     pipe.set_progress_bar_config(**config)
 
 
+def carry_progress_config(source: Any, target: Any) -> None:
+    """Give ``target`` the progress-bar settings of ``source`` (``from_pipe`` does not carry them over)."""
+    config = getattr(source, "_progress_bar_config", None)
+    if config:
+        target.set_progress_bar_config(**config)
+
+
 class ChainSteps(Protocol):
     """What a recipe does in its stages; the runner does everything around them."""
 
@@ -187,6 +194,7 @@ def run_chain(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    carry_progress_config(pipe, img2img)
     current = image.convert("RGB") if image is not None else None
     for index, stage in enumerate(plan):
         label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
@@ -218,6 +226,7 @@ __all__ = [
     "ChainSteps",
     "Stage",
     "chain_stages",
+    "carry_progress_config",
     "check_size",
     "default_strengths",
     "native_long_side",
