@@ -118,6 +118,15 @@ def stage_steps(num_inference_steps: int, strength: float) -> int:
     return max(num_inference_steps, math.ceil(1.0 / strength) + 1)
 
 
+def denoising_steps(stage: Stage, num_inference_steps: int) -> int:
+    """The denoising steps ``stage`` runs: all of them for the base, ``int(asked x strength)`` of the
+    :func:`stage_steps` asked for in an enlargement stage (as diffusers' img2img counts them)."""
+    if stage.strength is None:
+        return num_inference_steps
+    asked = stage_steps(num_inference_steps, stage.strength)
+    return min(int(asked * stage.strength), asked)
+
+
 def native_long_side(pipe: Any) -> int:
     """The long side, in pixels, of the images the pipeline's UNet was trained at."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -229,6 +238,7 @@ __all__ = [
     "carry_progress_config",
     "check_size",
     "default_strengths",
+    "denoising_steps",
     "native_long_side",
     "plan_stages",
     "round_size",
