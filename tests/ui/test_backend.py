@@ -284,6 +284,13 @@ def test_upscale_enlarges_an_upload_and_records_it(backend: Backend, tmp_path: P
     assert (result.width, result.height) == (64, 64)
     assert "Size: 64x64" in result.parameters and "Mode: sdedit" in result.parameters
     assert [caption for _, caption in job.stage_images] == ["1: 64x64"]
+    assert {stage: (step, steps) for stage, step, steps in reported} == {0: (2, 2)}  # as the plan said
+    dilated, reported, job = run(
+        backend.upscale, UpscaleRequest(str(source), scale=1.5, mode="demofusion", steps=8)
+    )
+    assert (dilated.width, dilated.height) == (48, 48) and "Mode: demofusion" in dilated.parameters
+    assert [(stage.width, stage.height, stage.steps) for stage in job.stages] == [(48, 48, 2)]  # SD-XL's 0.32
+    assert {stage: (step, steps) for stage, step, steps in reported} == {0: (2, 2)}
     for scale, message in (
         (1.0, "scale 1.0: enlarge by more than 1 (e.g. 2)"),
         (float("inf"), "scale inf: enlarge by a number such as 2 or 4"),
