@@ -8,7 +8,7 @@ LINT_PATHS := $(wildcard src tests benchmarks scripts)
 # The fast loop leaves out what takes minutes: slow tests, multi-process tests, browser tests.
 FAST_MARKERS := not slow and not multiprocess and not browser
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv demo test test-fast lint format clean browser ui-screenshot
 
 DEMO_PROMPT ?= a large red circle on the left and a small yellow triangle on the right , on a gray background
 
@@ -35,13 +35,33 @@ format: venv
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/linfusion generate "$(DEMO_PROMPT)" --steps 25 --guidance 4 --seed 1 --device cpu --out outputs/demo.png
 
-# Everything, the Triton kernels included (interpreted on the CPU; they must not be skipped here).
-test: lint
+# The browser tests (pytest marker "browser") drive linfusion ui in Debian's Chromium: installed here when
+# missing and run as root, else a clear message. make test always runs them; make test-fast leaves them out.
+browser:
+	@if [ -n "$$LINFUSION_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	else \
+		echo "The browser tests need Chromium: run 'sudo apt-get install -y chromium' (or set LINFUSION_CHROMIUM"; \
+		echo "to a Chromium binary), then make test again."; \
+		exit 1; \
+	fi
+
+# Everything, the Triton kernels and the browser tests included (the kernels interpreted on the CPU; neither
+# may be skipped here).
+test: lint browser
 	HF_HUB_OFFLINE=1 LINFUSION_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The edit-test loop: under 3 minutes on 2 cores.
 test-fast: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+# Refresh the picture of the page in the README and docs/ui.md (docs/ui.png) from the browser test that takes it.
+ui-screenshot: venv browser
+	LINFUSION_UI_SCREENSHOT=docs/ui.png HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/ui/test_browser.py -k readme_screenshot
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -5,7 +5,8 @@
 - no private name (``_x``) imported from another module;
 - nothing imports upward: each module has a layer (docs/architecture.md) and may import lower layers
   or its own package only;
-- ``linfusion --help`` and every ``linfusion COMMAND --help`` import neither torch nor diffusers.
+- ``linfusion --help`` and every ``linfusion COMMAND --help`` import neither torch nor diffusers (nor
+  transformers, numpy or gradio).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ LAYERS = {
     "linfusion.app": 8,
     "linfusion.distill": 8,
     "linfusion.bench": 9,
+    "linfusion.ui": 9,  # the web UI: started by the ui command of linfusion.cli
     "linfusion.cli": 10,
     "linfusion.__main__": 11,
-    "linfusion.ui": 10,
     "linfusion": 12,  # the package root: the public API, resolved lazily
 }
 
@@ -190,7 +191,7 @@ try:
     main({argv!r})
 except SystemExit:
     pass
-heavy = sorted(name for name in ("torch", "diffusers", "transformers", "numpy") if name in sys.modules)
+heavy = sorted(name for name in ("torch", "diffusers", "transformers", "numpy", "gradio") if name in sys.modules)
 print(json.dumps(heavy), file=sys.stderr)
 """
 

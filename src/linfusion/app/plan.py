@@ -13,7 +13,7 @@ from typing import Any
 
 from ..choices import BUNDLED_MODEL_NAME
 from ..io import format_size, parse_size
-from ..pipelines.chain import Stage, native_long_side, plan_stages, stage_steps
+from ..pipelines.chain import Stage, denoising_steps, native_long_side, plan_stages
 from ..planner import MemoryPlan, MemoryPlanner
 from .params import GenerationError
 
@@ -136,9 +136,7 @@ def unet_calls(stage: Stage, steps: int, mode: str) -> int:
     dilated branch."""
     if stage.strength is None:
         return steps
-    scheduled = stage_steps(steps, stage.strength)
-    calls = min(int(scheduled * stage.strength), scheduled)
-    return calls * (2 if mode == "demofusion" else 1)
+    return denoising_steps(stage, steps) * (2 if mode == "demofusion" else 1)
 
 
 def validate(request: PlanRequest) -> None:

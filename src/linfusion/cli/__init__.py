@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "linfusion.cli.plan",
     "linfusion.cli.distill",
     "linfusion.cli.bench",
+    "linfusion.cli.ui",
 )
 
 

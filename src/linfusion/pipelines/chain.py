@@ -118,6 +118,15 @@ def stage_steps(num_inference_steps: int, strength: float) -> int:
     return max(num_inference_steps, math.ceil(1.0 / strength) + 1)
 
 
+def denoising_steps(stage: Stage, num_inference_steps: int) -> int:
+    """The denoising steps ``stage`` runs: all of them for the base, ``int(asked x strength)`` of the
+    :func:`stage_steps` asked for in an enlargement stage (as diffusers' img2img counts them)."""
+    if stage.strength is None:
+        return num_inference_steps
+    asked = stage_steps(num_inference_steps, stage.strength)
+    return min(int(asked * stage.strength), asked)
+
+
 def native_long_side(pipe: Any) -> int:
     """The long side, in pixels, of the images the pipeline's UNet was trained at."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -128,6 +137,13 @@ def set_progress_label(pipe: Any, label: str) -> None:
     config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     config["desc"] = label
     pipe.set_progress_bar_config(**config)
+
+
+def carry_progress_config(source: Any, target: Any) -> None:
+    """Give ``target`` the progress-bar settings of ``source`` (``from_pipe`` does not carry them over)."""
+    config = getattr(source, "_progress_bar_config", None)
+    if config:
+        target.set_progress_bar_config(**config)
 
 
 class ChainSteps(Protocol):
@@ -187,6 +203,7 @@ def run_chain(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    carry_progress_config(pipe, img2img)
     current = image.convert("RGB") if image is not None else None
     for index, stage in enumerate(plan):
         label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
@@ -218,8 +235,10 @@ __all__ = [
     "ChainSteps",
     "Stage",
     "chain_stages",
+    "carry_progress_config",
     "check_size",
     "default_strengths",
+    "denoising_steps",
     "native_long_side",
     "plan_stages",
     "round_size",

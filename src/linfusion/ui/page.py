@@ -1,0 +1,521 @@
+"""The ``linfusion ui`` page: Gradio components and their events, nothing else.
+
+Every request goes through :class:`linfusion.ui.backend.Backend` (models, plans, the jobs' work) and every
+job through :class:`linfusion.ui.jobs.JobRunner` (one at a time on the device). Handlers never raise:
+a bad request, an impossible budget or a failed job is a message in the tab's status line, and the next
+job works as before.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .backend import (
+    MODE_LABELS,
+    SCHEDULERS,
+    UPSCALE_MODES,
+    Backend,
+    PlanView,
+    Result,
+    TextToImageRequest,
+    UpscaleRequest,
+    open_upload,
+)
+from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner, UserError
+
+SIZE_PRESETS = [
+    ("native", 0),
+    ("512", 512),
+    ("768", 768),
+    ("1024", 1024),
+    ("1536", 1536),
+    ("2K (2048)", 2048),
+    ("4K UHD (3840)", 3840),
+    ("4K (4096)", 4096),
+    ("8K UHD (7680)", 7680),
+    ("8K (8192)", 8192),
+    ("16K UHD (15360)", 15360),
+    ("16K (16384)", 16384),
+]
+ASPECT_RATIOS = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"]
+SAMPLER_CHOICES = [("model default", ""), *((name, name) for name in SCHEDULERS)]
+STATUS_EVERY = 0.5  # seconds between progress lines while nothing else changes
+GALLERY = {
+    "fit_columns": False,
+    "interactive": False,
+    "object_fit": "contain",
+    "buttons": ["download", "fullscreen"],
+}
+
+# Accessible names Gradio does not give: a radio group's fieldset has no legend, an output image's block
+# label is tied to nothing. Set by an inline script (nothing is fetched) that keeps them across re-renders.
+ACCESSIBLE_NAMES = {
+    f"{tab}-{name}": (role, label)
+    for tab in ("t2i", "up")
+    for name, role, label in (
+        ("mode", "radiogroup", "Mode"),
+        ("vae", "radiogroup", "VAE attention"),
+        ("result", "region", "Result"),
+        ("stages", "region", "Stages"),
+        ("gallery", "region", "Images of this run"),
+        ("status", "status", "Status"),
+    )
+}
+# A PNG dropped anywhere on the Generate tab (not on an upload box, which takes its own drops) goes to the
+# "restore its parameters" box, as if it had been dropped there.
+DROP_SCRIPT = """<script>(() => {
+const restoreInput = () => document.querySelector("#t2i-restore input[type=file]");
+const onGenerateTab = (target) => target instanceof Element && target.closest("#tab-generate") &&
+  !target.closest("[data-testid=file-upload], #t2i-restore, #up-file, .upload-container, button.center");
+const isFileDrag = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+document.addEventListener("dragover", (event) => {
+  if (isFileDrag(event) && onGenerateTab(event.target) && restoreInput()) event.preventDefault();
+}, true);
+document.addEventListener("drop", (event) => {
+  const input = restoreInput();
+  if (!isFileDrag(event) || !onGenerateTab(event.target) || !input || !event.dataTransfer.files.length) return;
+  event.preventDefault(); event.stopPropagation();
+  const transfer = new DataTransfer();
+  transfer.items.add(event.dataTransfer.files[0]);
+  input.files = transfer.files;
+  input.dispatchEvent(new Event("change", {bubbles: true}));
+}, true);
+})();</script>"""
+HEAD = (
+    "<script>(() => {const names = "
+    + json.dumps({key: list(value) for key, value in ACCESSIBLE_NAMES.items()})
+    + """;
+const apply = () => { for (const [id, [role, name]] of Object.entries(names)) {
+  const element = document.getElementById(id);
+  if (element && element.getAttribute("aria-label") !== name) {
+    element.setAttribute("role", role); element.setAttribute("aria-label", name);
+    if (role === "status") element.setAttribute("aria-live", "polite");
+  } } };
+new MutationObserver(apply).observe(document.documentElement, {childList: true, subtree: true});
+})();</script>"""
+    + DROP_SCRIPT
+)
+CSS = """
+#t2i-status, #up-status { min-height: 2.5em; }
+.plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
+#t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default look with the system's own fonts: the page fetches nothing from the internet."""
+    return gr.themes.Default(
+        font=("ui-sans-serif", "system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace")
+    )
+
+
+# ---------------------------------------------------------------------- texts
+def size_for(long_side: int, ratio: str) -> tuple[int, int]:
+    """Width and height (multiples of 8) with ``long_side`` on the longer side and the aspect ``ratio``."""
+    across, down = (int(part) for part in ratio.split(":"))
+    short = max(8, round(long_side * min(across, down) / max(across, down) / 8) * 8)
+    return (long_side, short) if across >= down else (short, long_side)
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def _seconds(value: float) -> str:
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def status_line(job: Job, runner: JobRunner) -> str:
+    """What the page says about ``job`` now: its place in the queue, its progress, or how it ended."""
+    if job.state == WAITING:
+        position, ahead = runner.position(job) or 1, runner.ahead(job)
+        return (
+            f"Waiting: {_ordinal(position)} in the queue "
+            f"({ahead} job{'s' if ahead != 1 else ''} ahead of yours on the device)."
+        )
+    if job.state == RUNNING:
+        if job.cancel_requested:
+            return "Cancelling: the job stops after the current step..."
+        if job.note or not job.stages:
+            return job.note or "Starting..."
+        index = min(job.stage, len(job.stages) - 1)
+        stage = job.stages[index]
+        line = (
+            f"Stage {index + 1} of {len(job.stages)} ({stage.width}x{stage.height}) · "
+            f"step {job.step} of {job.stage_steps or stage.steps} · {_seconds(job.elapsed())} elapsed"
+        )
+        remaining = job.remaining()
+        return line if remaining is None else f"{line} · about {_seconds(remaining)} left"
+    if job.state == DONE:
+        result: Result = job.result
+        return (
+            f"Done in {_seconds(result.seconds)}: {result.width}x{result.height}, seed {result.seed}, "
+            f"saved as {result.path.name}."
+        )
+    if job.state == CANCELLED:
+        if job.started is None:
+            return "Cancelled before it started."
+        where = (
+            f"stage {job.stage + 1} of {len(job.stages)}, step {job.step}" if job.stages else "while planning"
+        )
+        return f"Cancelled ({where}); nothing was saved."
+    return f"Error: {job.error}"
+
+
+class PlanOrder:
+    """Which plan request of a page is the newest, by the number the page gave it when it sent it.
+
+    Requests are numbered in the browser (:data:`PLAN_NUMBERING_JS`), so two quick changes cannot swap
+    places on their way through the server's threads: only the newest plan is shown, and an older one
+    still tracing stops between two stages.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._newest: dict[tuple[str, str], float] = {}
+
+    def offer(self, session: str, tab: str, number: float) -> bool:
+        """Record ``number`` unless a newer request was seen; True when it is the newest."""
+        with self._lock:
+            if number < self._newest.get((session, tab), float("-inf")):
+                return False
+            self._newest[(session, tab)] = number
+            return True
+
+    def newest(self, session: str, tab: str, number: float) -> bool:
+        with self._lock:
+            return self._newest.get((session, tab)) == number
+
+
+# Runs in the page before each plan request: numbers it (the first input) in the order of the changes.
+PLAN_NUMBERING_JS = (
+    "(number, ...values) => [(window.linfusionPlans = (window.linfusionPlans || 0) + 1), ...values]"
+)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+# ---------------------------------------------------------------------- components
+@dataclass
+class Settings:
+    """The settings both tabs share, below their own inputs."""
+
+    mode: gr.Radio
+    steps: gr.Number
+    guidance: gr.Number
+    seed: gr.Number
+    linfusion: gr.Checkbox
+    vae_attention: gr.Radio
+    budget: gr.Textbox
+    sampler: gr.Dropdown
+    model: gr.Dropdown
+
+    def request_fields(self, values: dict) -> dict[str, Any]:
+        return {
+            "mode": values[self.mode],
+            "steps": values[self.steps],
+            "guidance": values[self.guidance],
+            "seed": values[self.seed],
+            "linfusion": bool(values[self.linfusion]),
+            "vae_attention": values[self.vae_attention],
+            "budget": values[self.budget] or "",
+            "sampler": values[self.sampler] or "",
+            "model": values[self.model],
+        }
+
+    def components(self) -> list:
+        return list(vars(self).values())
+
+
+@dataclass
+class Outputs:
+    """What a tab shows about its job: status line, plan, result, its PNG, parameters, stage previews."""
+
+    status: gr.Markdown
+    plan: gr.Textbox
+    result: gr.Image
+    download: gr.DownloadButton
+    parameters: gr.Textbox
+    stages: gr.Gallery
+    gallery: gr.Gallery | None = None  # images of this run (Generate tab)
+    seed: gr.State | None = None  # the seed of the last result, for "Reuse last seed" (Generate tab)
+
+
+def _settings(tab: str, backend: Backend, modes: list[str], default_mode: str, mode_info: str) -> Settings:
+    mode = gr.Radio([(MODE_LABELS[m], m) for m in modes], value=default_mode, label="Mode", info=mode_info,
+                    elem_id=f"{tab}-mode")  # fmt: skip
+    with gr.Row():
+        steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id=f"{tab}-steps")
+        guidance = gr.Number(7.5, label="Guidance", info="CFG scale", elem_id=f"{tab}-guidance")
+        seed = gr.Number(-1, label="Seed", precision=0, info="-1: random", elem_id=f"{tab}-seed")
+    with gr.Row():
+        linfusion = gr.Checkbox(True, label="LinFusion", info="linear attention; off: the model's softmax "
+                                "attention, to compare", elem_id=f"{tab}-linfusion")  # fmt: skip
+        vae = gr.Radio(["exact", "linear"], value="exact", label="VAE attention", info="linear: fast decodes "
+                       "at 4K and more (a close approximation)", elem_id=f"{tab}-vae")  # fmt: skip
+    with gr.Row():
+        budget = gr.Textbox(
+            label="Memory budget", placeholder="free memory (e.g. 8GB)", elem_id=f"{tab}-budget"
+        )
+        sampler = gr.Dropdown(SAMPLER_CHOICES, value="", label="Sampler", elem_id=f"{tab}-sampler")
+        model = gr.Dropdown(
+            backend.model_names, value=backend.model_names[0], label="Model", elem_id=f"{tab}-model"
+        )
+    return Settings(mode, steps, guidance, seed, linfusion, vae, budget, sampler, model)
+
+
+def _outputs(tab: str, generate_tab: bool) -> Outputs:
+    """Status and plan on top (the plan is in view before anything runs), then the result and its stages."""
+    status = gr.Markdown("Ready." if tab == "t2i" else "Upload an image to enlarge.", elem_id=f"{tab}-status")
+    plan = gr.Textbox(label="Memory plan", lines=3, max_lines=16, interactive=False, elem_id=f"{tab}-plan",
+                      elem_classes="plan")  # fmt: skip
+    result = gr.Image(label="Result", type="filepath", format="png", interactive=False, alt_text="Result",
+                      buttons=["download", "fullscreen"], height=360, elem_id=f"{tab}-result")  # fmt: skip
+    stages = gr.Gallery(label="Stages", columns=6, height=150, elem_id=f"{tab}-stages", **GALLERY)
+    download = gr.DownloadButton("Download PNG", visible=False, elem_id=f"{tab}-download")
+    parameters = gr.Textbox(label="Parameters", interactive=False, lines=3, elem_id=f"{tab}-parameters")
+    if not generate_tab:
+        return Outputs(status, plan, result, download, parameters, stages)
+    run_gallery = gr.Gallery(label="Images of this run", columns=6, height=240, elem_id=f"{tab}-gallery",
+                             **GALLERY)  # fmt: skip
+    return Outputs(status, plan, result, download, parameters, stages, run_gallery, gr.State(None))
+
+
+# ---------------------------------------------------------------------- the page
+def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
+    """The Blocks of the page; launching it is :mod:`linfusion.ui.cli`'s business."""
+    native = backend.native_size(backend.model_names[0])
+    with gr.Blocks(title="LinFusion", analytics_enabled=False) as page:
+        gr.Markdown(
+            "# LinFusion\nStable Diffusion with linear attention, for images far beyond the model's native "
+            f"size. Device: **{backend.device.type}**; models: {', '.join(backend.model_names)}. The memory "
+            "plan is shown before anything runs."
+        )
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"), gr.Row():
+                with gr.Column(scale=5):
+                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt")
+                    negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="t2i-negative")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
+                        cancel = gr.Button("Cancel", variant="stop", elem_id="t2i-cancel")
+                    with gr.Row():
+                        width = gr.Number(native, label="Width", precision=0, info="a multiple of 8",
+                                          elem_id="t2i-width")  # fmt: skip
+                        height = gr.Number(native, label="Height", precision=0, info="a multiple of 8",
+                                           elem_id="t2i-height")  # fmt: skip
+                    with gr.Row():
+                        preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
+                                             f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
+                        ratio = gr.Dropdown(
+                            ASPECT_RATIOS, value="1:1", label="Aspect ratio", elem_id="t2i-ratio"
+                        )
+                    t2i = _settings("t2i", backend, list(MODE_LABELS), "plain", "plain: one pass at the size; "
+                                    "SDEdit chain / DemoFusion: the native size, then enlargement stages "
+                                    "(for 2K-16K)")  # fmt: skip
+                    with gr.Row():
+                        reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
+                        send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
+                    restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
+                                      height=90, elem_id="t2i-restore")  # fmt: skip
+                with gr.Column(scale=6):
+                    t2i_out = _outputs("t2i", generate_tab=True)
+            with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale"), gr.Row():
+                with gr.Column(scale=5):
+                    source = gr.File(label="Image to enlarge", type="filepath", height=90, elem_id="up-file")
+                    preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview")
+                    scale = gr.Number(
+                        2, label="Scale", info="e.g. 2 or 4 (width and height)", elem_id="up-scale"
+                    )
+                    up_prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what the image shows (guides "
+                                           "the new detail)", elem_id="up-prompt")  # fmt: skip
+                    up_negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="up-negative")
+                    with gr.Row():
+                        upscale = gr.Button("Upscale", variant="primary", elem_id="up-run")
+                        up_cancel = gr.Button("Cancel", variant="stop", elem_id="up-cancel")
+                    up = _settings("up", backend, list(UPSCALE_MODES), "sdedit", "the enlargement stages")
+                with gr.Column(scale=6):
+                    up_out = _outputs("up", generate_tab=False)
+        t2i_fields = [prompt, negative, width, height, *t2i.components()]
+        up_fields = [source, scale, up_prompt, up_negative, *up.components()]
+        t2i_inputs, up_inputs = set(t2i_fields), set(up_fields)
+
+        def t2i_request(values: dict) -> TextToImageRequest:
+            return TextToImageRequest(prompt=values[prompt] or "", negative_prompt=values[negative] or "",
+                                      width=values[width], height=values[height], **t2i.request_fields(values))  # fmt: skip
+
+        def up_request(values: dict) -> UpscaleRequest:
+            factor = values[scale]
+            return UpscaleRequest(image_path=values[source], scale=0 if factor is None else factor,
+                                  prompt=values[up_prompt] or "", negative_prompt=values[up_negative] or "",
+                                  **up.request_fields(values))  # fmt: skip
+
+        # ------------------------------------------------------------------ the plan, before anything runs
+        order = PlanOrder()
+        plan_number = gr.Number(0, visible=False)  # set by PLAN_NUMBERING_JS in the page
+
+        def plan_lines(tab: str, number: float, request_value: Any, session: str) -> Iterator[str]:
+            if not order.offer(session, tab, number):
+                return  # a newer request of this page was already planned or is being planned
+            try:
+                for item in backend.plan_progress(request_value):
+                    if not order.newest(session, tab, number):
+                        return  # a newer request of this page replaces this plan
+                    yield item.text if isinstance(item, PlanView) else item
+            except Exception as error:  # the plan box shows it; the server goes on
+                yield f"Cannot plan: unexpected error ({type(error).__name__}): {error}"
+
+        def t2i_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
+            request_value = t2i_request(dict(zip(t2i_fields, values)))
+            yield from plan_lines("t2i", number, request_value, _session(request))
+
+        def up_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
+            upscale_request = up_request(dict(zip(up_fields, values)))
+            yield from plan_lines("up", number, upscale_request, _session(request))
+
+        quiet = {"show_progress": "hidden", "concurrency_limit": None}
+        planning = {"js": PLAN_NUMBERING_JS, "trigger_mode": "multiple", **quiet}
+        plan_triggers = [width.change, height.change, t2i.mode.change, t2i.model.change, t2i.budget.change,
+                         t2i.linfusion.change, t2i.vae_attention.change, t2i.guidance.change, page.load]  # fmt: skip
+        gr.on(plan_triggers, t2i_plan, [plan_number, *t2i_fields], t2i_out.plan, **planning)
+        up_triggers = [source.change, scale.change, up.mode.change, up.model.change, up.budget.change,
+                       up.linfusion.change, up.vae_attention.change, up.guidance.change]  # fmt: skip
+        gr.on(up_triggers, up_plan, [plan_number, *up_fields], up_out.plan, **planning)
+
+        def apply_preset(long_side: int | None, aspect: str, model_name: str) -> tuple[int, int]:
+            return size_for(long_side or backend.native_size(model_name), aspect or "1:1")
+
+        gr.on([preset.input, ratio.input], apply_preset, [preset, ratio, t2i.model], [width, height], **quiet)
+
+        # ------------------------------------------------------------------ jobs
+        def watch(job: Job, out: Outputs) -> Iterator[dict]:
+            """Page updates while ``job`` waits and runs, then its result or its error."""
+            seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
+            while True:
+                runner.wait(job, seen, STATUS_EVERY)
+                with runner.lock:  # one consistent reading: the job may end while this update is sent
+                    seen, state, line = job.version, job.state, status_line(job, runner)
+                    stage_images = list(job.stage_images)
+                update: dict = {}
+                now = time.monotonic()
+                if line != last_line or now - last_time >= STATUS_EVERY:
+                    update[out.status] = line
+                    last_line, last_time = line, now
+                if len(stage_images) != shown_stages:
+                    shown_stages = len(stage_images)
+                    update[out.stages] = stage_images
+                if state == DONE:
+                    finished: Result = job.result
+                    update[out.result] = str(finished.path)
+                    update[out.download] = gr.DownloadButton(value=str(finished.path), visible=True)
+                    update[out.parameters] = finished.parameters
+                    if out.seed is not None:
+                        update[out.seed] = finished.seed
+                    if out.gallery is not None:
+                        update[out.gallery] = [(str(r.path), r.path.name) for r in backend.recent()]
+                if update:
+                    yield update
+                if state in FINISHED:
+                    return
+
+        def submit(kind: str, request_value: Any, session: str, out: Outputs) -> Iterator[dict]:
+            cleared = {out.stages: [], out.download: gr.DownloadButton(visible=False)}
+            try:
+                backend.params_for(request_value)  # refuse a bad request at once, without queueing it
+                work = backend.text_to_image if kind == "generate" else backend.upscale
+                job = runner.submit(session, kind, partial(work, request_value))
+            except UserError as error:
+                yield {**cleared, out.status: f"Error: {error}"}
+                return
+            yield {**cleared, out.status: status_line(job, runner)}
+            yield from watch(job, out)
+
+        t2i_outputs = set(vars(t2i_out).values()) - {t2i_out.plan}
+        up_outputs = set(vars(up_out).values()) - {up_out.plan, None}
+
+        def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
+            yield from submit("generate", t2i_request(values), _session(request), t2i_out)
+
+        def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
+            yield from submit("upscale", up_request(values), _session(request), up_out)
+
+        def cancel_jobs(request: gr.Request) -> None:
+            if not runner.cancel(_session(request)):
+                gr.Info("Nothing to cancel.")
+
+        gr.on([generate.click, prompt.submit], run_generate, t2i_inputs, t2i_outputs, **quiet)
+        upscale.click(run_upscale, up_inputs, up_outputs, **quiet)
+        gr.on([cancel.click, up_cancel.click], cancel_jobs, None, None, **quiet)
+
+        def page_closed(request: gr.Request) -> None:
+            runner.cancel(_session(request))  # nobody is watching: free the device
+
+        page.unload(page_closed)
+
+        # ------------------------------------------------------------------ seeds, PNGs, uploads
+        reuse.click(lambda used, current: current if used is None else used, [t2i_out.seed, t2i.seed], t2i.seed,
+                    **quiet)  # fmt: skip
+
+        def send_to_upscale(image: str | None) -> dict:
+            if not image:
+                return {t2i_out.status: "Generate an image first."}
+            return {**check_upload(image), source: image, tabs: gr.Tabs(selected="upscale")}
+
+        send.click(
+            send_to_upscale, t2i_out.result, {t2i_out.status, source, preview, up_out.status, tabs}, **quiet
+        )
+
+        restorable = {"prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
+                      "steps": t2i.steps, "guidance": t2i.guidance, "seed": t2i.seed, "mode": t2i.mode,
+                      "linfusion": t2i.linfusion, "vae_attention": t2i.vae_attention, "sampler": t2i.sampler,
+                      "model": t2i.model}  # fmt: skip
+
+        def restore_parameters(path: str | None) -> dict:
+            if not path:
+                return {}
+            update: dict = {restore: None}  # emptied, ready for the next drop
+            try:
+                fields, note = backend.read_parameters(path)
+            except UserError as error:
+                return {**update, t2i_out.status: f"Error: {error}"}
+            except Exception as error:
+                return {
+                    **update,
+                    t2i_out.status: f"Error: cannot read {Path(path).name} ({type(error).__name__})",
+                }
+            update[t2i_out.status] = note
+            for name, value in fields.items():
+                update[restorable[name]] = value
+            return update
+
+        restore.upload(restore_parameters, restore, {restore, t2i_out.status, *restorable.values()}, **quiet)
+
+        def check_upload(path: str | None) -> dict:
+            try:
+                image = open_upload(path)
+            except UserError as error:  # emptied, so the next upload is a fresh one
+                return {source: None, preview: None, up_out.status: f"Error: {error}"}
+            return {preview: path, up_out.status: f"{Path(path).name}: {image.width}x{image.height}. Ready."}
+
+        source.upload(check_upload, source, {source, preview, up_out.status}, **quiet)
+        source.clear(lambda: {preview: None, up_out.status: "Upload an image to enlarge."}, None,
+                     {preview, up_out.status}, **quiet)  # fmt: skip
+    return page

@@ -1,0 +1,434 @@
+"""``linfusion ui`` end to end: the real command on a free local port, driven in headless Chromium.
+
+One server (bundled model, one torch thread) serves the whole module; each test opens its own page, so
+each is a separate browser session. Every request any page makes is recorded, and a recording "proxy" on
+a loopback port is given to the server (HTTP(S)_PROXY): the last test checks that the pages asked only
+loopback addresses and that the server tried to reach none. (Chromium's own background traffic, which is
+not the page's, is left out.) A missing Chromium or Playwright fails these tests; it never skips them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from linfusion.app.params import read_png_parameters
+from linfusion.bundled import classifier
+from linfusion.bundled.shapes import parse_caption
+from support.browser import ConnectionRecorder, UiServer, find_chromium, running_ui
+
+pytestmark = [pytest.mark.browser, pytest.mark.multiprocess, pytest.mark.slow]  # a server process, Chromium
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT_ENV = "LINFUSION_UI_SCREENSHOT"  # a path: the README screenshot is written there too
+YELLOW = "a large yellow triangle in the center , on a black background"
+RED = "a large red circle on the left , on a gray background"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+TIMEOUT_MS = 60_000  # generous: the machine running the tests may be busy
+UPLOAD_CAP_MB = 1
+
+
+def expect(locator):
+    """Playwright's ``expect``, imported on use so that a missing Playwright fails in the fixture that says so."""
+    from playwright.sync_api import expect as playwright_expect
+
+    playwright_expect.set_options(timeout=TIMEOUT_MS)
+    return playwright_expect(locator)
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    recorder = ConnectionRecorder()
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, recorder: ConnectionRecorder):
+    options = ["--threads", "1", "--max-upload-mb", str(UPLOAD_CAP_MB)]
+    outputs, gradio_temp = tmp_path_factory.mktemp("ui-outputs"), tmp_path_factory.mktemp("gradio")
+    with running_ui(outputs, gradio_temp, recorder.url, options) as running:
+        yield running
+
+
+REQUESTED_HOSTS: set[str] = set()  # every host any page of this module asked for
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser tests need Playwright: pip install -e '.[dev]'")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_page(browser, server: UiServer):
+    """Opens the page in a fresh browser session, ready (the first plan is shown)."""
+    contexts = []
+
+    def open_page(width: int = 1400, height: int = 1000):
+        context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        contexts.append(context)
+        page = context.new_page()
+        for event in ("request", "websocket"):  # everything the page loads, fetches or connects to
+            page.on(event, lambda item: REQUESTED_HOSTS.add(urlsplit(item.url).hostname or item.url))
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url)
+        expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile("^Fits"), timeout=TIMEOUT_MS)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+# ---------------------------------------------------------------------- page helpers
+def status_of(page, tab: str = "t2i"):
+    return page.locator(f"#{tab}-status [data-testid='markdown']")
+
+
+def expect_status(page, text: str | re.Pattern, tab: str = "t2i", timeout: int = TIMEOUT_MS) -> str:
+    status = status_of(page, tab)
+    expect(status).to_contain_text(text, timeout=timeout)
+    return status.inner_text().strip()
+
+
+def click_and_wait(page, button: str, tab: str = "t2i") -> str:
+    """Click ``button``, wait until the tab's status line is a new final one, and return it."""
+    status = status_of(page, tab)
+    before = status.inner_text()
+    page.get_by_role("button", name=button, exact=True).click()
+    expect(status).not_to_have_text(before)
+    return expect_status(page, re.compile("Done in|Error:|Cancelled"), tab)
+
+
+def fill(page, **fields: object) -> None:
+    """Type into the Generate tab's fields, found by their labels."""
+    labels = {"prompt": "Prompt", "negative": "Negative prompt", "width": "Width", "height": "Height",
+              "steps": "Steps", "guidance": "Guidance", "seed": "Seed"}  # fmt: skip
+    scope = page.locator("#tab-generate")
+    for name, value in fields.items():
+        scope.get_by_label(labels[name], exact=True).fill(str(value))
+
+
+def choose_mode(page, label: str, tab: str = "generate") -> None:
+    page.locator(f"#tab-{tab}").get_by_role("radiogroup", name="Mode").get_by_label(label, exact=True).check()
+
+
+def generate(page, **fields: object) -> str:
+    fill(page, **fields)
+    status = click_and_wait(page, "Generate")
+    assert status.startswith("Done in"), status
+    return status
+
+
+def download_png(page, tab: str = "t2i") -> Path:
+    with page.expect_download() as download:
+        page.locator(f"#{tab}-download").click()
+    return Path(download.value.path())
+
+
+def saved_name(status: str) -> str:
+    return re.search(r"saved as (\S+)\.$", status).group(1)
+
+
+def drop_file(page, target: str, data: bytes, name: str, mime: str = "image/png") -> None:
+    """A real drag and drop of a file onto ``target`` (dragenter, dragover, drop with a DataTransfer)."""
+    transfer = page.evaluate_handle(
+        """([encoded, name, mime]) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: mime}));
+            return transfer;
+        }""",
+        [base64.b64encode(data).decode(), name, mime],
+    )
+    zone = page.locator(target)
+    for event in ("dragenter", "dragover", "drop"):
+        zone.dispatch_event(event, {"dataTransfer": transfer})
+
+
+def reads_as(path: Path, caption: str) -> bool:
+    """The bundled classifier finds the caption's shape, colour and background in the image."""
+    with Image.open(path) as image:
+        pixels = np.array(image.convert("RGB"))[None]
+    score = classifier.score(pixels, [parse_caption(caption)])
+    return score["found_shape"] == score["found_colour"] == score["background"] == 1.0
+
+
+# ---------------------------------------------------------------------- tests
+def test_generate_shows_the_result_and_downloads_a_png_that_follows_the_prompt(
+    new_page, server: UiServer
+) -> None:
+    page = new_page()
+    scope = page.locator("#tab-generate")
+    for label in ("Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed"):
+        assert scope.get_by_label(label, exact=True).count() == 1, label
+    assert scope.get_by_role("radiogroup", name="Mode").count() == 1
+    assert scope.get_by_role("region", name="Result").count() == 1
+    assert scope.get_by_role("button", name="Cancel", exact=True).count() == 1
+
+    pictures = {}
+    for caption, seed in ((YELLOW, 3), (RED, 4)):
+        status = generate(page, prompt=caption, steps=20, guidance=4, seed=seed)
+        assert "32x32" in status and f"seed {seed}" in status
+        png = download_png(page)
+        expect_text = f"{caption}\nSteps: 20, Sampler: ddim, CFG scale: 4.0, Size: 32x32, Seed: {seed}"
+        with Image.open(png) as image:
+            assert image.info["parameters"].startswith(expect_text)
+        params = read_png_parameters(png)
+        assert (params.prompt, params.mode, params.linfusion, params.model) == (
+            caption,
+            "plain",
+            "auto",
+            "bundled",
+        )
+        saved = server.outputs / saved_name(status)
+        assert png.read_bytes() == saved.read_bytes()  # the download is the file on disk, byte for byte
+        assert scope.get_by_role("img", name="Result").is_visible()
+        pictures[caption] = png
+    assert reads_as(pictures[YELLOW], YELLOW) and reads_as(pictures[RED], RED)
+    assert not reads_as(pictures[YELLOW], RED)  # the reading tells the two prompts apart
+    names = [saved.name for saved in server.pngs()][-2:]
+    for name in names:  # this run's images, captioned with their file names
+        expect(page.locator("#t2i-gallery")).to_contain_text(name)
+
+
+def test_a_bad_size_is_refused_in_the_page_and_the_next_job_runs(new_page, server: UiServer) -> None:
+    page = new_page()
+    before = server.pngs()
+    fill(page, prompt=RED, width=33, steps=4)
+    plan = page.locator("#t2i-plan textarea")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    status = expect_status(page, "multiple of 8")
+    assert status.startswith("Error: width 33 is not a positive multiple of 8") and "try 32" in status
+    assert "multiple of 8" in plan.input_value()
+    assert server.pngs() == before  # nothing was written
+    status = generate(page, width=32)  # seed -1: a random one, shown and reusable
+    assert "32x32" in status and len(server.pngs()) == len(before) + 1
+    used = re.search(r"seed (\d+),", status).group(1)
+    assert read_png_parameters(server.outputs / saved_name(status)).seed == int(used)
+    page.get_by_role("button", name="Reuse last seed", exact=True).click()
+    expect(page.locator("#tab-generate").get_by_label("Seed", exact=True)).to_have_value(used)
+
+
+def test_two_pages_queue_and_both_finish_in_order(new_page, server: UiServer) -> None:
+    first, second = new_page(), new_page()
+    fill(first, prompt=RED, width=64, height=64, steps=40, seed=1)
+    fill(second, prompt=YELLOW, width=32, height=32, steps=5, seed=2)
+    first.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(first, re.compile(r"step [1-9]\d* of 40"))
+    second.get_by_role("button", name="Generate", exact=True).click()
+    waiting = expect_status(second, "Waiting")
+    assert waiting == "Waiting: 1st in the queue (1 job ahead of yours on the device)."
+    first_done = expect_status(first, "Done in")
+    second_done = expect_status(second, "Done in")
+    first_file, second_file = (
+        server.outputs / saved_name(first_done),
+        server.outputs / saved_name(second_done),
+    )
+    assert first_file.name < second_file.name  # numbered in the order they were written
+    assert first_file.stat().st_mtime <= second_file.stat().st_mtime
+    assert read_png_parameters(first_file).prompt == RED and read_png_parameters(second_file).prompt == YELLOW
+
+
+def test_stages_appear_as_they_finish_and_cancel_stops_the_chain_between_steps(
+    new_page, server: UiServer
+) -> None:
+    page = new_page()
+    before = server.pngs()
+    choose_mode(page, "SDEdit chain")  # 32, 64 and 128 px: 80, 32 and 8 steps
+    fill(page, prompt=RED, width=128, height=128, steps=80, seed=5)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    progress = r"Stage 3 of 3 \(128x128\) · step [1-7] of 8 · .* elapsed · about .* left"
+    expect_status(page, re.compile(progress))
+    for caption in ("1: 32x32", "2: 64x64"):  # the finished stages, while the last one runs
+        expect(page.locator("#t2i-stages")).to_contain_text(caption)
+    asked = time.monotonic()
+    page.locator("#tab-generate").get_by_role("button", name="Cancel", exact=True).click()
+    status = expect_status(page, "Cancelled", timeout=15_000)
+    assert time.monotonic() - asked < 10  # a step of the 128 px stage takes a fraction of a second here
+    assert re.fullmatch(r"Cancelled \(stage 3 of 3, step [1-8]\); nothing was saved\.", status), status
+    expect(page.locator("#t2i-stages")).not_to_contain_text("3: 128x128")
+    assert server.pngs() == before
+    choose_mode(page, "plain")
+    assert "32x32" in generate(page, width=32, height=32, steps=4)  # the device is free for the next job
+
+
+def test_closing_a_page_cancels_its_job(new_page, server: UiServer) -> None:
+    leaving, staying = new_page(), new_page()
+    before = server.pngs()
+    fill(leaving, prompt=RED, width=64, height=64, steps=500, seed=6)
+    leaving.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(leaving, re.compile(r"step [1-9]\d* of 500"))
+    leaving.context.close()
+    started = time.monotonic()
+    assert "32x32" in generate(staying, prompt=YELLOW, steps=3)
+    assert time.monotonic() - started < 20  # the 500 steps left would take about a minute
+    assert len(server.pngs()) == len(before) + 1  # the closed page's job saved nothing
+
+
+def test_a_dropped_png_restores_its_parameters(new_page, tmp_path: Path) -> None:
+    page = new_page()
+    choose_mode(page, "SDEdit chain")
+    page.locator("#tab-generate").get_by_label("LinFusion", exact=True).uncheck()
+    status = generate(
+        page, prompt=YELLOW, negative="dark", width=64, height=48, steps=7, guidance=3.5, seed=1234
+    )
+    png = download_png(page)
+    assert "64x48" in status
+
+    fresh = new_page()
+    drop_file(fresh, "#t2i-prompt textarea", png.read_bytes(), "dropped.png")  # anywhere on the tab
+    expect_status(fresh, "Restored the parameters of dropped.png.")
+    scope = fresh.locator("#tab-generate")
+    values = {label: scope.get_by_label(label, exact=True).input_value() for label in
+              ("Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed")}  # fmt: skip
+    assert values == {"Prompt": YELLOW, "Negative prompt": "dark", "Width": "64", "Height": "48", "Steps": "7",
+                      "Guidance": "3.5", "Seed": "1234"}  # fmt: skip
+    assert scope.get_by_role("radiogroup", name="Mode").get_by_label("SDEdit chain", exact=True).is_checked()
+    assert not scope.get_by_label("LinFusion", exact=True).is_checked()
+    assert click_and_wait(fresh, "Generate").startswith("Done in")
+    remade = download_png(fresh)
+    assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(png)))  # the same image again
+
+    drop_file(fresh, "#t2i-restore button", b"this is not a picture", "notes.png")
+    expect_status(fresh, "Error: notes.png is not a readable image")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    drop_file(fresh, "#t2i-result", plain.read_bytes(), "plain.png")
+    expect_status(fresh, "Error: plain.png has no 'parameters' text chunk")
+
+
+def test_the_upscale_tab_enlarges_an_upload_with_plan_progress_and_result(new_page, server: UiServer) -> None:
+    page = new_page()
+    generate(page, prompt=RED, steps=10, guidance=4, seed=4)
+    small = download_png(page)
+    page.get_by_role("tab", name="Upscale").click()
+    tab = page.locator("#tab-upscale")
+    page.locator("#up-file input[type=file]").set_input_files(
+        {"name": "notes.png", "mimeType": "image/png", "buffer": b"plain text"}
+    )
+    expect_status(page, "Error: notes.png is not a readable image", tab="up")
+    page.locator("#up-file input[type=file]").set_input_files(str(small))
+    expect_status(page, "32x32. Ready.", tab="up")
+    expect(page.locator("#up-plan textarea")).to_have_value(re.compile(r"^Fits(.|\n)*stage 1 64x64"))
+    tab.get_by_label("Prompt", exact=True).fill(RED)
+    tab.get_by_label("Steps", exact=True).fill("10")
+    tab.get_by_label("Seed", exact=True).fill("8")
+    status = click_and_wait(page, "Upscale", tab="up")
+    assert "64x64" in status and "seed 8" in status
+    expect(page.locator("#up-stages")).to_contain_text("1: 64x64")  # the stage's preview
+    big = download_png(page, tab="up")
+    params = read_png_parameters(big)
+    assert (params.width, params.height, params.mode, params.prompt) == (64, 64, "sdedit", RED)
+    assert reads_as(big, RED)
+
+    page.get_by_role("tab", name="Generate").click()  # the Generate tab's result goes to this tab in a click
+    made = saved_name(generate(page, prompt=YELLOW, steps=4, seed=9))
+    page.get_by_role("button", name="Send result to Upscale", exact=True).click()
+    expect_status(page, f"{made}: 32x32. Ready.", tab="up")
+    expect(tab).to_be_visible()
+
+
+def test_uploads_over_the_cap_and_files_outside_the_outputs_are_refused(
+    new_page, server: UiServer, tmp_path
+) -> None:
+    import httpx
+
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(noise).save(big)  # about 1.9 MB of incompressible pixels
+    assert big.stat().st_size > UPLOAD_CAP_MB * 2**20
+    page = new_page()
+    saved = server.outputs / saved_name(generate(page, prompt=RED, steps=2))
+    page.get_by_role("tab", name="Upscale").click()
+    page.locator("#up-file input[type=file]").set_input_files(str(big))
+    expect(page.locator(".toast-body")).to_contain_text("exceed the maximum allowed size")
+    with big.open("rb") as handle:  # the server refuses it too, not only the page
+        response = httpx.post(
+            server.url + "gradio_api/upload", files={"files": ("big.png", handle, "image/png")}
+        )
+    assert response.status_code == 413
+    outside = [REPO / "pyproject.toml", Path("/etc/hostname"), big]
+    for path in outside:
+        assert httpx.get(f"{server.url}gradio_api/file={path}").status_code == 403, path
+    assert httpx.get(f"{server.url}gradio_api/file={saved}").content == saved.read_bytes()  # its own outputs
+
+
+def test_the_plan_names_the_smallest_budget_and_a_job_over_it_is_refused(new_page, server: UiServer) -> None:
+    page = new_page()
+    fill(page, prompt=RED, steps=4)
+    plan = page.locator("#t2i-plan textarea")
+    budget = page.locator("#tab-generate").get_by_label("Memory budget", exact=True)
+    budget.fill("1MB")
+    expect(plan).to_have_value(re.compile("^Does not fit the budget of 1 MiB"))
+    entry = re.search(r"enter (\S+) as the memory budget", plan.input_value()).group(1)
+    before = server.pngs()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    status = expect_status(page, "Error: Does not fit")
+    assert f"enter {entry} as the memory budget" in status and server.pngs() == before
+    budget.fill(entry)
+    expect(plan).to_have_value(re.compile("^Fits: estimated peak .* within the budget of"))
+    budget.fill("")  # the free memory; the plan follows the mode and the size, and nothing runs
+    choose_mode(page, "SDEdit chain")
+    fill(page, width=128, height=128)
+    expect(plan).to_have_value(re.compile(r"^Fits(.|\n)*stage 3 128x128, 1 steps"))
+    assert server.pngs() == before
+    choose_mode(page, "plain")  # a 4K UHD preset, planned in one pass (for a budget any machine can name)
+    budget.fill("100GB")
+    scope = page.locator("#tab-generate")
+    scope.get_by_role("combobox", name="Aspect ratio").click()
+    page.get_by_role("option", name="16:9", exact=True).click()
+    scope.get_by_role("combobox", name="Size preset").click()
+    page.get_by_role("option", name="4K UHD (3840)", exact=True).click()
+    expect(scope.get_by_label("Width", exact=True)).to_have_value("3840")
+    expect(scope.get_by_label("Height", exact=True)).to_have_value("2160")
+    expect(plan).to_have_value(re.compile(r"^Fits: .* within the budget of 100.00 GiB\.\nstage 1 3840x2160"))
+
+
+def test_readme_screenshot(new_page) -> None:
+    """The picture in the README: a chain to 128 px with its stages (written where $LINFUSION_UI_SCREENSHOT says)."""
+    page = new_page(width=1280, height=1100)
+    choose_mode(page, "SDEdit chain")
+    status = generate(page, prompt=YELLOW, width=128, height=128, steps=12, guidance=4, seed=3)
+    assert "128x128" in status
+    for caption in ("1: 32x32", "2: 64x64", "3: 128x128"):
+        expect(page.locator("#t2i-stages")).to_contain_text(caption)
+    target = os.environ.get(SCREENSHOT_ENV)
+    shot = page.screenshot(path=target or None, full_page=False)
+    assert Image.open(io.BytesIO(shot)).size == (1280, 1100)
+
+
+def test_nothing_leaves_the_machine(new_page, recorder: ConnectionRecorder) -> None:
+    page = new_page()
+    generate(page, prompt=RED, steps=2)
+    page.get_by_role("tab", name="Upscale").click()
+    page.wait_for_timeout(500)
+    assert REQUESTED_HOSTS and REQUESTED_HOSTS <= LOOPBACK, REQUESTED_HOSTS  # no font, script or image
+    assert recorder.attempts == []  # the server tried to reach no other address (analytics, updates...)
+
+
+def test_a_missing_chromium_fails_the_tests_rather_than_skipping_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LINFUSION_CHROMIUM", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="need Chromium: apt-get install -y chromium"):
+        find_chromium()
