@@ -15,6 +15,7 @@ from ..choices import BUNDLED_MODEL_NAME
 from ..io import format_size, parse_size
 from ..pipelines.chain import Stage, denoising_steps, native_long_side, plan_stages
 from ..planner import MemoryPlan, MemoryPlanner
+from ..registry import is_sdxl
 from .params import GenerationError
 
 
@@ -178,7 +179,8 @@ def make_plan(request: PlanRequest) -> PlannedRun:
         stages = [Stage(request.width, request.height, None)]
     else:
         try:
-            stages = plan_stages(request.width, request.height, native, sdxl=request.mode == "demofusion")
+            sdxl = is_sdxl(structure) or request.mode == "demofusion"  # the SD-XL strengths
+            stages = plan_stages(request.width, request.height, native, sdxl=sdxl)
         except ValueError as error:
             raise GenerationError(str(error)) from error
     calls = [unet_calls(stage, request.steps, request.mode) for stage in stages]

@@ -234,7 +234,13 @@ def upscale_file(
     try:
         params = loaded.params
         loaded.pipe.set_progress_bar_config(disable=not progress)
-        stages = plan_stages(width, height, max(image.size), start=image.size)
+        stages = plan_stages(
+            width,
+            height,
+            max(image.size),
+            sdxl=loaded.is_sdxl or params.mode == "demofusion",
+            start=image.size,
+        )
         memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
         result = render(loaded, params, memory_plan, image, callback_on_step_end, on_stage_end, save_stages)
     finally:
