@@ -4,10 +4,11 @@ third-party notices.
 Nothing here runs on ``import linfusion``: a library user's process is left as it is unless they call
 these functions themselves.
 
-**The allocator.** glibc serves every allocation above 32 MiB-ish (its dynamic mmap threshold) with a
-fresh ``mmap`` and gives it back to the kernel on ``free``, so a diffusion step that allocates and frees
-the same large activations layer after layer faults all of that memory in again, page by page, every
-time. At 1024x1024 on the bundled model this put more CPU time in the kernel than in the model.
+**The allocator.** glibc serves large allocations (above its mmap threshold, which starts at 128 KiB and
+rises with use to at most 32 MiB) with a fresh ``mmap`` and gives them back to the kernel on ``free``, so
+a diffusion step that allocates and frees the same large activations layer after layer faults all of
+that memory in again, page by page, every time. At 1024x1024 on the bundled model the kernel's share of
+the CPU time was about a third (README).
 :func:`keep_freed_memory` tells glibc to serve large blocks from its heap and to keep freed memory for
 reuse (``mallopt``: no mmap, no trimming, a 1 GiB top pad), which is what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=1073741824`` do at start-up. The price
