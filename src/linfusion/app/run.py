@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..bundled.shapes import vocabulary_warning
-from ..choices import BUNDLED_MODEL_NAME
+from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
 from ..io import atomic_file
 from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages
 from ..pipelines.demofusion import demofusion
@@ -251,8 +251,8 @@ def upscale_file(
         stages = plan_stages(width, height, max(image.size), start=image.size)
         if not stages:
             raise GenerationError(
-                f"enlarging {image.width}x{image.height} by {scale:g} gives {width}x{height} in whole blocks of "
-                "8 pixels, the size the image already has in those blocks: nothing to do; use a larger --scale"
+                f"enlarging {image.width}x{image.height} by {scale:g} gives {width}x{height} once rounded to "
+                f"multiples of {SIZE_MULTIPLE}, no larger than the image: nothing to do; use a larger --scale"
             )
         loaded.pipe.set_progress_bar_config(disable=not progress)
         memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress)
