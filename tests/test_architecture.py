@@ -30,6 +30,8 @@ LAYERS = {
     "linfusion.lazy": 0,
     "linfusion.tracing": 0,
     "linfusion.hub": 0,
+    "linfusion.errors": 0,
+    "linfusion.runtime": 0,
     "linfusion.patches.base": 0,
     "linfusion.attention": 1,
     "linfusion.vae_attention": 1,

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from linfusion.io import atomic_file, atomic_folder, atomic_write_text, format_size, parse_size, size_flag
+from linfusion.io import (
+    atomic_file,
+    atomic_folder,
+    atomic_write_text,
+    format_size,
+    parse_size,
+    size_flag,
+    umask_mode_for_new_files,
+)
 
 
 def test_parse_size() -> None:
@@ -65,3 +73,24 @@ def test_a_folder_is_swapped_in_only_when_complete(tmp_path: Path) -> None:
     with atomic_folder(final) as folder:
         (folder / "state.json").write_text("3")
     assert (final / "state.json").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_files_a_private_writer_creates_or_replaces_get_the_umask_mode(tmp_path: Path) -> None:
+    """safetensors' save_file (behind save_pretrained) writes 0600 whatever the umask."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    untouched = tmp_path / "notes.txt"
+    untouched.write_text("mine")
+    untouched.chmod(0o600)
+    previous = os.umask(0o022)
+    try:
+        with umask_mode_for_new_files(tmp_path):
+            save_file({"w": np.zeros(2, dtype=np.float32)}, str(tmp_path / "weights.safetensors"))
+            (tmp_path / "sub").mkdir()
+            save_file({"w": np.zeros(2, dtype=np.float32)}, str(tmp_path / "sub" / "more.safetensors"))
+    finally:
+        os.umask(previous)
+    assert mode_of(tmp_path / "weights.safetensors") == 0o644
+    assert mode_of(tmp_path / "sub" / "more.safetensors") == 0o644
+    assert mode_of(untouched) == 0o600  # not written in the block: left alone

@@ -112,3 +112,55 @@ def test_lora_targets_linfusion_projections_and_unloads_cleanly() -> None:
     pipe.unload_lora_weights()
     assert type(first.to_q) is torch.nn.Linear and isinstance(first, GeneralizedLinearAttention)
     assert np.array_equal(run(pipe), expected)
+
+
+def lora_on_attn1_and_attn2(linfusion: LinFusion, pipe) -> dict[str, torch.Tensor]:
+    """The attn1 LoRA of :func:`tiny_lora_state_dict` plus one on every cross-attention's ``to_q``."""
+    state = tiny_lora_state_dict(linfusion)
+    generator = torch.Generator().manual_seed(3)
+    for path in linfusion.modules_dict:
+        linear = pipe.unet.get_submodule(path.replace("attn1", "attn2")).to_q
+        state[f"unet.{path.replace('attn1', 'attn2')}.to_q.lora_A.weight"] = (
+            torch.randn(4, linear.in_features, generator=generator) * 0.3
+        )
+        state[f"unet.{path.replace('attn1', 'attn2')}.to_q.lora_B.weight"] = (
+            torch.randn(linear.out_features, 4, generator=generator) * 0.3
+        )
+    return state
+
+
+def test_unmount_takes_the_lora_off_linfusion_layers_so_a_remount_starts_clean() -> None:
+    """Mount, load a LoRA, unmount, unload it, mount again: LinFusion without the LoRA, bit for bit."""
+    pipe = tiny_pipeline("sd15")
+    linfusion = LinFusion.construct_for(pipe, load_pretrained=False)
+    mounted = run(pipe)
+    linfusion.unmount()
+    original = run(pipe)
+
+    linfusion.mount(pipe)
+    pipe.load_lora_weights(lora_on_attn1_and_attn2(linfusion, pipe), adapter_name="style")
+    with_lora = run(pipe)
+    assert np.abs(with_lora - mounted).max() > 1e-3
+    linfusion.unmount()
+    layers = list(linfusion.modules_dict.values())
+    assert all(type(layer.to_q) is torch.nn.Linear for layer in layers)  # the attn1 LoRA went with the mount
+    first_cross = pipe.unet.get_submodule(next(iter(linfusion.modules_dict)).replace("attn1", "attn2"))
+    assert type(first_cross.to_q).__module__.startswith("peft")  # the rest of the LoRA stays on the UNet
+    pipe.unload_lora_weights()
+    assert np.array_equal(run(pipe), original)
+
+    linfusion.mount(pipe)
+    assert np.array_equal(run(pipe), mounted)  # no LoRA came back with the layers
+
+
+def test_a_fused_lora_is_unfused_when_the_mount_is_removed() -> None:
+    pipe = tiny_pipeline("sd15")
+    linfusion = LinFusion.construct_for(pipe, load_pretrained=False)
+    mounted = run(pipe)
+    pipe.load_lora_weights(tiny_lora_state_dict(linfusion), adapter_name="style")
+    pipe.fuse_lora()
+    assert np.abs(run(pipe) - mounted).max() > 1e-3
+    linfusion.unmount()
+    pipe.unload_lora_weights()
+    linfusion.mount(pipe)
+    assert np.allclose(run(pipe), mounted, atol=1e-6)  # unfusing subtracts what fusing added

@@ -85,6 +85,7 @@ def test_too_small_a_budget_is_refused_with_the_smallest_workable_one() -> None:
     planner.plan(sizes, budget=int(named * 1.01))  # the budget the refusal names (rounded in print) works
 
 
+@pytest.mark.slow
 def test_cli_refuses_before_generating(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "model"
     pipe = tiny_pipeline("sd15")

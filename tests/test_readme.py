@@ -26,5 +26,8 @@ def test_readme_leads_with_the_demo_and_test_commands_and_the_picture() -> None:
     picture = re.search(r'<img src="([^"]+)"', text).group(1)
     assert text.index(picture) < text.index("## Use")
     assert (README.parent / picture).stat().st_size > 0
-    makefile = (README.parent / "Makefile").read_text()
-    assert re.search(r"^demo: venv\n\t.*linfusion generate .*--out outputs/demo.png", makefile, re.M)
+    makefile = (README.parent / "Makefile").read_text().replace("\\\n", " ")
+    demo = re.search(r"^demo: venv\n\t(.*linfusion generate .*)$", makefile, re.M)
+    assert demo, "make demo lost its linfusion generate command"
+    for option in ("--mode sdedit", "--size 512x512", "--out outputs/demo-512.png"):
+        assert option in demo.group(1)

@@ -20,6 +20,7 @@ SCHEDULERS = {  # command-line name -> diffusers class
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
 }
+SIZE_MULTIPLE = 8  # widths and heights: multiples of 8 pixels (the VAE works in blocks of 8)
 BUNDLED_MODEL_NAME = "bundled"  # --model bundled (the default), recorded as "Model: bundled" in PNGs
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "DTYPE_NAMES",
     "GENERATION_MODES",
     "SCHEDULERS",
+    "SIZE_MULTIPLE",
     "CHAIN_MODES",
     "VAE_ATTENTION_MODES",
 ]

@@ -128,6 +128,30 @@ def replace_folder(complete: str | os.PathLike, final: str | os.PathLike) -> Non
         os.replace(complete, final)
 
 
+@contextlib.contextmanager
+def umask_mode_for_new_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Files created or replaced under ``folder`` inside the block get the umask's mode afterwards.
+
+    For writers that create private files: safetensors' ``save_file`` (behind every diffusers
+    ``save_pretrained``) writes ``0600`` whatever the umask.
+    """
+    root = Path(folder)
+
+    def files() -> dict[Path, tuple[int, int]]:
+        if not root.is_dir():
+            return {}
+        return {
+            path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in root.rglob("*") if path.is_file()
+        }
+
+    before = files()
+    yield root
+    mode = new_file_mode()
+    for path, identity in files().items():
+        if before.get(path) != identity:
+            os.chmod(path, mode)
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_file` (checkpoints are never half written)."""
     import torch
@@ -150,4 +174,5 @@ __all__ = [
     "replace_folder",
     "size_flag",
     "torch_save",
+    "umask_mode_for_new_files",
 ]

@@ -21,7 +21,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import GeneralizedLinearAttention
+from .errors import UserError
 from .hub import load_failure_message
+from .io import umask_mode_for_new_files
 from .patches.base import Patch, PatchOrderError, replace_submodule, set_attribute
 from .registry import (
     attention_signature,
@@ -46,7 +48,7 @@ _LOAD_CONFIG_KWARGS = (
 )
 
 
-class LinFusionCheckpointError(ValueError):
+class LinFusionCheckpointError(UserError, ValueError):
     """A LinFusion checkpoint is missing, unreadable, or does not fit the model it is mounted on."""
 
 
@@ -252,6 +254,12 @@ class LinFusion(ModelMixin, ConfigMixin):
         except OSError as error:
             raise LinFusionCheckpointError(_load_failure(source, error)) from error
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (the published layout); the files get the umask's mode, as
+        every file linfusion writes does (safetensors alone would make the weights ``0600``)."""
+        with umask_mode_for_new_files(save_directory):
+            super().save_pretrained(save_directory, **kwargs)
+
     @classmethod
     def construct_for(
         cls,
@@ -352,6 +360,13 @@ class LinFusion(ModelMixin, ConfigMixin):
         # Bookkeeping is registered before each change, so it is undone only after the change was.
         self._handles.append((model, patch))
         patch.on_remove(lambda: self._handles.remove((model, patch)))
+        replacements: list[nn.Module] = []
+
+        def drop_lora() -> None:  # registered before the replacements: runs once the originals are back
+            for replacement in replacements:
+                remove_adapters(replacement)
+
+        patch.on_remove(drop_lora)
         for path, layer in self.modules_dict.items():
             if not _has_submodule(model, path):
                 continue  # a ControlNet covers only the encoder paths
@@ -359,6 +374,7 @@ class LinFusion(ModelMixin, ConfigMixin):
             if _is_controlnet(model):
                 replacement = copy.deepcopy(layer)
                 _place_like(replacement, parameter)
+            replacements.append(replacement)
             mount = _Mount(model, path, _current_original(model, path), replacement)
             self._mounts.append(mount)
             patch.on_remove(lambda mount=mount: self._mounts.remove(mount))
@@ -373,7 +389,14 @@ class LinFusion(ModelMixin, ConfigMixin):
         return patch
 
     def unmount(self, target: Any = None) -> None:
-        """Put the original ``attn1`` layers back (all models, or only those of ``target``)."""
+        """Put the original ``attn1`` layers back (all models, or only those of ``target``).
+
+        LoRA (PEFT) layers loaded onto the LinFusion layers while they were mounted belong to that mount:
+        removing the mount (this, or ``handle.remove()``) takes them off (fused weights are unfused
+        first), so the LinFusion layers are as they were when mounted, and a later mount starts without
+        them. The LoRA's other layers (cross-attention, feed-forward, ...) stay on the UNet until
+        ``unload_lora_weights()``.
+        """
         roots = None if target is None else {id(m) for m in _model_targets(target, controlnet=None)}
         for model, patch in list(reversed(self._handles)):
             if roots is not None and id(model) not in roots:
@@ -408,6 +431,19 @@ class LinFusion(ModelMixin, ConfigMixin):
     def mounted_layers(self) -> list[tuple[GeneralizedLinearAttention, nn.Module]]:
         """(LinFusion layer, original ``attn1``) pairs of the UNet mount, in checkpoint order."""
         return [(m.replacement, m.original) for m in self._mounts if not _is_controlnet(m.root)]
+
+
+def remove_adapters(layer: nn.Module) -> None:
+    """Take the LoRA (PEFT) wrappers off ``layer``'s submodules, unfusing fused ones first."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft, diffusers cannot have loaded a LoRA
+        return
+    for path, module in list(layer.named_modules()):
+        if path and isinstance(module, BaseTunerLayer):
+            if module.merged:
+                module.unmerge()
+            _set_submodule(layer, path, module.get_base_layer())
 
 
 def _place_like(module: nn.Module, reference: torch.Tensor | None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .io import MIB, format_size, parse_size, size_flag
 from .model import LinFusion, mounted_on
 from .patches.banded_unet import (
@@ -47,7 +48,7 @@ DEFAULT_BAND_BYTES = 256 * MIB
 BANDED_MARGIN = 1024 * MIB  # device bytes kept free of a banded UNet's store (bands, library workspaces)
 
 
-class MemoryBudgetError(MemoryError):
+class MemoryBudgetError(UserError, MemoryError):
     """No combination of savers fits the budget; the message gives the smallest budgets that would."""
 
     def __init__(self, message: str, plan: MemoryPlan | None = None) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
-from linfusion.app.params import GenerationError, GenerationParams
+from linfusion.app.params import RANDOM_SEED, GenerationError, GenerationParams, read_png_parameters
+from linfusion.errors import UserError
 
 
 def test_parameters_text_round_trip() -> None:
@@ -28,7 +30,15 @@ def test_parameters_are_immutable_and_replace_returns_a_new_value() -> None:
     [
         ({"prompt": "  "}, "the prompt is empty"),
         ({"width": 33}, "not a positive multiple of 8"),
-        ({"steps": 0}, "--steps must be >= 1"),
+        ({"steps": 0}, "--steps must be a whole number >= 1"),
+        ({"steps": 2.5}, "--steps must be a whole number >= 1"),
+        ({"guidance": math.nan}, "--guidance must be a finite number >= 0"),
+        ({"guidance": math.inf}, "--guidance must be a finite number >= 0"),
+        ({"guidance": -1.0}, "--guidance must be a finite number >= 0"),
+        ({"seed": -2}, "--seed must be a whole number from 0 to 2\\*\\*64-1, or -1"),
+        ({"seed": 2**64}, "--seed must be a whole number from 0 to 2\\*\\*64-1, or -1"),
+        ({"width": 0}, "width 0 is not a positive multiple of 8"),
+        ({"height": -64}, "height -64 is not a positive multiple of 8"),
         ({"scheduler": "fastest"}, "unknown scheduler"),
         ({"mode": "tiles"}, "unknown mode"),
         ({"vae_attention": "fast"}, "unknown VAE attention"),
@@ -37,6 +47,41 @@ def test_parameters_are_immutable_and_replace_returns_a_new_value() -> None:
 def test_validation_names_the_setting(changes: dict, message: str) -> None:
     with pytest.raises(GenerationError, match=message):
         GenerationParams(prompt="a red circle").replace(**changes).validate()
+
+
+def test_generation_errors_are_user_errors() -> None:
+    """The command line prints a UserError without a traceback (exit 2); GenerationError is one."""
+    assert issubclass(GenerationError, UserError) and issubclass(GenerationError, ValueError)
+
+
+def test_guidance_zero_and_one_mean_no_guidance_and_are_accepted() -> None:
+    for guidance in (0.0, 1.0, 7.5):
+        GenerationParams(prompt="a red circle", guidance=guidance).validate()
+
+
+def test_the_model_minimum_side_is_checked_when_known() -> None:
+    params = GenerationParams(prompt="a red circle", width=64, height=16)
+    params.validate()  # the model is not known yet
+    with pytest.raises(GenerationError, match="height 16 is too small for this model.*at least 64 pixels"):
+        params.validate(minimum_side=64)
+
+
+def test_a_random_seed_is_drawn_once_and_then_kept() -> None:
+    params = GenerationParams(prompt="a red circle", seed=RANDOM_SEED)
+    params.validate()
+    drawn = {params.with_seed().seed for _ in range(5)}
+    assert RANDOM_SEED not in drawn and len(drawn) > 1 and all(0 <= seed < 2**32 for seed in drawn)
+    fixed = GenerationParams(prompt="a red circle", seed=42)
+    assert fixed.with_seed() is fixed
+
+
+def test_unreadable_png_files_are_refused_with_a_message(tmp_path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not an image")
+    with pytest.raises(GenerationError, match="cannot read .*notes.txt as an image"):
+        read_png_parameters(notes)
+    with pytest.raises(GenerationError, match="missing.png: no such file"):
+        read_png_parameters(tmp_path / "missing.png")
 
 
 def test_text_without_settings_is_refused() -> None:

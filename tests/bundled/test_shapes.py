@@ -111,3 +111,13 @@ def test_torch_dataset() -> None:
         dataset[10]
     round_trip = shapes.to_uint8(image)
     assert np.array_equal(round_trip, shapes.render_seed(shapes.split_seed(3, "heldout"))[0])
+
+
+def test_unknown_words_are_named_once_in_order_and_captions_have_none() -> None:
+    assert shapes.unknown_words("A cat, a CAT and 2 sofas on a mat") == ["cat", "sofas", "mat"]
+    for seed in range(20):
+        assert shapes.unknown_words(shapes.scene_for_seed(seed).caption()) == []
+    assert shapes.vocabulary_warning("a large red circle in the center, on a white background") is None
+    warning = shapes.vocabulary_warning("a cat on a sofa")
+    assert warning is not None and "\n" not in warning
+    assert "'cat', 'sofa'" in warning and "backgrounds (black/white/gray/brown)" in warning

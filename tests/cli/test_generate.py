@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,7 @@ def test_sdedit_mode_and_upscale_commands(model: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_demofusion_mode_reproduces_from_its_png_and_upscales(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
     assert cli(model, out, "--mode", "demofusion", "--size", "64x64") == 0
@@ -181,6 +184,142 @@ def test_vae_attention_option_is_recorded_and_reproduced(model: Path, tmp_path: 
     with pytest.raises(SystemExit):
         cli(model, tmp_path / "bad.png", "--vae-attention", "fast")
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every bad input refused cleanly
+def refused(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run ``linfusion ARGV``; assert exit 2 and no traceback; return the message on stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("linfusion ")
+    return err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "--guidance must be a finite number >= 0 (1 or less means no guidance"),
+        ("inf", "--guidance must be a finite number >= 0"),
+        ("-2", "--guidance must be a finite number >= 0"),
+    ],
+)
+def test_guidance_that_is_not_a_finite_non_negative_number_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, value: str, message: str
+) -> None:
+    out = tmp_path / "never.png"
+    err = refused(capsys, ["generate", "a red circle", "--guidance", value, "--out", str(out)])
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_not_a_png_is_refused_by_from_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk")
+    err = refused(capsys, ["generate", "--from-png", str(notes), "--out", str(tmp_path / "x.png")])
+    assert f"cannot read {notes} as an image" in err
+    err = refused(
+        capsys, ["generate", "--from-png", str(tmp_path / "gone.png"), "--out", str(tmp_path / "x.png")]
+    )
+    assert "gone.png: no such file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_upscaling_an_image_too_small_for_the_model_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    one_pixel = tmp_path / "one_pixel.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(one_pixel)
+    out = tmp_path / "up.png"
+    err = refused(capsys, ["upscale", str(one_pixel), "--scale", "2", "--out", str(out), "--steps", "2"])
+    assert "(1x1) is too small for this model" in err and "at least 8 pixels" in err  # the bundled model
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("scale", "message"), [("nan", "--scale must be > 1"), ("0", "--scale must be > 1"),
+                                                ("1.01", "nothing to do; use a larger --scale")])  # fmt: skip
+def test_upscale_scales_that_cannot_enlarge_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, scale: str, message: str
+) -> None:
+    image = tmp_path / "small.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    out = tmp_path / "up.png"
+    assert message in refused(capsys, ["upscale", str(image), "--scale", scale, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_verbose_shows_the_traceback_of_a_users_mistake_and_a_bug_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["generate", "a red circle", "--guidance", "nan", "--out", str(tmp_path / "x.png")]
+    assert main([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "GenerationError" in err and "--guidance must be" in err
+
+    import linfusion.app.run
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(linfusion.app.run, "generate", broken)
+    with pytest.raises(ZeroDivisionError):  # not turned into a message: a bug keeps its traceback
+        main(["generate", "a red circle", "--out", str(tmp_path / "x.png")])
+
+
+def test_seed_minus_one_draws_a_seed_the_png_records_and_from_png_repeats(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first, second, again = (tmp_path / f"{name}.png" for name in ("first", "second", "again"))
+    for out in (first, second):
+        assert main(["generate", "a large red circle in the center , on a white background", "--seed", "-1",
+                     "--steps", "2", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    seeds = [read_png_parameters(path).seed for path in (first, second)]
+    assert all(0 <= seed < 2**32 for seed in seeds) and seeds[0] != seeds[1]
+    assert main(["generate", "--from-png", str(first), "--out", str(again), "--quiet"]) == 0
+    assert read_png_parameters(again).seed == seeds[0]
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_pngs_get_the_umask_mode_also_when_replacing_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, umask: int
+) -> None:
+    out = tmp_path / "image.png"
+    previous = os.umask(umask)
+    try:
+        assert main(["generate", "a small red circle on the left , on a gray background", "--steps", "2",
+                     "--out", str(out), "--quiet"]) == 0  # fmt: skip
+        assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+        out.chmod(0o644)
+        assert main(["generate", "a small red circle on the left , on a gray background", "--steps", "2",
+                     "--seed", "5", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+        assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+        assert read_png_parameters(out).seed == 5  # it was replaced
+    finally:
+        os.umask(previous)
+    assert capsys.readouterr().out.splitlines() == [str(out), str(out)]  # --quiet: only the path
+
+
+def test_bundled_model_names_the_words_it_does_not_know(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["generate", "a cat on a sofa", "--steps", "2", "--out", str(tmp_path / "cat.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1
+    assert "does not know 'cat', 'sofa'" in notes[0] and "shapes (circle/square/triangle)" in notes[0]
+    assert main(["generate", "a cat on a sofa", "--model", str(model), "--steps", "2",
+                 "--out", str(tmp_path / "tiny-cat.png")]) == 0  # fmt: skip
+    assert "note:" not in capsys.readouterr().err  # not the bundled model: its vocabulary is not known
+
+
+def test_each_stage_prints_its_size_and_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "big.png"
+    assert main(["generate", "a large red circle in the center , on a white background", "--steps", "2",
+                 "--mode", "sdedit", "--size", "64x64", "--out", str(out)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("stage ") and line.endswith(" s")]
+    assert [line.split(":")[0] for line in lines] == ["stage 1/2 32x32", "stage 2/2 64x64"]
 
 
 def test_a_host_budget_larger_than_this_machine_is_refused_before_loading(

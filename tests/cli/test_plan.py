@@ -36,6 +36,7 @@ def test_bundled_model_on_the_cpu_fits_and_reports_every_stage(capsys: pytest.Ca
     assert flops[-1] > flops[1]  # the largest stage costs the most
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_exits_3_with_the_smallest_budgets(capsys: pytest.CaptureFixture) -> None:
     code = linfusion(
         ["plan", "--model", "bundled", "--size", "256x256", "--device", "cpu", "--max-memory", "1MB"]
@@ -63,6 +64,7 @@ def test_bad_input_is_refused_with_a_message(capsys: pytest.CaptureFixture) -> N
     assert "could not load" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_rank_of_several_plans_its_stripe(capsys: pytest.CaptureFixture) -> None:
     argv = [
         "--model",

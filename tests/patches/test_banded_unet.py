@@ -474,6 +474,7 @@ def weights(unet: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in unet.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_16k_fits_the_device_and_host_budgets(family: str) -> None:
     """Full-size UNet, fp16, LinFusion, both CFG branches in one call (batch 2), at the three 16K sizes: the

@@ -30,6 +30,7 @@ def test_vae_resume_is_exact(tmp_path) -> None:
     assert not list((tmp_path / "b").glob(".*tmp*"))  # atomic writes leave no temp file
 
 
+@pytest.mark.slow
 def test_unet_resume_is_exact_and_logs_the_conditioning_gap(tmp_path) -> None:
     vae_dir = training.train_vae(_vae_config(tmp_path / "vae", 1))
 

@@ -2,7 +2,10 @@
 bundled model with its LinFusion weights), run it, and print the plan's activation estimate and the
 measured RSS peak above the baseline (weights loaded), as JSON.
 
-A fresh process per measurement matters: RSS high-water marks depend on the heap's history.
+A fresh process per measurement matters: RSS high-water marks depend on the heap's history. The probe
+sets glibc up as the command line does (:func:`linfusion.runtime.keep_freed_memory`, unless
+``LINFUSION_MALLOC_TUNING=0``), because the plan budgets the command line's process: its peak is what
+the estimate must match.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from linfusion import LinFusion
 from linfusion.io import parse_size
 from linfusion.planner import MemoryPlanner, apply_savers
+from linfusion.runtime import keep_freed_memory
 from linfusion.testing import tiny_pipeline
 
 
@@ -25,6 +29,7 @@ def rss(field: str) -> int:
 
 
 def main(size: int, activation_budget: str, model: str = "tiny") -> dict:
+    keep_freed_memory()  # before the model's allocations, as linfusion.cli.main does
     torch.set_num_threads(1)
     if model == "bundled":
         from linfusion.bundled import MODEL_DIR, load_pipeline

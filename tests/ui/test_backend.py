@@ -57,7 +57,7 @@ def pixels(path: Path) -> np.ndarray:
         ({"height": 0}, "height 0 is not a positive multiple of 8"),
         ({"prompt": "  "}, "the prompt is empty: say what to draw"),
         ({"guidance": float("nan")}, "guidance nan: use a number from 0 to 100"),
-        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 0}, "steps must be a whole number >= 1"),
         ({"steps": 1000}, "steps 1000: at most 500"),
         ({"width": 65536}, "width 65536 is larger than this page accepts (32768 px)"),
         ({"model": "/etc"}, "model '/etc' is not one this server was started with (bundled)"),

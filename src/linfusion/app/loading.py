@@ -19,6 +19,7 @@ from ..hub import load_failure_message, looks_like_hub_id
 from ..model import LinFusion
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
+from ..pipelines.chain import minimum_side, native_long_side
 from ..registry import is_sdxl
 from .params import GenerationError, GenerationParams
 
@@ -31,6 +32,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def resolve_model(model: str | None) -> str:
     """The folder or Hub id behind ``--model`` (None and "bundled": the bundled model's folder)."""
     return str(BUNDLED_MODEL) if model in (None, BUNDLED_MODEL_NAME) else model
+
+
+def is_bundled(model: str | None) -> bool:
+    """Whether ``--model`` names the bundled model (by name or by its folder)."""
+    return Path(resolve_model(model)).resolve() == BUNDLED_MODEL
 
 
 def resolve_device(device: str) -> torch.device:
@@ -186,7 +192,12 @@ class LoadedPipeline:
     @property
     def native_size(self) -> int:
         """The side in pixels of the images the UNet was trained at."""
-        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        return native_long_side(self.pipe)
+
+    @property
+    def minimum_side(self) -> int:
+        """The smallest width and height in pixels this model works at."""
+        return minimum_side(self.pipe)
 
     @property
     def is_sdxl(self) -> bool:
@@ -220,6 +231,7 @@ __all__ = [
     "RANDOM_MODELS",
     "LoadedPipeline",
     "attach_linfusion",
+    "is_bundled",
     "load",
     "load_pipeline",
     "resolve_device",

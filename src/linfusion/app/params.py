@@ -4,21 +4,38 @@ The PNG carries every setting in a text chunk named ``parameters`` in the format
 write (prompt, ``Negative prompt: ...``, then ``Key: value`` pairs), so ``linfusion generate --from-png``
 (or any of those UIs) can make the same image again. Resolving defaults returns a new value
 (:meth:`GenerationParams.replace`); nothing changes a value in place.
+
+:meth:`GenerationParams.validate` is the one check of what a user typed (the command line, the Python API
+and the web UI give the same messages); it imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, VAE_ATTENTION_MODES
+from ..choices import DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, SIZE_MULTIPLE, VAE_ATTENTION_MODES
+from ..errors import UserError
+
+RANDOM_SEED = -1  # --seed -1: draw one (the SD web UIs' convention); the PNG records the one drawn
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """The request cannot be generated; the message says what to change."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -43,22 +60,49 @@ class GenerationParams:
         """A copy with ``changes`` applied (the value itself never changes)."""
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> None:
-        """Raise :class:`GenerationError` naming the first setting that cannot work."""
+    def with_seed(self) -> GenerationParams:
+        """This value with a concrete seed: a random one drawn for ``seed=-1``, else itself."""
+        if self.seed != RANDOM_SEED:
+            return self
+        return self.replace(seed=secrets.randbelow(2**32))
+
+    def validate(self, minimum_side: int | None = None) -> None:
+        """Raise :class:`GenerationError` naming the first setting that cannot work.
+
+        ``minimum_side``: the smallest width and height the loaded model works at (see
+        :func:`minimum_side_message`); known once the model is loaded, so checked again then.
+        """
         if not self.prompt or not self.prompt.strip():
             raise GenerationError(
                 'the prompt is empty: say what to draw, e.g. linfusion generate "a red circle"'
             )
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                suggestion = max(8, round(value / 8) * 8)
-                raise GenerationError(
-                    f"{name} {value} is not a positive multiple of 8 (the VAE works in blocks of 8 pixels); "
-                    f"try {suggestion}"
+            if value is None:
+                continue
+            if not _is_whole(value) or value <= 0 or value % SIZE_MULTIPLE:
+                nearest = (
+                    max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+                    if _is_whole(value)
+                    else 512
                 )
-        if self.steps < 1:
-            raise GenerationError(f"--steps must be >= 1; got {self.steps}")
+                raise GenerationError(
+                    f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE} (the VAE works in blocks of "
+                    f"{SIZE_MULTIPLE} pixels); try {nearest}"
+                )
+            if minimum_side is not None and value < minimum_side:
+                raise GenerationError(minimum_side_message(f"{name} {value}", minimum_side))
+        if not _is_whole(self.steps) or self.steps < 1:
+            raise GenerationError(f"--steps must be a whole number >= 1; got {self.steps}")
+        if not _is_number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise GenerationError(
+                f"--guidance must be a finite number >= 0 (1 or less means no guidance; 7.5 is usual); "
+                f"got {self.guidance}"
+            )
+        if not _is_whole(self.seed) or not RANDOM_SEED <= self.seed < SEED_LIMIT:
+            raise GenerationError(
+                f"--seed must be a whole number from 0 to 2**64-1, or -1 for a random one; got {self.seed}"
+            )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise GenerationError(
                 f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
@@ -131,12 +175,28 @@ class GenerationParams:
         return cls(**params)
 
 
+def minimum_side_message(what: str, minimum_side: int) -> str:
+    """Why ``what`` (e.g. "width 16", "the image 1x1") is too small for a model, and what to use instead."""
+    return (
+        f"{what} is too small for this model: its UNet halves the latent image at each level and needs at "
+        f"least one row and column at the deepest one, so width and height must be at least {minimum_side} "
+        f"pixels; use {minimum_side} or more"
+    )
+
+
 def read_png_parameters(path: str | os.PathLike) -> GenerationParams:
     """The parameters recorded in a PNG written by ``linfusion generate`` (or a SD web UI)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        text = image.info.get("parameters")
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except FileNotFoundError as error:
+        raise GenerationError(f"{path}: no such file") from error
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise GenerationError(
+            f"cannot read {path} as an image ({error}); pass a PNG written by linfusion generate or a SD web UI"
+        ) from error
     if not text:
         raise GenerationError(
             f"{path} has no 'parameters' text chunk (was it written by linfusion generate?)"
@@ -145,7 +205,9 @@ def read_png_parameters(path: str | os.PathLike) -> GenerationParams:
 
 
 __all__ = [
+    "RANDOM_SEED",
     "GenerationError",
     "GenerationParams",
+    "minimum_side_message",
     "read_png_parameters",
 ]

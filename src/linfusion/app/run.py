@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..choices import BUNDLED_MODEL_NAME
+from ..bundled.shapes import vocabulary_warning
+from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
 from ..io import atomic_file, format_size, parse_size, size_flag
 from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages
 from ..pipelines.demofusion import demofusion
@@ -23,8 +25,18 @@ from ..pipelines.sdedit import sdedit
 from ..pipelines.upscale import upscale_target
 from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, Savers, apply_savers, available_memory
 from ..vae_attention import quadratic_attention_hint
-from .loading import LoadedPipeline, load
-from .params import GenerationError, GenerationParams
+from .loading import LoadedPipeline, is_bundled, load
+from .params import RANDOM_SEED, GenerationError, GenerationParams, minimum_side_message
+
+UPSCALE_PROMPT = "high quality, detailed"  # what an upscale without --prompt asks for
+
+
+def note_unknown_words(params: GenerationParams, show: bool = True) -> None:
+    """On the bundled model, say on stderr which words of the prompt it never saw (and what it knows)."""
+    if show and is_bundled(params.model):
+        warning = vocabulary_warning(params.prompt)
+        if warning:
+            print(f"note: {warning}", file=sys.stderr)
 
 
 def check_writable(out: Path) -> None:
@@ -57,6 +69,27 @@ def save_png(image: Image.Image, params: GenerationParams, out: Path) -> Path:
     with atomic_file(out) as handle:
         image.save(handle, format="PNG", pnginfo=info)
     return out
+
+
+def stage_timer(
+    stages: Sequence[Stage], inner: StageCallback | None = None, show: bool = True
+) -> StageCallback | None:
+    """``on_stage_end`` that prints each stage's size and time on stderr (when ``show``), then calls ``inner``."""
+    if not show:
+        return inner
+    started = [time.perf_counter()]
+
+    def report(index: int, stage: Stage, image: Image.Image) -> None:
+        now = time.perf_counter()
+        print(
+            f"stage {index + 1}/{len(stages)} {stage.width}x{stage.height}: {now - started[0]:.1f} s",
+            file=sys.stderr,
+        )
+        if inner is not None:
+            inner(index, stage, image)
+        started[0] = time.perf_counter()
+
+    return report
 
 
 def stages_for(
@@ -129,6 +162,8 @@ def render(
     save_stages: str | os.PathLike | None = None,
 ) -> Image.Image:
     """The image ``params`` describes, on a loaded pipeline (``image``: the input of a super-resolution)."""
+    if params.seed == RANDOM_SEED:
+        raise ValueError("draw the seed first (params.with_seed()), so that the PNG can record it")
     pipe = loaded.pipe
     common: dict[str, Any] = {
         "negative_prompt": params.negative_prompt or None,
@@ -169,26 +204,32 @@ def generate(
     on_stage_end: StageCallback | None = None,
     host_memory: str | None = None,
 ) -> Path:
-    """Generate ``params`` and write the PNG to ``out``; every check runs before the model loads.
+    """Generate ``params`` and write the PNG to ``out``.
 
-    A memory plan for ``max_memory`` (default: the device's free memory) picks the savers each stage
-    needs; a request that cannot fit is refused before any denoising starts.
+    Every check of the request runs before the model loads, except the model's smallest size, checked
+    once it is loaded and before any step. ``seed=-1`` draws a seed, which the PNG records. A memory plan
+    for ``max_memory`` (default: the device's free memory) picks the savers each stage needs; a request
+    that cannot fit is refused before any denoising starts. With ``progress``, notes, the plan and each
+    stage's time go to stderr.
     """
     out_path = Path(out)
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
     params.validate()
+    params = params.with_seed()
     check_writable(out_path)
     check_host_budget(host_memory)
+    note_unknown_words(params, show=progress)
     loaded = load(params, device)
     try:
         params = loaded.params
         params = params.replace(
             width=params.width or loaded.native_size, height=params.height or loaded.native_size
         )
+        params.validate(minimum_side=loaded.minimum_side)
         loaded.pipe.set_progress_bar_config(disable=not progress, desc="generate")
-        memory_plan = plan_memory(
-            loaded.pipe, stages_for(loaded, params), max_memory, params.guidance, not progress, host_memory
-        )
+        stages = stages_for(loaded, params)
+        memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
+        on_stage_end = stage_timer(stages, on_stage_end, show=progress)
         image = render(loaded, params, memory_plan, None, callback_on_step_end, on_stage_end, save_stages)
     finally:
         loaded.patch.remove()
@@ -213,27 +254,33 @@ def upscale_file(
     try:
         with Image.open(source) as opened:
             image = opened.convert("RGB")
-    except (OSError, ValueError) as error:
+    except FileNotFoundError as error:
+        raise GenerationError(f"{source}: no such file") from error
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
         raise GenerationError(f"cannot read the image {source}: {error}") from error
     try:
         width, height = upscale_target(image.size, scale)
     except ValueError as error:
         raise GenerationError(str(error)) from error
     params = params.replace(
-        prompt=params.prompt or "high quality, detailed",
+        prompt=params.prompt or UPSCALE_PROMPT,
         mode=params.mode if params.mode == "demofusion" else "sdedit",
         model=params.model or BUNDLED_MODEL_NAME,
         width=width,
         height=height,
     )
     params.validate()
+    params = params.with_seed()
     out_path = Path(out)
     check_writable(out_path)
     check_host_budget(host_memory)
+    note_unknown_words(params, show=progress and params.prompt != UPSCALE_PROMPT)
     loaded = load(params, device)
     try:
         params = loaded.params
-        loaded.pipe.set_progress_bar_config(disable=not progress)
+        if min(image.size) < loaded.minimum_side:
+            size = f"{image.width}x{image.height}"
+            raise GenerationError(minimum_side_message(f"the image {source} ({size})", loaded.minimum_side))
         stages = plan_stages(
             width,
             height,
@@ -241,11 +288,29 @@ def upscale_file(
             sdxl=loaded.is_sdxl or params.mode == "demofusion",
             start=image.size,
         )
+        if not stages:
+            raise GenerationError(
+                f"enlarging {image.width}x{image.height} by {scale:g} gives {width}x{height} once rounded to "
+                f"multiples of {SIZE_MULTIPLE}, no larger than the image: nothing to do; use a larger --scale"
+            )
+        loaded.pipe.set_progress_bar_config(disable=not progress)
         memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
+        on_stage_end = stage_timer(stages, on_stage_end, show=progress)
         result = render(loaded, params, memory_plan, image, callback_on_step_end, on_stage_end, save_stages)
     finally:
         loaded.patch.remove()
     return save_png(result, params.replace(width=result.width, height=result.height), out_path)
 
 
-__all__ = ["check_writable", "generate", "plan_memory", "render", "save_png", "stages_for", "upscale_file"]
+__all__ = [
+    "UPSCALE_PROMPT",
+    "check_writable",
+    "generate",
+    "note_unknown_words",
+    "plan_memory",
+    "render",
+    "save_png",
+    "stage_timer",
+    "stages_for",
+    "upscale_file",
+]

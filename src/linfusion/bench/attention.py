@@ -23,7 +23,6 @@ Results go to ``<out>/attention-<device>-<date>[-tag].{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import shlex
@@ -41,7 +40,8 @@ import torch.nn.functional as F
 
 from ..ops import linear_attention, linear_attention_reference
 from ..ops.chunked import new_output
-from .harness import environment, loadavg, rss_peak, wait_for_idle, write_results
+from ..runtime import return_freed_memory
+from .harness import BenchmarkInputError, environment, loadavg, rss_peak, wait_for_idle, write_results
 
 # Head layouts by head dim: SD-1.5 attention blocks have 8 heads at 320/640/1280 channels; SD-XL uses
 # 64-dim heads (10 heads at 640 channels, 20 at 1280).
@@ -282,17 +282,6 @@ def tensor_peak_bytes_cpu(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _limit_malloc_caching() -> bool:
-    """Make glibc serve >= 64 KiB blocks with mmap and return them at free, so RSS tracks live memory."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
-        return ok and libc.mallopt(m_trim_threshold, 0) == 1
-    except OSError:
-        return False
-
-
 def _memory_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
     dtype = DTYPES[case["dtype"]]
     q, k, v = _make_qkv(
@@ -322,7 +311,7 @@ def _memory_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def memory_worker(cases: list[dict[str, Any]], device_name: str, threads: int | None) -> list[dict[str, Any]]:
     """Measure the peak memory of each case (run in a child process on CPU, see module docstring)."""
     device = torch.device(device_name)
-    malloc_limited = device.type == "cpu" and _limit_malloc_caching()
+    malloc_limited = device.type == "cpu" and return_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     out = []
@@ -943,12 +932,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     unknown = [d for d in cfg.dtypes + cfg.accuracy_dtypes if d not in DTYPES]
     if unknown:
-        print(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}", file=sys.stderr)
-        return 2
+        raise BenchmarkInputError(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
     bad_modes = [m for m in cfg.modes if m not in MODES]
     if bad_modes:
-        print(f"unknown mode(s) {bad_modes}; choose from {list(MODES)}", file=sys.stderr)
-        return 2
+        raise BenchmarkInputError(f"unknown mode(s) {bad_modes}; choose from {list(MODES)}")
     result = run_benchmark(cfg, log=lambda line: print(line, flush=True), command=effective_command(args))
     paths = write_outputs(result, Path(args.out), args.tag, plot=not args.no_plot)
     for name, t in result["targets"].items():

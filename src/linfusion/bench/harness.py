@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import UserError
 from ..io import atomic_write_text
+
+
+class BenchmarkInputError(UserError, ValueError):
+    """A benchmark's settings cannot work (a size, a budget, a model, a dtype); the message says why."""
 
 
 def read_status_kib(field_name: str) -> int:
@@ -135,6 +140,7 @@ def write_results(
 
 
 __all__ = [
+    "BenchmarkInputError",
     "environment",
     "loadavg",
     "peak_bytes",

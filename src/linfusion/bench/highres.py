@@ -25,8 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import format_size
-from .harness import environment, loadavg, peak_bytes, read_status_kib, reset_peak, write_results
+from ..errors import UserError
+from ..io import format_size, parse_size
+from ..runtime import keep_freed_memory
+from .harness import (
+    BenchmarkInputError,
+    environment,
+    loadavg,
+    peak_bytes,
+    read_status_kib,
+    reset_peak,
+    write_results,
+)
 
 
 # ---------------------------------------------------------------------- the child: one configuration
@@ -138,6 +148,9 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the parent: all configurations
+USER_ERROR_STATUS = 2  # a child that found the settings unworkable (its message on stdout, as JSON)
+
+
 def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads") or os.cpu_count())}
     command = [sys.executable, "-m", "linfusion.bench.highres", "--child", json.dumps(spec)]
@@ -146,6 +159,8 @@ def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else expired.stderr or ""
         return {**spec, "error": f"timed out after {timeout:.0f} s", "stages": _finished_stages(stderr)}
+    if done.returncode == USER_ERROR_STATUS:
+        raise BenchmarkInputError(json.loads(done.stdout.strip().splitlines()[-1])["user_error"])
     if done.returncode != 0:
         return {**spec, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -219,13 +234,21 @@ def _stage_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    from ..pipelines.chain import check_size
+
+    width, height = args.size
+    try:
+        check_size(width, height)
+        if args.max_memory:
+            parse_size(args.max_memory)
+    except ValueError as error:
+        raise BenchmarkInputError(str(error)) from error
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     command = (
-        f"linfusion bench highres --model {args.model} --size {args.size} --mode {args.mode} "
+        f"linfusion bench highres --model {args.model} --size {width}x{height} --mode {args.mode} "
         f"--attention {args.attention} --steps {args.steps} --guidance {args.guidance} --device {device.type} "
         f"--dtype {dtype} --threads {args.threads} --sdpa-cap-seconds {args.sdpa_cap_seconds} "
         f"--tile-from {args.tile_from} --vae-attention {args.vae_attention}"
@@ -269,4 +292,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # one configuration in a fresh process (peaks depend on the heap's history)
     if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(run_configuration(json.loads(sys.argv[2]))))
+        keep_freed_memory()  # the allocator the command line uses, so the figures are what users get
+        try:
+            print(json.dumps(run_configuration(json.loads(sys.argv[2]))))
+        except UserError as error:
+            print(json.dumps({"user_error": str(error)}))
+            sys.exit(USER_ERROR_STATUS)

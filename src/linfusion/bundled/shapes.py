@@ -13,6 +13,7 @@ model trained for a couple of hours on one CPU core.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,38 @@ def vocabulary() -> list[str]:
         words.update(phrase.split())
     words.update(SHAPES, COLOURS, BACKGROUNDS, SIZES)
     return sorted(words)
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that no caption contains, each once, in order (punctuation and digits are
+    not words here; case is ignored, as the model's tokenizer lowercases)."""
+    known = set(vocabulary())
+    unknown: list[str] = []
+    for word in re.findall(r"[^\W\d_]+", prompt.lower()):
+        if word not in known and word not in unknown:
+            unknown.append(word)
+    return unknown
+
+
+def vocabulary_warning(prompt: str) -> str | None:
+    """One line saying which words of ``prompt`` the bundled model never saw, and what it knows; None
+    when it knows them all."""
+    unknown = unknown_words(prompt)
+    if not unknown:
+        return None
+    groups = {
+        "colours": COLOURS,
+        "shapes": SHAPES,
+        "sizes": SIZES,
+        "positions": _PHRASE.values(),
+        "backgrounds": BACKGROUNDS,
+    }
+    known = ", ".join(f"{group} ({'/'.join(words)})" for group, words in groups.items())
+    return (
+        f"the bundled model does not know {', '.join(repr(word) for word in unknown)}: it was trained on "
+        f'captions of coloured shapes only, with {known}, e.g. "a large red circle in the center , on a '
+        'white background"'
+    )
 
 
 def caption(scene: Scene) -> str:

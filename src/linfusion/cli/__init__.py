@@ -4,13 +4,25 @@ Each sub-command lives in its own module of this package and exposes ``register(
 adds its parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
 These modules hold argparse only: the application is imported inside those callables, so that
 ``linfusion --help`` and every ``linfusion COMMAND --help`` import neither torch nor diffusers.
+
+:func:`main` is the one place that decides how a command ends: a :class:`~linfusion.errors.UserError`
+(bad numbers, unreadable images, folders that would be clobbered, budgets that cannot fit) is printed as
+one paragraph with exit status 2, any other exception keeps its traceback (it is a bug), and ``-v``
+shows everything, tracebacks included. It also sets the process up as :mod:`linfusion.runtime`
+describes (glibc keeps freed memory; third-party notices silenced unless ``-v``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
+import traceback
+
+from ..errors import UserError
+from ..runtime import keep_freed_memory, quiet_third_party_notices
 
 # Modules providing sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -37,12 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a user's mistake, with the message on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    keep_freed_memory()  # before torch allocates anything
+    verbose = bool(getattr(args, "verbose", False))
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = " ".join(filter(None, (args.command, getattr(args, "bench_command", None))))
+    try:
+        with contextlib.nullcontext() if verbose else quiet_third_party_notices():
+            return int(args.func(args) or 0)
+    except UserError as error:
+        if verbose:
+            traceback.print_exc()
+        print(f"linfusion {command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

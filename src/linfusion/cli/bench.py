@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from ..choices import CHAIN_MODES, VAE_ATTENTION_MODES
+from .options import add_verbosity_options, parse_size
 
 DEFAULT_TOKENS = "1024,4096,16384,65536,262144,1048576"
 
@@ -92,6 +93,7 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
         "below --idle-load (polled every 30 s)",
     )
     parser.add_argument("--idle-load", type=float, default=0.6)
+    add_verbosity_options(parser, quiet=False)
 
 
 def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +101,9 @@ def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="bundled", help="bundled, random-sd15, random-sdxl, a folder or Hub id"
     )
-    parser.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT of the final image")
+    parser.add_argument(
+        "--size", type=parse_size, default="4096x4096", help="WIDTHxHEIGHT of the final image"
+    )
     parser.add_argument("--mode", default="sdedit", choices=CHAIN_MODES)
     parser.add_argument("--attention", default="linfusion,sdpa", help="comma-separated: linfusion, sdpa")
     parser.add_argument("--steps", type=int, default=25)
@@ -132,6 +136,7 @@ def add_highres_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="per configuration (seconds)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="")
+    add_verbosity_options(parser, quiet=False)
 
 
 def add_vae_arguments(parser: argparse.ArgumentParser) -> None:

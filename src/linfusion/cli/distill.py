@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Any
 
+from .options import add_verbosity_options
+
 
 def _loss_weights(text: str) -> tuple[float, float, float]:
     parts = text.split(",")
@@ -47,7 +49,16 @@ def register(subparsers: Any) -> None:
         "--data", required=True, help="image folder (.txt captions or metadata.jsonl) or a datasets dataset"
     )
     parser.add_argument(
-        "--output", required=True, help="output folder: checkpoints, logs and the final LinFusion weights"
+        "--output",
+        required=True,
+        help="output folder: checkpoints, logs and the final LinFusion weights; must be new, empty, or "
+        "a run of linfusion distill to --resume",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output that is not a linfusion distill run, or start a finished or "
+        "interrupted run again from step 0 (its checkpoints and log are replaced)",
     )
     parser.add_argument("--resolution", type=int, default=defaults["resolution"].default)
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"].default, help="per process")
@@ -84,6 +95,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--validation-steps", type=int, default=defaults["validation_steps"].default)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--report-to", default=None, help="an accelerate tracker, e.g. tensorboard")
+    add_verbosity_options(parser, quiet=False)
     parser.set_defaults(func=run)
 
 
@@ -91,15 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from ..distill import DistillConfig, distill
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    values = {
-        key: value for key, value in vars(args).items() if key not in ("func", "command", "center_crop")
-    }
+    not_settings = ("func", "command", "center_crop", "verbose")
+    values = {key: value for key, value in vars(args).items() if key not in not_settings}
     values["random_crop"] = not args.center_crop
-    try:
-        config = DistillConfig(**values)
-    except ValueError as error:
-        raise SystemExit(f"linfusion distill: {error}") from None
-    output = distill(config)
+    output = distill(DistillConfig(**values))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"LinFusion weights written to {output} (load with LinFusion.from_pretrained({str(output)!r}))")
     return 0

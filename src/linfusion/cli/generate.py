@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..choices import CHAIN_MODES, DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, VAE_ATTENTION_MODES
 from ..parallel.launch import parallel_command
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768; got {text!r}") from error
-    return width, height
+from .options import add_verbosity_options, parse_size
 
 
 def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     """The options ``generate`` and ``upscale`` share."""
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale, >= 0 (1 or less: no guidance, as in diffusers)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="-1: a random seed (the PNG records the one used)"
+    )
     parser.add_argument("--out", default=out_default, help="PNG to write (folder created if needed)")
     parser.add_argument("--model", default=None, help="pipeline folder, Hub id, or bundled (the default)")
     parser.add_argument("--linfusion", default="auto", help="LinFusion weights: Hub id or folder")
@@ -48,7 +47,7 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
         help="the VAE mid-block attention: exact softmax (quadratic time), or linear (linear time, a close "
         "approximation; see docs/high-resolution.md). Linear is what makes 4K+ decodes practical on a CPU",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_verbosity_options(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -59,7 +58,7 @@ def register(subparsers: Any) -> None:
         "--from-png makes the same image again.",
     )
     generate.add_argument("prompt", nargs="?", help="what to draw")
-    generate.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8")
+    generate.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8")
     generate.add_argument(
         "--mode",
         default="plain",
@@ -77,7 +76,9 @@ def register(subparsers: Any) -> None:
         description="Enlarge IMAGE by --scale: resize x2 and re-denoise at decreasing strength per stage.",
     )
     upscale.add_argument("image", help="the image to enlarge")
-    upscale.add_argument("--scale", type=float, required=True, help="e.g. 4 for 4x width and height")
+    upscale.add_argument(
+        "--scale", type=float, required=True, help="how much larger, > 1: e.g. 4 for 4x width and height"
+    )
     upscale.add_argument("--prompt", default="", help="what the image shows (guides the new detail)")
     upscale.add_argument("--mode", default="sdedit", choices=CHAIN_MODES, help="stage recipe")
     _add_shared(upscale, out_default="outputs/upscaled.png")
@@ -107,38 +108,34 @@ def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None,
 
 @parallel_command  # torchrun --nproc_per_node=N: spatial-parallel (linfusion.parallel)
 def run(args: argparse.Namespace) -> int:
-    from ..app.params import GenerationError, read_png_parameters
+    from ..app.params import read_png_parameters
     from ..app.run import generate
 
-    try:
-        if args.from_png:
-            params = read_png_parameters(args.from_png)
-        else:
-            params = _params(args, args.prompt or "", args.size, args.mode)
-        out = generate(
-            params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages,
-            max_memory=args.max_memory, host_memory=args.host_memory,
-        )  # fmt: skip
-    except GenerationError as error:
-        print(f"linfusion generate: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    if args.from_png:
+        params = read_png_parameters(args.from_png)
+    else:
+        params = _params(args, args.prompt or "", args.size, args.mode)
+    out = generate(
+        params, args.out, device=args.device, progress=not args.quiet, save_stages=args.save_stages,
+        max_memory=args.max_memory, host_memory=args.host_memory,
+    )  # fmt: skip
+    _report(out, args.quiet)
     return 0
 
 
 @parallel_command
 def run_upscale(args: argparse.Namespace) -> int:
-    from ..app.params import GenerationError
     from ..app.run import upscale_file
 
-    try:
-        params = _params(args, args.prompt, None, args.mode)
-        out = upscale_file(
-            args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
-            save_stages=args.save_stages, max_memory=args.max_memory, host_memory=args.host_memory,
-        )  # fmt: skip
-    except GenerationError as error:
-        print(f"linfusion upscale: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    params = _params(args, args.prompt, None, args.mode)
+    out = upscale_file(
+        args.image, args.scale, params, args.out, device=args.device, progress=not args.quiet,
+        save_stages=args.save_stages, max_memory=args.max_memory, host_memory=args.host_memory,
+    )  # fmt: skip
+    _report(out, args.quiet)
     return 0
+
+
+def _report(out: Any, quiet: bool) -> None:
+    """The output path on stdout: alone with ``--quiet`` (for scripts), else as a sentence."""
+    print(out if quiet else f"wrote {out}")

@@ -7,7 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
+RUN_MARKER = "distill_config.json"  # written first by every run: marks a folder as a distill run's own
+
+
+class DistillConfigError(UserError, ValueError):
+    """The distillation settings cannot work (values, output folder, checkpoint); the message says why."""
 
 
 @dataclass
@@ -33,6 +40,7 @@ class DistillConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
+    overwrite: bool = False  # write into a non-empty --output that is not this run's own, or start over
     init: str = "teacher"
     projection_mid_dim: int | str | None = "auto"
     caption_dropout: float = 0.1
@@ -83,7 +91,7 @@ class DistillConfig:
         if self.validate_every and not self.validation_prompts:
             problems.append("--validate-every needs --validation-prompts")
         if problems:
-            raise ValueError("invalid distillation settings:\n  - " + "\n  - ".join(problems))
+            raise DistillConfigError("invalid distillation settings:\n  - " + "\n  - ".join(problems))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -93,7 +101,7 @@ class DistillConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown distillation settings: {unknown}")
+            raise DistillConfigError(f"unknown distillation settings: {unknown}")
         return cls(**values)
 
     @property
@@ -103,3 +111,33 @@ class DistillConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / "train_log.jsonl"
+
+    def check_output(self) -> None:
+        """Refuse an ``--output`` whose files this run would clobber or mix with its own.
+
+        An absent or empty folder is fine; so is a folder of a previous ``linfusion distill`` run (it
+        holds ``distill_config.json``) when resuming it; anything else needs ``overwrite``.
+        """
+        output = self.output_dir
+        if output.exists() and not output.is_dir():
+            raise DistillConfigError(f"--output {output} is a file; pass a folder (it is created if missing)")
+        if not output.exists() or not any(output.iterdir()):
+            return
+        if self.overwrite:
+            return
+        if (output / RUN_MARKER).exists():
+            if self.resume:
+                return
+            raise DistillConfigError(
+                f"--output {output} holds a linfusion distill run already: continue it with --resume, or "
+                "pass --overwrite to start again there (its checkpoints and training log are replaced)"
+            )
+        raise DistillConfigError(
+            f"--output {output} is not empty and is not a linfusion distill run (it has no {RUN_MARKER}): "
+            "choose a new or empty folder, or pass --overwrite to write the run into it (files of the same "
+            "names, such as config.json, would be replaced)"
+        )

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training data cannot be used; the message says what to fix."""
 
 

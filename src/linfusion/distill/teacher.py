@@ -7,12 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..registry import is_sdxl
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher cannot be used for distillation; the message says why."""
 
 

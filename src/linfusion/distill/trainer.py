@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from ..io import atomic_write_text, replace_folder, torch_save
 from ..model import LinFusion
 from ..registry import is_sdxl
-from .config import DistillConfig
-from .data import CachedLatentDataset, DistillDataset, collate, epoch_order, open_source
+from .config import RUN_MARKER, DistillConfig, DistillConfigError
+from .data import CachedLatentDataset, DataError, DistillDataset, collate, epoch_order, open_source
 from .teacher import TextConditioner, frozen, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,10 @@ def find_checkpoint(config: DistillConfig) -> Path | None:
     if config.resume != "latest":
         path = Path(config.resume)
         if not (path / "state.json").exists():
-            raise FileNotFoundError(f"--resume {config.resume!r}: no checkpoint there (state.json missing)")
+            raise DistillConfigError(
+                f"--resume {config.resume!r}: no checkpoint there (state.json missing); pass a checkpoint "
+                f"folder such as {config.checkpoint_dir / (_CHECKPOINT_PREFIX + '000500')}, or latest"
+            )
         return path
     if not config.checkpoint_dir.exists():
         return None
@@ -109,8 +112,9 @@ class Distiller:
         from accelerate import Accelerator
 
         self.config = config
+        config.check_output()  # nothing of the user's is clobbered, nothing is mixed with an older run
         if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+            raise DistillConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
         # Data problems are reported before the (slow) teacher is loaded.
         self.source = open_source(
             config.data, config.caption_column, config.image_column, config.allow_missing_captions
@@ -126,7 +130,7 @@ class Distiller:
         self.accelerator = accelerator
         world = self.accelerator.num_processes
         if len(self.source) < world * config.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.source)} training images are fewer than one batch on every process "
                 f"({world} x --batch-size {config.batch_size})"
             )
@@ -430,19 +434,30 @@ class Distiller:
         return folder
 
     # ------------------------------------------------------------------ the loop
+    def _start_over(self) -> None:
+        """``--overwrite`` without ``--resume``: an older run's checkpoints and log must not mix in."""
+        for old in self.config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*"):
+            if (old / "state.json").exists():
+                shutil.rmtree(old)
+
     def run(self, callback: StepCallback | None = None) -> Path:
         config = self.config
+        self.accelerator.wait_for_everyone()  # every rank checked --output before anything is written
         if self.is_main:
             config.output_dir.mkdir(parents=True, exist_ok=True)
-            (config.output_dir / "distill_config.json").write_text(config.to_json())
+            if config.overwrite and not config.resume:
+                self._start_over()
+            atomic_write_text(config.output_dir / RUN_MARKER, config.to_json())
         if config.cache_latents:
             self.build_latent_cache()
         checkpoint = find_checkpoint(config)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
+        log_path = config.log_path
+        if self.is_main:
+            truncate_log(log_path, self.step)  # a resumed run logs the steps after its checkpoint again
         if config.report_to:
             self.accelerator.init_trackers("linfusion-distill", config=json.loads(config.to_json()))
-        log_path = config.output_dir / "train_log.jsonl"
         progress = tqdm(
             total=config.max_steps,
             initial=self.step,
@@ -499,6 +514,21 @@ class Distiller:
             self.accelerator.end_training()
         self.recorder.remove()
         return config.output_dir
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the training log's lines of steps up to ``step`` (and drop a line a kill cut short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def distill(config: DistillConfig | dict[str, Any], callback: StepCallback | None = None) -> Path:

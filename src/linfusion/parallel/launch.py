@@ -27,6 +27,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from ..errors import UserError
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -110,6 +112,9 @@ def _run_distributed(run: Callable[[Any], int], args: Any) -> int:
         output = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
         with output:
             code = int(run(args) or 0)
+    except UserError as error:  # the request cannot work: its message, no traceback
+        print(f"linfusion (rank {rank} of {world}): {error}", file=sys.stderr)
+        code = 2
     except BaseException as error:  # noqa: BLE001 - reported, then the rank leaves
         print(f"linfusion (rank {rank} of {world}): {type(error).__name__}: {error}", file=sys.stderr)
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):

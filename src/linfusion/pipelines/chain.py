@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ..choices import SIZE_MULTIPLE
 from ..io import atomic_file
 from ..planner import MemoryPlan, Savers, apply_savers
 
-SIZE_MULTIPLE = 8
 DEFAULT_TILE_FROM = 2048 * 2048  # without a memory plan: exact VAE tiling from this many pixels
 
 StageCallback = Callable[[int, "Stage", Image.Image], None]
@@ -132,6 +132,13 @@ def native_long_side(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def minimum_side(pipe: Any) -> int:
+    """The smallest width and height, in pixels, the pipeline works at: one latent row and column at the
+    UNet's deepest level (each down block but the last halves the latent image)."""
+    halvings = len(pipe.unet.config.down_block_types) - 1
+    return int(pipe.vae_scale_factor * 2**halvings)
+
+
 def set_progress_label(pipe: Any, label: str) -> None:
     """Show ``label`` on the pipeline's progress bar, keeping its other settings (e.g. ``disable``)."""
     config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
@@ -239,6 +246,7 @@ __all__ = [
     "check_size",
     "default_strengths",
     "denoising_steps",
+    "minimum_side",
     "native_long_side",
     "plan_stages",
     "round_size",
