@@ -35,7 +35,7 @@ from .patches.base import Patch
 from .patches.savers import apply_memory_savers
 from .patches.tiling import apply_exact_tiling
 from .patches.vae_attention import apply_vae_attention
-from .tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
+from .tiled_vae import ExactTiler, StoreBudgetError, UnsupportedVAE, tiled_vae_cost
 from .tracing import traced_flops, traced_peak
 from .vae_attention import vae_attention_mode
 
@@ -604,6 +604,26 @@ class MemoryPlanner:
                 )
         return self._tiled[key]
 
+    def minimum_bytes(self, width: int, height: int, encode: bool = False) -> int:
+        """A lower bound of what a stage needs in device and host memory together, computed analytically.
+
+        The weights, the decoded image (float, then 8-bit) and the least the exact tiled VAE can keep
+        (its store at the smallest budget :func:`~linfusion.tiled_vae.tiled_vae_cost` finds). Anything
+        above the budgets cannot run with any saver: refusing on it needs no trace.
+        """
+        image = 3 * width * height * (4 + 1)
+        try:
+            tiled_vae_cost(
+                self.pipe.vae.config, width, height, dtype=self.dtype, band_bytes=DEFAULT_BAND_BYTES,
+                store_budget=0, encode=encode, attention=self._vae_mode(),
+            )  # fmt: skip
+            store = 0
+        except StoreBudgetError as error:
+            store = error.minimum
+        except UnsupportedVAE:
+            store = 0
+        return self.weights() + store + image
+
     def plan_stage(
         self,
         width: int,
@@ -703,6 +723,17 @@ class MemoryPlanner:
         host = None if host_budget is None else parse_size(host_budget)
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
         calls = list(unet_calls) if unet_calls is not None else [1] * len(sizes)
+        if refuse:  # an impossible size is refused in milliseconds, before any trace
+            available = budget + (host or 0 if self.device.type != "cpu" else 0)
+            for (width, height), encode in zip(sizes, encodes):
+                needed = self.minimum_bytes(width, height, encode)
+                if needed > available:
+                    where = "device and host memory" if self.device.type != "cpu" else "memory"
+                    raise MemoryBudgetError(
+                        f"{width}x{height} needs at least {format_size(needed)} of {where} whatever the savers "
+                        f"(the weights, the smallest store of the exact tiled VAE and the image itself); the "
+                        f"budget is {format_size(available)}: choose a smaller size"
+                    )
         stages = tuple(
             self.plan_stage(width, height, budget, guidance, encode, call_count, host)
             for (width, height), encode, call_count in zip(sizes, encodes, calls)

@@ -330,3 +330,23 @@ def test_a_host_budget_larger_than_this_machine_is_refused_before_loading(
     error = capsys.readouterr().err
     assert "more than this machine's" in error and "linfusion plan" in error
     assert not out.exists()
+
+
+def test_an_impossible_size_is_refused_before_any_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100000x100000 is refused before the model loads; 40000x40000 by the planner's analytic lower bound,
+    before it traces anything (tracing such sizes used to run for minutes)."""
+
+    def no_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced although the size can never fit")
+
+    monkeypatch.setattr("linfusion.planner.traced_peak", no_trace)
+    monkeypatch.setattr("linfusion.planner.traced_flops", no_trace)
+    out = tmp_path / "never.png"
+    assert main(["generate", "a large red circle", "--size", "100000x100000", "--out", str(out)]) == 2
+    assert "image alone needs" in capsys.readouterr().err
+    assert main(["generate", "a large red circle", "--size", "40000x40000", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "whatever the savers" in error and "Traceback" not in error
+    assert not out.exists()

@@ -105,6 +105,11 @@ def stages_for(
     )
 
 
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_host_budget(host_memory: str | None) -> None:
     """Refuse a host budget this machine does not have (a plan for another machine: ``linfusion plan``)."""
     if host_memory is None:
@@ -113,11 +118,32 @@ def check_host_budget(host_memory: str | None) -> None:
         wanted = parse_size(host_memory)
     except ValueError as error:
         raise GenerationError(str(error)) from error
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = machine_memory()
     if wanted > total:
         raise GenerationError(
             f"--host-memory {host_memory} is more than this machine's {format_size(total)} of memory; pass at "
             f"most --host-memory {size_flag(total)} (to plan for another machine: linfusion plan)"
+        )
+
+
+def check_image_fits(width: int | None, height: int | None, device: str) -> None:
+    """Refuse, before anything loads, an image that alone outgrows this machine (as floats, then 8-bit).
+
+    The memory planner refuses precisely once the model is loaded; this only spares loading a model for a
+    size such as 100000x100000 that no saver can bring within this machine's memory.
+    """
+    if not width or not height:
+        return
+    needed = 3 * width * height * (4 + 1)
+    available = machine_memory()
+    if device != "cpu" and torch.cuda.is_available():
+        available += torch.cuda.get_device_properties(
+            torch.device(device if device != "auto" else "cuda")
+        ).total_memory
+    if needed > available:
+        raise GenerationError(
+            f"a {width}x{height} image alone needs {format_size(needed)} (as floats, then 8-bit), more than this "
+            f"machine's {format_size(available)} of memory: choose a smaller size (linfusion plan shows what fits)"
         )
 
 
@@ -218,6 +244,7 @@ def generate(
     params = params.with_seed()
     check_writable(out_path)
     check_host_budget(host_memory)
+    check_image_fits(params.width, params.height, device)
     note_unknown_words(params, show=progress)
     loaded = load(params, device)
     try:
@@ -274,6 +301,7 @@ def upscale_file(
     out_path = Path(out)
     check_writable(out_path)
     check_host_budget(host_memory)
+    check_image_fits(width, height, device)
     note_unknown_words(params, show=progress and params.prompt != UPSCALE_PROMPT)
     loaded = load(params, device)
     try:
