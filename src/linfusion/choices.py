@@ -10,6 +10,9 @@ from __future__ import annotations
 GENERATION_MODES = ("plain", "sdedit", "demofusion")  # plain: one pass; the others: native size, then stages
 CHAIN_MODES = ("sdedit", "demofusion")  # the stage recipes of a chain or a super-resolution
 VAE_ATTENTION_MODES = ("exact", "linear")  # the VAE mid-block attention: softmax, or the linear kernel
+# ... and what a run may ask for: "auto" is exact where that is cheap, linear where its fidelity on the VAE
+# is measured, and exact with a warning (the predicted time, the flag to pass) elsewhere.
+VAE_ATTENTION_CHOICES = ("auto", *VAE_ATTENTION_MODES)
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 SCHEDULERS = {  # command-line name -> diffusers class
     "ddim": "DDIMScheduler",
@@ -30,5 +33,6 @@ __all__ = [
     "SCHEDULERS",
     "SIZE_MULTIPLE",
     "CHAIN_MODES",
+    "VAE_ATTENTION_CHOICES",
     "VAE_ATTENTION_MODES",
 ]

@@ -25,6 +25,10 @@ from .params import GenerationError, GenerationParams
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "bundled" / "model"
 LINFUSION_SUBFOLDER = "linfusion"
+# Models whose VAE's linear mid-block attention was measured against the exact one (auto picks it there).
+LINEAR_VAE_ATTENTION_MEASURED = {
+    BUNDLED_MODEL_NAME: "45.7-48.1 dB PSNR from the exact VAE at 32-512 px, benchmarks/results/vae-attention-bundled.md",
+}
 RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -220,7 +224,8 @@ def load(params: GenerationParams, device: str = "auto") -> LoadedPipeline:
     linfusion = attach_linfusion(pipe, model, params.linfusion)
     if linfusion is not None:
         patch.on_remove(linfusion.unmount)
-    patch.add(apply_vae_attention(pipe.vae, params.vae_attention))
+    if params.vae_attention != "auto":  # "auto" is chosen once the stages are known (app.run)
+        patch.add(apply_vae_attention(pipe.vae, params.vae_attention))
     enable_for_pipeline(pipe)  # under torchrun (WORLD_SIZE > 1): spatial-parallel, else nothing
     return LoadedPipeline(pipe, torch_device, params, patch)
 
@@ -228,6 +233,7 @@ def load(params: GenerationParams, device: str = "auto") -> LoadedPipeline:
 __all__ = [
     "BUNDLED_MODEL",
     "DTYPES",
+    "LINEAR_VAE_ATTENTION_MEASURED",
     "RANDOM_MODELS",
     "LoadedPipeline",
     "attach_linfusion",

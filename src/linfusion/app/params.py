@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, SIZE_MULTIPLE, VAE_ATTENTION_MODES
+from ..choices import DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, SIZE_MULTIPLE, VAE_ATTENTION_CHOICES
 from ..errors import UserError
 
 RANDOM_SEED = -1  # --seed -1: draw one (the SD web UIs' convention); the PNG records the one drawn
@@ -54,7 +54,7 @@ class GenerationParams:
     linfusion: str = "auto"  # "auto", "none", or a Hub id / folder
     dtype: str = "auto"
     mode: str = "plain"  # "plain": one pass at the size; "sdedit"/"demofusion": native size, then stages
-    vae_attention: str = "exact"  # "exact" (the VAE's softmax) or "linear" (linfusion.vae_attention)
+    vae_attention: str = "auto"  # "exact" (the VAE's softmax), "linear" (linfusion.vae_attention), "auto"
 
     def replace(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` applied (the value itself never changes)."""
@@ -111,9 +111,9 @@ class GenerationParams:
             raise GenerationError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
         if self.mode not in GENERATION_MODES:
             raise GenerationError(f"unknown mode {self.mode!r}; choose one of {', '.join(GENERATION_MODES)}")
-        if self.vae_attention not in VAE_ATTENTION_MODES:
+        if self.vae_attention not in VAE_ATTENTION_CHOICES:
             raise GenerationError(
-                f"unknown VAE attention {self.vae_attention!r}; choose one of {', '.join(VAE_ATTENTION_MODES)}"
+                f"unknown VAE attention {self.vae_attention!r}; choose one of {', '.join(VAE_ATTENTION_CHOICES)}"
             )
 
     # ------------------------------------------------------------------ the PNG text chunk

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..choices import BUNDLED_MODEL_NAME
 from ..io import format_size, parse_size
-from ..pipelines.chain import Stage, denoising_steps, native_long_side, plan_stages
+from ..pipelines.chain import Stage, native_long_side, plan_stages, unet_calls
 from ..planner import MemoryPlan, MemoryPlanner
 from ..registry import is_sdxl
 from .params import GenerationError
@@ -132,14 +132,6 @@ def _flag(size: int) -> str:
     return size_flag(size)
 
 
-def unet_calls(stage: Stage, steps: int, mode: str) -> int:
-    """UNet calls of a stage: its denoising steps (as diffusers' img2img counts them), twice with DemoFusion's
-    dilated branch."""
-    if stage.strength is None:
-        return steps
-    return denoising_steps(stage, steps) * (2 if mode == "demofusion" else 1)
-
-
 def validate(request: PlanRequest) -> None:
     """Refuse what cannot be planned, with what to change."""
     if request.gpu not in GPUS:
@@ -211,4 +203,4 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     return PlannedRun(request, tuple(stages), tuple(calls), plan, request.nproc)
 
 
-__all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "unet_calls", "validate"]
+__all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "validate"]

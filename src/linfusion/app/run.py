@@ -19,14 +19,17 @@ from PIL import Image
 from ..bundled.shapes import vocabulary_warning
 from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
 from ..io import atomic_file, format_size, parse_size, size_flag
-from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages
+from ..patches.vae_attention import apply_vae_attention
+from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages, unet_calls
 from ..pipelines.demofusion import demofusion
 from ..pipelines.sdedit import sdedit
 from ..pipelines.upscale import upscale_target
 from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, Savers, apply_savers, available_memory
-from ..vae_attention import quadratic_attention_hint
-from .loading import LoadedPipeline, is_bundled, load
+from ..tiled_vae import attention_flops
+from ..vae_attention import QUADRATIC_HINT_TOKENS, mid_block_tokens, quadratic_attention_hint
+from .loading import LINEAR_VAE_ATTENTION_MEASURED, LoadedPipeline, is_bundled, load
 from .params import RANDOM_SEED, GenerationError, GenerationParams, minimum_side_message
+from .timing import ANNOUNCE_SECONDS, describe_duration, predicted_seconds
 
 UPSCALE_PROMPT = "high quality, detailed"  # what an upscale without --prompt asks for
 
@@ -154,28 +157,90 @@ def plan_memory(
     guidance: float,
     quiet: bool,
     host_memory: str | None = None,
+    steps: int = 1,
+    mode: str = "plain",
 ) -> MemoryPlan:
     """The memory plan for these stages (printed), or a GenerationError that names the smallest budgets.
 
     ``host_memory``: what may be parked in host memory (default on a GPU: the machine's available memory).
+    ``steps`` and ``mode`` count the UNet calls, for the FLOPs; a run predicted to last more than a minute
+    is announced with its predicted time.
     """
     sizes = [stage.size for stage in stages]
     encodes = [stage.strength is not None for stage in stages]
     planner = MemoryPlanner(pipe)
     if host_memory is None and planner.device.type == "cuda":
         host_memory = str(available_memory(torch.device("cpu")))
+    calls = [unet_calls(stage, steps, mode) for stage in stages]
     try:
         plan = planner.plan(
-            sizes, budget=max_memory, guidance=guidance > 1.0, encodes=encodes, host_budget=host_memory
+            sizes,
+            budget=max_memory,
+            guidance=guidance > 1.0,
+            encodes=encodes,
+            host_budget=host_memory,
+            unet_calls=calls,
         )
     except (MemoryBudgetError, ValueError) as error:  # ValueError: an unreadable --max-memory
         raise GenerationError(str(error)) from error
     if not quiet:
         print(plan.describe(), file=sys.stderr)
-        hint = quadratic_attention_hint(pipe.vae, sizes)
-        if hint:
-            print(hint, file=sys.stderr)
+        seconds = predicted_seconds(plan.flops, planner.device, planner.dtype)
+        if seconds is not None and seconds > ANNOUNCE_SECONDS:
+            print(
+                f"predicted: about {describe_duration(seconds)} on this {planner.device.type} "
+                f"({plan.flops:.2g} FLOPs; a prediction, not a measurement)",
+                file=sys.stderr,
+            )
     return plan
+
+
+def choose_vae_attention(
+    loaded: LoadedPipeline, params: GenerationParams, stages: Sequence[Stage], show: bool
+) -> GenerationParams:
+    """Settle ``--vae-attention auto`` for these stages (and apply the kernel); explicit choices stay.
+
+    Exact while its mid-block attends over fewer than ``QUADRATIC_HINT_TOKENS`` tokens; beyond, linear when
+    its fidelity on this VAE is measured (:data:`LINEAR_VAE_ATTENTION_MEASURED`), else exact with a warning
+    that gives the predicted time of the attention and the flag to pass. The result records the kernel
+    used, so the PNG repeats it.
+    """
+    vae = loaded.pipe.vae
+    width, height = max((stage.size for stage in stages), key=lambda size: size[0] * size[1])
+    tokens = mid_block_tokens(vae, width, height)
+    if params.vae_attention != "auto":
+        hint = quadratic_attention_hint(vae, [stage.size for stage in stages])
+        if show and hint:
+            print(hint, file=sys.stderr)
+        return params
+    measured = LINEAR_VAE_ATTENTION_MEASURED.get(params.model or "")
+    if tokens < QUADRATIC_HINT_TOKENS:
+        mode = "exact"
+    elif measured:
+        mode = "linear"
+        if show:
+            print(f"note: VAE attention linear ({tokens:,} mid-block tokens; measured on this VAE: {measured})",
+                  file=sys.stderr)  # fmt: skip
+    else:
+        mode = "exact"
+        if show:
+            channels = vae.config.block_out_channels[-1]
+            flops = sum(  # decoded once per stage, encoded too when the stage refines an image
+                attention_flops(1, mid_block_tokens(vae, *stage.size), channels, "exact")
+                * (2 if stage.strength is not None else 1)
+                for stage in stages
+            )
+            seconds = predicted_seconds(flops, loaded.device, loaded.pipe.dtype)
+            when = f", predicted about {describe_duration(seconds)} here" if seconds is not None else ""
+            print(
+                f"warning: the VAE's mid-block softmax attention attends over {tokens:,} tokens at "
+                f"{width}x{height} ({flops:.2g} FLOPs{when}); --vae-attention linear makes it linear, a close "
+                "approximation whose fidelity on this VAE is not measured (measure it with "
+                "linfusion.patches.vae_attention.measure_vae_attention)",
+                file=sys.stderr,
+            )
+    loaded.patch.add(apply_vae_attention(vae, mode))
+    return params.replace(vae_attention=mode)
 
 
 def render(
@@ -255,7 +320,17 @@ def generate(
         params.validate(minimum_side=loaded.minimum_side)
         loaded.pipe.set_progress_bar_config(disable=not progress, desc="generate")
         stages = stages_for(loaded, params)
-        memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
+        params = choose_vae_attention(loaded, params, stages, show=progress)
+        memory_plan = plan_memory(
+            loaded.pipe,
+            stages,
+            max_memory,
+            params.guidance,
+            not progress,
+            host_memory,
+            params.steps,
+            params.mode,
+        )
         on_stage_end = stage_timer(stages, on_stage_end, show=progress)
         image = render(loaded, params, memory_plan, None, callback_on_step_end, on_stage_end, save_stages)
     finally:
@@ -322,7 +397,17 @@ def upscale_file(
                 f"multiples of {SIZE_MULTIPLE}, no larger than the image: nothing to do; use a larger --scale"
             )
         loaded.pipe.set_progress_bar_config(disable=not progress)
-        memory_plan = plan_memory(loaded.pipe, stages, max_memory, params.guidance, not progress, host_memory)
+        params = choose_vae_attention(loaded, params, stages, show=progress)
+        memory_plan = plan_memory(
+            loaded.pipe,
+            stages,
+            max_memory,
+            params.guidance,
+            not progress,
+            host_memory,
+            params.steps,
+            params.mode,
+        )
         on_stage_end = stage_timer(stages, on_stage_end, show=progress)
         result = render(loaded, params, memory_plan, image, callback_on_step_end, on_stage_end, save_stages)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..choices import CHAIN_MODES, DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, VAE_ATTENTION_MODES
+from ..choices import CHAIN_MODES, DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, VAE_ATTENTION_CHOICES
 from ..parallel.launch import parallel_command
 from .options import add_verbosity_options, parse_size
 
@@ -42,10 +42,12 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     )
     parser.add_argument(
         "--vae-attention",
-        default="exact",
-        choices=VAE_ATTENTION_MODES,
-        help="the VAE mid-block attention: exact softmax (quadratic time), or linear (linear time, a close "
-        "approximation; see docs/high-resolution.md). Linear is what makes 4K+ decodes practical on a CPU",
+        default="auto",
+        choices=VAE_ATTENTION_CHOICES,
+        help="the VAE mid-block attention: exact softmax (quadratic time), linear (linear time, a close "
+        "approximation; see docs/high-resolution.md), or auto: exact where it is cheap, linear where its "
+        "fidelity on this VAE is measured (the bundled model's), else exact with a warning. The PNG records "
+        "the kernel used",
     )
     add_verbosity_options(parser)
 

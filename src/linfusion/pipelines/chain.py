@@ -127,6 +127,14 @@ def denoising_steps(stage: Stage, num_inference_steps: int) -> int:
     return min(int(asked * stage.strength), asked)
 
 
+def unet_calls(stage: Stage, steps: int, mode: str) -> int:
+    """UNet calls of a stage: its denoising steps (as diffusers' img2img counts them), twice with DemoFusion's
+    dilated branch."""
+    if stage.strength is None:
+        return steps
+    return denoising_steps(stage, steps) * (2 if mode == "demofusion" else 1)
+
+
 def native_long_side(pipe: Any) -> int:
     """The long side, in pixels, of the images the pipeline's UNet was trained at."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -253,4 +261,5 @@ __all__ = [
     "run_chain",
     "set_progress_label",
     "stage_steps",
+    "unet_calls",
 ]
