@@ -47,6 +47,44 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     assert kept < 1.5 and default > 7.0, (kept, default)
 
 
+RETURNED_PROBE = """
+import ctypes, resource
+from linfusion.runtime import freed_memory_returned, keep_freed_memory, keeps_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_size_t,), (ctypes.c_void_p,)
+size = 64 * 2**20
+
+def pages_per_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / size
+
+applied = keep_freed_memory()
+pages_per_block()  # the heap grows once
+kept_before = pages_per_block()
+with freed_memory_returned():
+    inside_flag = keeps_freed_memory()
+    inside = pages_per_block()
+print(applied, kept_before, inside_flag, inside, keeps_freed_memory())
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_returned_inside_the_block_and_kept_again_after() -> None:
+    """Inside ``freed_memory_returned`` every 64 MiB block is a fresh mapping given back at free (faulted in
+    each time, so the resident peak follows live memory); the setting before comes back after the block."""
+    env = {**os.environ, MALLOC_TUNING_VARIABLE: "1"}
+    done = subprocess.run([sys.executable, "-c", RETURNED_PROBE], capture_output=True, text=True, env=env,
+                          check=True)  # fmt: skip
+    applied, kept_before, inside_flag, inside, after_flag = done.stdout.split()
+    assert applied == "True" and after_flag == "True" and inside_flag == "False"
+    assert float(kept_before) < 0.5 and float(inside) > 7.0, done.stdout
+
+
 def test_the_allocator_setting_can_be_turned_off_and_yields_to_the_users_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -9,9 +9,14 @@
 #        attention      linfusion bench attention on CUDA, fp16/bf16, chunked + triton vs SDPA, ~6 min
 #        highres-sd15   random-weight full-size SD-1.5 SDEdit chain to 16384x8192, LinFusion vs SDPA, fp16
 #        highres-sdxl   the same for SD-XL (DemoFusion recipe) to 16384x8192
+#        bounded-sd15   SD-1.5 SDEdit chain to 16384x8192 within --max-memory 12GB (banded UNet, tiled VAE,
+#                       stores on the host as planned), LinFusion only, linear VAE attention: time and
+#                       max_memory_allocated per stage against the plan's device peak (calibrates the
+#                       planner's CUDA overhead constants, linfusion.planner.OVERHEAD)
+#        bounded-sdxl   the same for SD-XL within --max-memory 16GB
 # Raw JSON lands in OUT_DIR; commit it under benchmarks/results/ with the device named in the file name.
 set -uo pipefail
-STAGE="${1:?stage: ops | attention | highres-sd15 | highres-sdxl}"
+STAGE="${1:?stage: ops | attention | highres-sd15 | highres-sdxl | bounded-sd15 | bounded-sdxl}"
 OUT="${2:?output folder}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -33,5 +38,13 @@ case "$STAGE" in
         timeout 580 python3 -m linfusion bench highres --model random-sdxl --size 16384x8192 --mode demofusion \
             --device cuda --dtype float16 --threads 0 --steps 8 --attention linfusion,sdpa \
             --sdpa-cap-seconds 60 --timeout 280 --out "$OUT" --tag gpu ;;
+    bounded-sd15)
+        timeout 580 python3 -m linfusion bench highres --model random-sd15 --size 16384x8192 --mode sdedit \
+            --device cuda --dtype float16 --threads 0 --steps 8 --attention linfusion --vae-attention linear \
+            --max-memory 12GB --timeout 560 --out "$OUT" --tag gpu-12GB ;;
+    bounded-sdxl)
+        timeout 580 python3 -m linfusion bench highres --model random-sdxl --size 16384x8192 --mode sdedit \
+            --device cuda --dtype float16 --threads 0 --steps 8 --attention linfusion --vae-attention linear \
+            --max-memory 16GB --timeout 560 --out "$OUT" --tag gpu-16GB ;;
     *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -12,7 +12,9 @@ the CPU time was about a third (README).
 :func:`keep_freed_memory` tells glibc to serve large blocks from its heap and to keep freed memory for
 reuse (``mallopt``: no mmap, no trimming, a 1 GiB top pad), which is what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=1073741824`` do at start-up. The price
-is a higher resident peak: freed memory stays with the process until it exits. Set
+is a higher resident peak: freed memory stays with the process until it exits, and long-lived tensors
+fragment it; where a run's memory is tight the application returns freed memory for that run
+(:func:`freed_memory_returned`). Set
 ``LINFUSION_MALLOC_TUNING=0`` to leave glibc's defaults; any ``MALLOC_*_`` variable or malloc tunable of
 your own also wins.
 
@@ -36,6 +38,7 @@ from typing import Any
 
 MALLOC_TUNING_VARIABLE = "LINFUSION_MALLOC_TUNING"
 
+_allocator = {"keeps_freed_memory": False}  # what this process's glibc was last told
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -47,8 +50,10 @@ KEEP_FREED_MEMORY = (
     (_M_TOP_PAD, 2**30),  # grow the heap by 1 GiB more than asked, so growth is rare
 )
 RETURN_FREED_MEMORY = (
+    (_M_MMAP_MAX, 65536),  # glibc's default: large blocks may be mmapped again
     (_M_MMAP_THRESHOLD, 64 * 1024),  # blocks from 64 KiB up get their own mmap, unmapped at free
     (_M_TRIM_THRESHOLD, 0),  # and the heap's free top goes back at once: RSS follows live memory
+    (_M_TOP_PAD, 128 * 1024),  # glibc's default
 )
 # Environment settings of the user's own that the tuning must not override.
 _OWN_MALLOC_VARIABLES = (
@@ -89,12 +94,43 @@ def keep_freed_memory() -> bool:
     Call it once, early (before the large allocations start). It does nothing, and returns False, when
     opted out (``LINFUSION_MALLOC_TUNING=0``, or malloc settings of the user's own) or without glibc.
     """
-    return malloc_tuning_wanted() and set_malloc_options(KEEP_FREED_MEMORY)
+    applied = malloc_tuning_wanted() and set_malloc_options(KEEP_FREED_MEMORY)
+    _allocator["keeps_freed_memory"] = applied or _allocator["keeps_freed_memory"]
+    return applied
 
 
 def return_freed_memory() -> bool:
     """The opposite, for measuring: large blocks are unmapped when freed, so RSS tracks live memory."""
-    return set_malloc_options(RETURN_FREED_MEMORY)
+    applied = set_malloc_options(RETURN_FREED_MEMORY)
+    if applied:
+        _allocator["keeps_freed_memory"] = False
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None).malloc_trim(0)  # what the heap kept so far goes back too
+    return applied
+
+
+def keeps_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` is in effect in this process."""
+    return _allocator["keeps_freed_memory"]
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Within the block glibc returns freed memory (:func:`return_freed_memory`); after it, the setting
+    that was in effect before comes back.
+
+    Keeping freed memory is fast but fragments: long-lived tensors (skips, a CFG branch's output, a stored
+    band) end up between freed blocks, and the resident peak rises well above the live tensors (1.7-1.8x
+    the memory plan's estimate in chains whose stages need savers on the CPU). Where memory is tight the
+    application returns freed memory instead, so the peak follows the plan.
+    """
+    kept = keeps_freed_memory()
+    return_freed_memory()
+    try:
+        yield
+    finally:
+        if kept:
+            keep_freed_memory()
 
 
 def _loading_bar_switches() -> list[Any]:
@@ -149,7 +185,9 @@ __all__ = [
     "MALLOC_TUNING_VARIABLE",
     "THIRD_PARTY_LOGGERS",
     "RETURN_FREED_MEMORY",
+    "freed_memory_returned",
     "keep_freed_memory",
+    "keeps_freed_memory",
     "malloc_tuning_wanted",
     "quiet_third_party_notices",
     "return_freed_memory",

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from linfusion import LinFusion
+from linfusion.app import run as app_run
 from linfusion.app.loading import load
 from linfusion.app.params import GenerationParams
-from linfusion.app.run import choose_vae_attention
+from linfusion.app.run import KEPT_MEMORY_FACTOR, choose_vae_attention, returns_freed_memory
 from linfusion.pipelines.chain import Stage
 from linfusion.testing import tiny_pipeline
 from linfusion.vae_attention import vae_attention_mode
@@ -48,3 +49,23 @@ def test_auto_on_an_unmeasured_vae_stays_exact_and_warns_with_a_prediction(
     assert (
         "262,144 tokens" in warning and "predicted about" in warning and "--vae-attention linear" in warning
     )
+
+
+def test_freed_memory_is_returned_only_for_tight_cpu_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed memory for speed; a CPU plan without room for the heap that keeping builds up
+    (``KEPT_MEMORY_FACTOR`` x its peak) runs with freed memory returned, so its resident peak follows the
+    plan. GPU plans, and processes that never kept freed memory, are left alone."""
+    from types import SimpleNamespace
+
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    roomy = SimpleNamespace(peak=100, budget=int(100 * KEPT_MEMORY_FACTOR))
+    tight = SimpleNamespace(peak=100, budget=int(100 * KEPT_MEMORY_FACTOR) - 1)
+    monkeypatch.setattr(app_run, "keeps_freed_memory", lambda: True)
+    assert not returns_freed_memory(roomy, cpu)
+    assert returns_freed_memory(tight, cpu)
+    assert not returns_freed_memory(tight, cuda)
+    assert not returns_freed_memory(None, cpu)
+    monkeypatch.setattr(app_run, "keeps_freed_memory", lambda: False)
+    assert not returns_freed_memory(tight, cpu)

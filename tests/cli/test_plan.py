@@ -101,3 +101,20 @@ def test_16k_fits_a_consumer_gpu(capsys: pytest.CaptureFixture, model: str, budg
     assert (last["width"], last["height"]) == tuple(int(v) for v in size.split("x"))
     assert all(stage["flops"] > 0 for stage in result["stages"])
     assert last["flops"] <= 2.5 * last["plain_flops"]  # the bounded paths' recomputation stays modest
+
+
+def test_vae_attention_auto_plans_what_generate_would_run(capsys: pytest.CaptureFixture) -> None:
+    """At 1024 px the bundled 2x VAE's mid-block attends over 512 x 512 tokens: auto picks the linear kernel
+    (its fidelity is measured on this VAE), whose VAE FLOPs are far below the softmax attention's."""
+    common = ("--model", "bundled", "--size", "1024x1024", "--device", "cpu", "--dtype", "float32",
+              "--max-memory", "20GB", "--steps", "2")  # fmt: skip
+    results = {}
+    for mode in ("auto", "exact"):
+        code, results[mode] = plan(capsys, *common, "--vae-attention", mode)
+        assert code == 0
+    assert results["auto"]["vae_attention"] == "linear"
+    assert results["exact"]["vae_attention"] == "exact"
+    tokens, channels = 512 * 512, 64  # softmax attention: QK^T and PV, decode and encode of the last stage
+    assert results["exact"]["flops"] - results["auto"]["flops"] > 2 * 4 * tokens**2 * channels * 0.9
+    small = plan(capsys, *common[:2], "--size", "64x64", *common[4:], "--vae-attention", "auto")[1]
+    assert small["vae_attention"] == "exact"  # cheap at 32 x 32 tokens

@@ -29,6 +29,22 @@ LINFUSION_SUBFOLDER = "linfusion"
 LINEAR_VAE_ATTENTION_MEASURED = {
     BUNDLED_MODEL_NAME: "45.7-48.1 dB PSNR from the exact VAE at 32-512 px, benchmarks/results/vae-attention-bundled.md",
 }
+
+
+def auto_vae_attention(model: str | None, tokens: int) -> str:
+    """What ``--vae-attention auto`` runs for ``model``'s VAE at ``tokens`` mid-block tokens.
+
+    Exact while the softmax attention is cheap (fewer than ``QUADRATIC_HINT_TOKENS``); beyond, linear where
+    its fidelity on this VAE is measured (:data:`LINEAR_VAE_ATTENTION_MEASURED`), else still exact (the
+    caller warns). ``linfusion generate`` and ``linfusion plan`` decide with this one rule.
+    """
+    from ..vae_attention import QUADRATIC_HINT_TOKENS
+
+    if tokens >= QUADRATIC_HINT_TOKENS and LINEAR_VAE_ATTENTION_MEASURED.get(model or ""):
+        return "linear"
+    return "exact"
+
+
 RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -237,6 +253,7 @@ __all__ = [
     "RANDOM_MODELS",
     "LoadedPipeline",
     "attach_linfusion",
+    "auto_vae_attention",
     "is_bundled",
     "load",
     "load_pipeline",

@@ -59,6 +59,7 @@ class PlanRequest:
     nproc: int = 1
     gpu: str = "h100"
     linfusion: bool = True
+    vae_attention: str = "auto"  # exact, linear, or auto: what ``linfusion generate`` would pick
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class PlannedRun:
     unet_calls: tuple[int, ...]
     plan: MemoryPlan
     stripes: int  # processes sharing each stage (the plan is one rank's)
+    vae_attention: str  # the VAE mid-block kernel planned (auto settled)
 
     def predicted_seconds(self) -> list[float]:
         """Each stage's predicted time on ``request.gpu`` (FLOPs / (peak x EFFICIENCY))."""
@@ -87,6 +89,7 @@ class PlannedRun:
             mode=self.request.mode,
             dtype=DTYPE_NAMES[self.request.dtype],
             nproc=self.stripes,
+            vae_attention=self.vae_attention,
             prediction={"gpu": GPUS[self.request.gpu].name, "efficiency": EFFICIENCY, "predicted": True},
         )
         if not self.plan.fits:
@@ -101,7 +104,8 @@ class PlannedRun:
         host = "" if plan.host_budget is None else f", host {format_size(plan.host_budget)}"
         lines = [
             f"plan: {request.model}, {request.mode} to {request.width}x{request.height}, "
-            f"{DTYPE_NAMES[request.dtype]} on {request.device}, LinFusion {'on' if request.linfusion else 'off'}{rank}",
+            f"{DTYPE_NAMES[request.dtype]} on {request.device}, LinFusion {'on' if request.linfusion else 'off'}, "
+            f"VAE attention {self.vae_attention}{rank}",
             f"budgets: device {format_size(plan.budget)}{host}",
         ]
         for index, (planned, seconds) in enumerate(zip(plan.stages, self.predicted_seconds())):
@@ -138,6 +142,10 @@ def validate(request: PlanRequest) -> None:
         raise GenerationError(f"unknown GPU {request.gpu!r}; choose one of {', '.join(GPUS)}")
     if request.dtype not in DTYPE_NAMES:
         raise GenerationError(f"unknown dtype {request.dtype!r}; choose float16, bfloat16 or float32")
+    if request.vae_attention not in ("auto", "exact", "linear"):
+        raise GenerationError(
+            f"unknown VAE attention {request.vae_attention!r}; choose auto, exact or linear"
+        )
     if request.nproc < 1:
         raise GenerationError(f"--nproc must be >= 1; got {request.nproc}")
     if request.steps < 1:
@@ -155,7 +163,9 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     import torch
 
     from ..parallel.layout import StripeLayoutError, stripe_bounds
-    from .loading import load_structure
+    from ..patches.vae_attention import apply_vae_attention
+    from ..vae_attention import mid_block_tokens
+    from .loading import auto_vae_attention, load_structure
 
     validate(request)
     dtype = getattr(torch, DTYPE_NAMES[request.dtype])
@@ -176,6 +186,11 @@ def make_plan(request: PlanRequest) -> PlannedRun:
         except ValueError as error:
             raise GenerationError(str(error)) from error
     calls = [unet_calls(stage, request.steps, request.mode) for stage in stages]
+    vae_attention = request.vae_attention
+    if vae_attention == "auto":
+        largest = max((stage.size for stage in stages), key=lambda size: size[0] * size[1])
+        vae_attention = auto_vae_attention(request.model, mid_block_tokens(structure.vae, *largest))
+    apply_vae_attention(structure.vae, vae_attention)  # the meta structure is this plan's own
     planner = MemoryPlanner(structure, device=request.device, dtype=dtype)
     if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
@@ -200,7 +215,7 @@ def make_plan(request: PlanRequest) -> PlannedRun:
         unet_calls=calls,
         refuse=False,
     )
-    return PlannedRun(request, tuple(stages), tuple(calls), plan, request.nproc)
+    return PlannedRun(request, tuple(stages), tuple(calls), plan, request.nproc, vae_attention)
 
 
 __all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "validate"]

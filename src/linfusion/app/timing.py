@@ -3,8 +3,8 @@
 The memory plan counts each stage's FLOPs; dividing by what this device sustains gives a prediction that
 ``linfusion generate`` prints before a run expected to last more than a minute. On the CPU the rate is a
 short matrix-multiply measurement of this process (its threads, its load) times :data:`CPU_EFFICIENCY`,
-the share of that rate a whole diffusion chain sustains, fitted on this project's 2-core machine (see
-docs/high-resolution.md). On a GPU it is the published peak of a known model times the same efficiency as
+the share of that rate a whole diffusion chain sustains, measured on this project's 2-core machine
+(``benchmarks/cpu_efficiency.py``). On a GPU it is the published peak of a known model times the same efficiency as
 ``linfusion plan`` uses. Predictions, not measurements: printed as "about".
 """
 
@@ -18,8 +18,10 @@ import torch
 from .plan import EFFICIENCY, GPUS
 
 # A diffusion chain on the CPU (convolutions, GEMMs, GroupNorm, element-wise work) sustains this share of a
-# plain fp32 matrix multiply's rate: 0.55 fitted on the bundled model's SDEdit chain to 1024x1024 (10 steps,
-# linear VAE attention, 1 thread; measured 0.45-0.62 over repeated runs on the shared 2-core machine).
+# plain fp32 matrix multiply's rate. Measured by benchmarks/cpu_efficiency.py (bundled model, SDEdit chain
+# with the defaults, 1 thread, fresh processes): 0.57-0.60 to 512x512 and 0.41-0.60 (median 0.47) to
+# 1024x1024 on the shared 2-core machine; with 0.55 the predictions were 6 % long at 512 px and 13 % short
+# at 1024 px (benchmarks/results/cpu-efficiency-bundled-1thread.md).
 CPU_EFFICIENCY = 0.55
 ANNOUNCE_SECONDS = 60.0  # runs predicted to last longer are announced before they start
 

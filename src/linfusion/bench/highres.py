@@ -56,7 +56,7 @@ class _StopChain(Exception):
 
 def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one chain as ``spec`` says; the per-stage record (in this process)."""
-    from ..app.run import plan_memory
+    from ..app.run import memory_allocator, plan_memory
     from ..patches.vae_attention import apply_vae_attention
     from ..pipelines import demofusion, plan_stages, sdedit
     from ..registry import is_sdxl
@@ -123,20 +123,21 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
         clock["start"] = time.perf_counter()
 
     run = sdedit if spec["mode"] == "sdedit" else demofusion
-    baseline = peak_bytes(device) if device.type == "cuda" else read_status_kib("VmRSS") * 1024
-    reset_peak(device)
-    total_start = clock["start"] = time.perf_counter()
-    completed = True
-    try:
-        with torch.inference_mode():
-            run(
-                pipe, spec["prompt"], width, height, num_inference_steps=spec["steps"],
-                guidance_scale=spec["guidance"], generator=torch.Generator(device).manual_seed(spec["seed"]),
-                callback_on_step_end=on_step, on_stage_end=on_stage_end, exact_vae_tiling_from=spec["tile_from"],
-                memory_plan=memory_plan,
-            )  # fmt: skip
-    except _StopChain:
-        completed = False
+    with memory_allocator(memory_plan, device):  # as the command line runs it (tight memory: returned)
+        baseline = peak_bytes(device) if device.type == "cuda" else read_status_kib("VmRSS") * 1024
+        reset_peak(device)
+        total_start = clock["start"] = time.perf_counter()
+        completed = True
+        try:
+            with torch.inference_mode():
+                run(
+                    pipe, spec["prompt"], width, height, num_inference_steps=spec["steps"],
+                    guidance_scale=spec["guidance"], generator=torch.Generator(device).manual_seed(spec["seed"]),
+                    callback_on_step_end=on_step, on_stage_end=on_stage_end,
+                    exact_vae_tiling_from=spec["tile_from"], memory_plan=memory_plan,
+                )  # fmt: skip
+        except _StopChain:
+            completed = False
     return {
         **spec,
         "load_seconds": load_seconds,

@@ -48,6 +48,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--gpu", default="h100", choices=("h100", "a100", "4090"), help="GPU of the predicted time"
     )
+    parser.add_argument(
+        "--vae-attention",
+        default="auto",
+        choices=("auto", "exact", "linear"),
+        help="VAE mid-block attention kernel planned (auto: what linfusion generate would pick)",
+    )
     parser.add_argument("--no-linfusion", action="store_true", help="plan the model's original attention")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run)
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     request = PlanRequest(
         model=args.model, width=width, height=height, mode=args.mode, device=args.device, dtype=args.dtype,
         max_memory=args.max_memory, host_memory=args.host_memory, steps=args.steps, guidance=args.guidance,
-        nproc=args.nproc, gpu=args.gpu, linfusion=not args.no_linfusion,
+        nproc=args.nproc, gpu=args.gpu, linfusion=not args.no_linfusion, vae_attention=args.vae_attention,
     )  # fmt: skip
     try:
         planned = make_plan(request)

@@ -52,8 +52,17 @@ def apply_feed_forward_chunking(unet: nn.Module, chunk_tokens: int = 4096) -> Pa
             tokens = hidden_states.shape[1]
             if tokens <= chunk_tokens:
                 return _plain(hidden_states, *args, **kwargs)
-            parts = [_plain(part, *args, **kwargs) for part in hidden_states.split(chunk_tokens, dim=1)]
-            return torch.cat(parts, dim=1)
+            # Each chunk is written into one output as soon as it is computed: no list of parts and no
+            # concatenation (a second full copy), and every chunk's buffers are freed before the next
+            # chunk's, so the allocator reuses the same memory instead of stacking parts between them.
+            output = None
+            for start in range(0, tokens, chunk_tokens):
+                part = _plain(hidden_states[:, start : start + chunk_tokens], *args, **kwargs)
+                if output is None:
+                    output = part.new_empty((part.shape[0], tokens, *part.shape[2:]))
+                output[:, start : start + part.shape[1]] = part
+                del part
+            return output
 
         chunked.plain = plain  # type: ignore[attr-defined]
         setattr(chunked, _SAVER_OF, "feed_forward")
