@@ -45,7 +45,7 @@ def main(size: int, activation_budget: str, model: str = "tiny") -> dict:
     planner = MemoryPlanner(pipe)
     budget = parse_size(activation_budget) + planner.weights()
     stage = planner.plan_stage(size, size, budget)
-    tight = returns_freed_memory(SimpleNamespace(peak=stage.peak, budget=budget), torch.device("cpu"))
+    tight = returns_freed_memory(SimpleNamespace(budget=budget, stages=[stage]), torch.device("cpu"))
     if tight:
         return_freed_memory()  # what the command line does for a plan with no room for a fragmented heap
     latents, context, _ = planner.unet_inputs(size, size, 2)

@@ -18,11 +18,12 @@ import torch
 from .plan import EFFICIENCY, GPUS
 
 # A diffusion chain on the CPU (convolutions, GEMMs, GroupNorm, element-wise work) sustains this share of a
-# plain fp32 matrix multiply's rate. Measured by benchmarks/cpu_efficiency.py (bundled model, SDEdit chain
-# with the defaults, 1 thread, fresh processes): 0.57-0.60 to 512x512 and 0.41-0.60 (median 0.47) to
-# 1024x1024 on the shared 2-core machine; with 0.55 the predictions were 6 % long at 512 px and 13 % short
-# at 1024 px (benchmarks/results/cpu-efficiency-bundled-1thread.md).
-CPU_EFFICIENCY = 0.55
+# plain fp32 matrix multiply's rate. Measured on the shared 2-core machine (bundled model, SDEdit chains):
+# 0.57-0.60 to 512 px and 0.41-0.60 (median 0.47) to 1024 px, one thread (benchmarks/cpu_efficiency.py);
+# the defaults to 2048 px with two threads 0.39 of the two-thread rate (226 s for 2.6e13 FLOPs); the
+# 4096 px stage of a 7 GB chain 0.23 (banded UNet, tiled VAE, freed memory returned). Long runs matter
+# most, so the constant leans low: small runs are predicted long, the largest still short.
+CPU_EFFICIENCY = 0.4
 ANNOUNCE_SECONDS = 60.0  # runs predicted to last longer are announced before they start
 
 
