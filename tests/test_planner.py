@@ -42,18 +42,19 @@ def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(model: str, 
 @pytest.mark.parametrize(
     ("model", "size", "budget", "expected"),
     [
-        ("bundled", 512, "300MB", "CFG branches one at a time"),
-        ("tiny", 768, "300MB", "feed-forward in chunks of 4096 tokens"),
+        ("bundled", 512, "300MB", "feed-forward in chunks of 4096 tokens"),
         ("tiny", 1024, "200MB", "banded UNet, activations on the device"),
-        ("bundled", 1024, "900MB", "exact tiled VAE (store on the device)"),
     ],
 )
 def test_estimate_with_savers_is_within_a_quarter_of_the_measured_cpu_peak(
     model: str, size: int, budget: str, expected: str
 ) -> None:
-    """Budgets that need savers (the banded UNet and the tiled VAE among them), in a fresh process set up
+    """Budgets that need savers (the banded UNet among them), in a fresh process set up
     as the command line sets itself up: glibc keeps freed memory, and a plan this tight runs with freed
-    memory returned (``linfusion.app.run.returns_freed_memory``), so the resident peak follows the plan."""
+    memory returned (``linfusion.app.run.returns_freed_memory``), so the resident peak follows the plan.
+    The tiled VAE through the planner (bundled model, 1024 px in 900MB: 891 MiB planned, 911 measured) was
+    measured once with this probe; it takes minutes, so the suite checks the tiled VAE's cost model against
+    RSS in tests/test_tiled_vae.py instead."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LINFUSION_MALLOC_TUNING": "1"}
     result = subprocess.run([sys.executable, str(PROBE), str(size), budget, model], capture_output=True,
                             text=True, timeout=900, env=env, check=True)  # fmt: skip

@@ -43,6 +43,9 @@ from .vae_attention import vae_attention_mode
 # 2.13, oneDNN convolutions). CUDA: not measured yet; the allocator's max_memory_allocated counts live
 # tensors plus library workspaces, so a 10 % + 512 MiB margin is used until a GPU run calibrates it.
 OVERHEAD = {"cpu": (1.1, 64 * MIB), "cuda": (1.1, 512 * MIB)}
+# Requests larger than this (16384 x 16384) that the analytic lower bound already rules out are refused
+# without planning; smaller ones are planned in full, so that the refusal names the smallest budgets.
+MAX_PLANNED_PIXELS = 16384 * 16384
 FEED_FORWARD_CHUNK = 4096
 DEFAULT_BAND_BYTES = 256 * MIB
 BANDED_MARGIN = 1024 * MIB  # device bytes kept free of a banded UNet's store (bands, library workspaces)
@@ -723,17 +726,18 @@ class MemoryPlanner:
         host = None if host_budget is None else parse_size(host_budget)
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
         calls = list(unet_calls) if unet_calls is not None else [1] * len(sizes)
-        if refuse:  # an impossible size is refused in milliseconds, before any trace
+        if refuse:  # a size beyond any plan is refused in milliseconds, before any trace
             available = budget + (host or 0 if self.device.type != "cpu" else 0)
             for (width, height), encode in zip(sizes, encodes):
                 needed = self.minimum_bytes(width, height, encode)
-                if needed > available:
+                if needed > available and width * height > MAX_PLANNED_PIXELS:
                     where = "device and host memory" if self.device.type != "cpu" else "memory"
                     raise MemoryBudgetError(
                         f"{width}x{height} needs at least {format_size(needed)} of {where} whatever the savers "
                         f"(the weights, the smallest store of the exact tiled VAE and the image itself); the "
                         f"budget is {format_size(available)}: choose a smaller size"
                     )
+                # Up to 16K the full plan takes seconds, and its refusal names the smallest workable budgets.
         stages = tuple(
             self.plan_stage(width, height, budget, guidance, encode, call_count, host)
             for (width, height), encode, call_count in zip(sizes, encodes, calls)
