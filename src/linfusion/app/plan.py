@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import BUNDLED_MODEL_NAME
+from ..choices import BUNDLED_MODEL_NAME, VAE_ATTENTION_CHOICES
 from ..io import format_size, parse_size
 from ..pipelines.chain import Stage, native_long_side, plan_stages, unet_calls
 from ..planner import MemoryPlan, MemoryPlanner
@@ -142,9 +142,9 @@ def validate(request: PlanRequest) -> None:
         raise GenerationError(f"unknown GPU {request.gpu!r}; choose one of {', '.join(GPUS)}")
     if request.dtype not in DTYPE_NAMES:
         raise GenerationError(f"unknown dtype {request.dtype!r}; choose float16, bfloat16 or float32")
-    if request.vae_attention not in ("auto", "exact", "linear"):
+    if request.vae_attention not in VAE_ATTENTION_CHOICES:
         raise GenerationError(
-            f"unknown VAE attention {request.vae_attention!r}; choose auto, exact or linear"
+            f"unknown VAE attention {request.vae_attention!r}; choose {', '.join(VAE_ATTENTION_CHOICES)}"
         )
     if request.nproc < 1:
         raise GenerationError(f"--nproc must be >= 1; got {request.nproc}")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..choices import GENERATION_MODES
+from ..choices import GENERATION_MODES, VAE_ATTENTION_CHOICES
 
 FITS, DOES_NOT_FIT = 0, 3
 
@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--vae-attention",
         default="auto",
-        choices=("auto", "exact", "linear"),
+        choices=VAE_ATTENTION_CHOICES,
         help="VAE mid-block attention kernel planned (auto: what linfusion generate would pick)",
     )
     parser.add_argument("--no-linfusion", action="store_true", help="plan the model's original attention")
