@@ -103,6 +103,7 @@ def test_16k_fits_a_consumer_gpu(capsys: pytest.CaptureFixture, model: str, budg
     assert last["flops"] <= 2.5 * last["plain_flops"]  # the bounded paths' recomputation stays modest
 
 
+@pytest.mark.slow
 def test_vae_attention_auto_plans_what_generate_would_run(capsys: pytest.CaptureFixture) -> None:
     """At 1024 px the bundled 2x VAE's mid-block attends over 512 x 512 tokens: auto picks the linear kernel
     (its fidelity is measured on this VAE), whose VAE FLOPs are far below the softmax attention's."""
