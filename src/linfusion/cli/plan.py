@@ -8,16 +8,9 @@ import sys
 from typing import Any
 
 from ..choices import GENERATION_MODES, VAE_ATTENTION_CHOICES
+from .options import parse_size
 
 FITS, DOES_NOT_FIT = 0, 3
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 16384x8192; got {text!r}") from error
-    return width, height
 
 
 def register(subparsers: Any) -> None:
@@ -34,7 +27,7 @@ def register(subparsers: Any) -> None:
         help="bundled, random-sd15, random-sdxl (full-size architectures, no weights needed), a pipeline "
         "folder or a Hub id in the local cache",
     )
-    parser.add_argument("--size", type=_size, required=True, help="WIDTHxHEIGHT of the final image")
+    parser.add_argument("--size", type=parse_size, required=True, help="WIDTHxHEIGHT of the final image")
     parser.add_argument("--mode", default="sdedit", choices=GENERATION_MODES)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device planned for")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
