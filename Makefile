@@ -7,6 +7,10 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 LINT_PATHS := $(wildcard src tests benchmarks scripts)
 # The fast loop leaves out what takes minutes: slow tests, multi-process tests, browser tests.
 FAST_MARKERS := not slow and not multiprocess and not browser
+# Each test runs one intra-op thread (tests/conftest.py), so the tests run in one pytest-xdist worker per
+# core, at most 4 (each holds its own torch). On 2 cores (measured): make test-fast 99 s instead of 224 s,
+# the whole suite 16 min instead of 22. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: venv demo test test-fast lint format clean browser ui-screenshot
 
@@ -58,11 +62,11 @@ browser:
 # Everything, the Triton kernels and the browser tests included (the kernels interpreted on the CPU; neither
 # may be skipped here).
 test: lint browser
-	HF_HUB_OFFLINE=1 LINFUSION_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 LINFUSION_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The edit-test loop: under 3 minutes on 2 cores.
 test-fast: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 # Refresh the picture of the page in the README and docs/ui.md (docs/ui.png) from the browser test that takes it.
 ui-screenshot: venv browser

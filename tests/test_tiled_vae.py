@@ -241,8 +241,9 @@ def test_cost_model_flops_equal_counted_flops(size: int, policy: str, encode: bo
     "size, encode, policy, dtype",
     [
         (256, False, "mixed", torch.float32),
-        (256, True, "level-inputs", torch.float32),
-        (128, False, "minimum", torch.float16),
+        # seconds each: make test runs them, make test-fast keeps the first
+        pytest.param(256, True, "level-inputs", torch.float32, marks=pytest.mark.slow),
+        pytest.param(128, False, "minimum", torch.float16, marks=pytest.mark.slow),
     ],
 )
 def test_cost_model_memory_matches_traced_peak(

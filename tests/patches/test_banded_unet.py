@@ -323,8 +323,18 @@ def check_flops(
     assert cost.flops == cost.plain_flops  # nothing is computed twice
 
 
-@pytest.mark.parametrize("linfusion", [False, True], ids=["softmax", "linfusion"])
-@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+@pytest.mark.parametrize(
+    ("family", "linfusion"),
+    [
+        pytest.param("sd15", False, id="sd15-softmax"),
+        # the other families cost seconds each: make test runs them, make test-fast keeps sd15
+        pytest.param("sd15", True, id="sd15-linfusion", marks=pytest.mark.slow),
+        pytest.param("sd21", False, id="sd21-softmax", marks=pytest.mark.slow),
+        pytest.param("sd21", True, id="sd21-linfusion", marks=pytest.mark.slow),
+        pytest.param("sdxl", False, id="sdxl-softmax", marks=pytest.mark.slow),
+        pytest.param("sdxl", True, id="sdxl-linfusion", marks=pytest.mark.slow),
+    ],
+)
 def test_cost_flops_equal_counted_flops(family: str, linfusion: bool) -> None:
     unet = make_unet(family, linfusion)
     check_flops(unet, (13, 10), batch=2, band_bytes=64 * 1024, factor=8)
@@ -428,6 +438,7 @@ def check_bytes(unet: torch.nn.Module, size: tuple[int, int], batch: int, band_b
             assert cost.device_peak < 0.4 * plain, (cost.device_peak, plain)
 
 
+@pytest.mark.slow  # make test runs it; make test-fast keeps a cheaper case of the same check
 def test_cost_bytes_match_traced_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     unet = make_unet("sd15", linfusion=True).to(torch.float16)
     check_bytes(unet, (64, 48), batch=2, band_bytes=4 * MIB, monkeypatch=monkeypatch)
