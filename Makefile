@@ -8,7 +8,7 @@ LINT_PATHS := $(wildcard src tests benchmarks scripts)
 # The fast loop leaves out what takes minutes: slow tests, multi-process tests, browser tests.
 FAST_MARKERS := not slow and not multiprocess and not browser
 # Each test runs one intra-op thread (tests/conftest.py), so the tests run in one pytest-xdist worker per
-# core, at most 4 (each holds its own torch). On 2 cores (measured): make test-fast 99 s instead of 224 s,
+# core, at most 4 (each holds its own torch). On 2 cores (measured): make test-fast 99-122 s instead of 224 s,
 # the whole suite 16 min instead of 22. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
