@@ -727,17 +727,19 @@ class MemoryPlanner:
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
         calls = list(unet_calls) if unet_calls is not None else [1] * len(sizes)
         if refuse:  # a size beyond any plan is refused in milliseconds, before any trace
+            # Up to 16K the full plan takes seconds, and its refusal names the smallest workable budgets.
             available = budget + (host or 0 if self.device.type != "cpu" else 0)
             for (width, height), encode in zip(sizes, encodes):
+                if width * height <= MAX_PLANNED_PIXELS:
+                    continue
                 needed = self.minimum_bytes(width, height, encode)
-                if needed > available and width * height > MAX_PLANNED_PIXELS:
+                if needed > available:
                     where = "device and host memory" if self.device.type != "cpu" else "memory"
                     raise MemoryBudgetError(
                         f"{width}x{height} needs at least {format_size(needed)} of {where} whatever the savers "
                         f"(the weights, the smallest store of the exact tiled VAE and the image itself); the "
                         f"budget is {format_size(available)}: choose a smaller size"
                     )
-                # Up to 16K the full plan takes seconds, and its refusal names the smallest workable budgets.
         stages = tuple(
             self.plan_stage(width, height, budget, guidance, encode, call_count, host)
             for (width, height), encode, call_count in zip(sizes, encodes, calls)

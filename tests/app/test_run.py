@@ -59,15 +59,13 @@ def test_freed_memory_is_returned_only_for_tight_cpu_plans(monkeypatch: pytest.M
     stages with savers, whose long-lived tensors fragment the heap more."""
     from types import SimpleNamespace
 
-    import torch
-
     from linfusion.planner import Savers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
     def plan(peak: int, budget: int, savers: Savers) -> SimpleNamespace:
         stage = SimpleNamespace(peak=peak, weights=10, savers=savers)
-        return SimpleNamespace(peak=peak, budget=budget, stages=[stage])
+        return SimpleNamespace(budget=budget, stages=[stage])
 
     chunked = Savers(feed_forward_chunk=4096)
     plain_room = 10 + int(90 * KEPT_MEMORY_FACTOR["no savers"])
