@@ -69,7 +69,7 @@ def vae(request) -> AutoencoderKL:
 
 def smallest_budget(vae: AutoencoderKL, shape: tuple, encode: bool, **options) -> int:
     with pytest.raises(StoreBudgetError) as refused:
-        ExactTiler(vae, store_budget=0, **options).plan(shape, encode)
+        ExactTiler(vae, store_limit_bytes=0, **options).plan(shape, encode)
     return refused.value.minimum
 
 
@@ -85,7 +85,7 @@ def policy_options(
     elif policy in ("minimum", "mixed"):
         minimum = smallest_budget(vae, shape, encode, **options)
         full = ExactTiler(vae, **options).plan(shape, encode).store_peak
-        options["store_budget"] = minimum if policy == "minimum" else (minimum + full) // 2
+        options["store_limit_bytes"] = minimum if policy == "minimum" else (minimum + full) // 2
     return options
 
 
@@ -184,15 +184,15 @@ def test_half_precision_tiling_adds_no_error(dtype: torch.dtype, tolerance: floa
         assert our_error <= 1.5 * (theirs - exact).abs().max().item()
 
 
-def test_store_budget_is_kept_and_refused_below_the_minimum() -> None:
+def test_store_limit_is_kept_and_refused_below_the_minimum() -> None:
     vae = four_level_vae()
     latents = torch.randn(1, 4, 13, 7)
     options = {"band_bytes": 50_000, "store_block_bytes": 4096}  # blocks of a few rows
     minimum = smallest_budget(vae, latents.shape, False, **options)
     with pytest.raises(StoreBudgetError, match="at least"):
-        ExactTiler(vae, store_budget=minimum - 1, **options).plan(latents.shape)
+        ExactTiler(vae, store_limit_bytes=minimum - 1, **options).plan(latents.shape)
     for budget in (minimum, 2 * minimum, 5 * minimum):
-        tiler = ExactTiler(vae, store_budget=budget, **options)
+        tiler = ExactTiler(vae, store_limit_bytes=budget, **options)
         plan = tiler.plan(latents.shape)
         tiler.decode(latents)
         assert plan.store_peak <= budget
@@ -280,14 +280,14 @@ def test_16k_fits_the_memory_budget(width: int, height: int, encode: bool, atten
     docs/high-resolution.md reports (at most 1.5x; the plain VAE would need over 100 GiB here)."""
     started = time.perf_counter()
     cost = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=768 * MIB, encode=encode,
-                          store_budget=67 * GIB, device_store_bytes=3 * GIB, attention=attention)  # fmt: skip
+                          store_limit_bytes=67 * GIB, device_store_bytes=3 * GIB, attention=attention)  # fmt: skip
     assert time.perf_counter() - started < 0.5  # analytic: milliseconds, no trace
     assert cost.device_peak <= 3.75 * GIB
     assert cost.host_peak <= 64 * GIB
     assert 1.0 <= cost.overhead <= 1.5
     # with the whole store on the host, the plan recomputes more and still fits
     host_only = tiled_vae_cost(SD_VAE, width, height, dtype=torch.float16, band_bytes=768 * MIB, encode=encode,
-                               store_budget=64 * GIB, attention=attention)  # fmt: skip
+                               store_limit_bytes=64 * GIB, attention=attention)  # fmt: skip
     assert host_only.device_peak <= 768 * MIB and host_only.host_peak <= 64 * GIB
     assert cost.overhead <= host_only.overhead <= 3.2
 
@@ -354,13 +354,18 @@ def test_sd_vae_1024_decode_is_exact_in_a_third_of_the_memory(tmp_path) -> None:
     spec = {"size": 1024, "encode": False, "dtype": "float32", "band_bytes": 16 * MIB, "warmup": True}
     plain_spec = {**spec, "policy": "plain", "output": str(tmp_path / "plain.pt")}
     budget = 768 * MIB
-    tiled_spec = {**spec, "policy": "budget", "store_budget": budget, "output": str(tmp_path / "tiled.pt")}
+    tiled_spec = {
+        **spec,
+        "policy": "budget",
+        "store_limit_bytes": budget,
+        "output": str(tmp_path / "tiled.pt"),
+    }
     with ThreadPoolExecutor(2) as pool:
         plain, tiled = pool.map(run_child, [plain_spec, tiled_spec])
     difference = (torch.load(tmp_path / "tiled.pt") - torch.load(tmp_path / "plain.pt")).abs().max().item()
     assert difference <= 1e-4
     assert tiled["peak"] <= 0.35 * plain["peak"]
-    cost = tiled_vae_cost(SD_VAE, 1024, 1024, dtype=torch.float32, band_bytes=16 * MIB, store_budget=budget,
+    cost = tiled_vae_cost(SD_VAE, 1024, 1024, dtype=torch.float32, band_bytes=16 * MIB, store_limit_bytes=budget,
                           device_store_bytes=None)  # fmt: skip
     # the latents are made before the RSS baseline; the model counts them in the store
     assert abs((cost.device_peak - input_bytes(1024, False, torch.float32)) / tiled["peak"] - 1) <= 0.25

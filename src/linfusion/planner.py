@@ -81,9 +81,9 @@ class Savers:
     model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
     banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
     unet_store_on_host: bool = False  # the banded UNet's whole activations in host memory
-    unet_store_budget: int | None = None  # ... of which this many bytes may stay on the device
+    unet_device_store_bytes: int | None = None  # ... of which this many bytes may stay on the device
     vae_store_on_host: bool = False  # the tiled VAE's store in host memory ...
-    vae_store_budget: int | None = None  # ... holding at most this many bytes (None: no limit)
+    vae_store_limit_bytes: int | None = None  # ... holding at most this many bytes (None: no limit)
     vae_device_store_bytes: int = 0  # ... of which this many stay on the device
 
     def names(self) -> list[str]:
@@ -91,9 +91,11 @@ class Savers:
         if self.banded_unet:
             where = "on the device"
             if self.unet_store_on_host:
-                kept = format_size(self.unet_store_budget or 0)
+                kept = format_size(self.unet_device_store_bytes or 0)
                 where = (
-                    f"on the host ({kept} kept on the device)" if self.unet_store_budget else "on the host"
+                    f"on the host ({kept} kept on the device)"
+                    if self.unet_device_store_bytes
+                    else "on the host"
                 )
             names.append(f"banded UNet, activations {where}")
         if self.sequential_cfg:
@@ -105,7 +107,9 @@ class Savers:
         if self.tiled_vae:
             where = "host" if self.vae_store_on_host else "device"
             limit = (
-                f", at most {format_size(self.vae_store_budget)}" if self.vae_store_budget is not None else ""
+                f", at most {format_size(self.vae_store_limit_bytes)}"
+                if self.vae_store_limit_bytes is not None
+                else ""
             )
             names.append(f"exact tiled VAE (store on the {where}{limit})")
         if self.model_offload:
@@ -502,14 +506,14 @@ class MemoryPlanner:
         stores: list[int | None] = [None]  # None: the store on the device
         if self.device.type == "cuda":
             stores += [max(0, room), 0]
-        for store_budget in stores:
+        for device_store_bytes in stores:
             for sequential in (False, True) if guidance else (False,):
-                cost = self.banded_cost(width, height, guidance, sequential, store_budget)
+                cost = self.banded_cost(width, height, guidance, sequential, device_store_bytes)
                 savers = Savers(
                     sequential_cfg=sequential,
                     banded_unet=True,
-                    unet_store_on_host=store_budget is not None,
-                    unet_store_budget=store_budget,
+                    unet_store_on_host=device_store_bytes is not None,
+                    unet_device_store_bytes=device_store_bytes,
                 )
                 per_call = cost.flops * (2 if sequential else 1)
                 yield PhaseCost(
@@ -526,10 +530,10 @@ class MemoryPlanner:
         return self._banded_ok
 
     def banded_cost(
-        self, width: int, height: int, guidance: bool, sequential: bool, store_budget: int | None
+        self, width: int, height: int, guidance: bool, sequential: bool, device_store_bytes: int | None
     ) -> UNetCost:
         """One banded UNet call's cost (cached): both guidance branches, or one when ``sequential``."""
-        key = (width, height, guidance, sequential, store_budget)
+        key = (width, height, guidance, sequential, device_store_bytes)
         if key not in self._banded:
             self._banded[key] = banded_unet_cost(
                 self.meta_unet(),
@@ -538,8 +542,8 @@ class MemoryPlanner:
                 dtype=self.dtype,
                 batch=2 if guidance and not sequential else 1,
                 band_bytes=DEFAULT_BAND_BYTES,
-                store_on_host=store_budget is not None,
-                store_budget=store_budget,
+                store_on_host=device_store_bytes is not None,
+                device_store_bytes=device_store_bytes,
                 linfusion=self.linfusion is not None,
                 vae_scale_factor=self.vae_factor,
                 context_tokens=getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77),
@@ -571,25 +575,25 @@ class MemoryPlanner:
         if self.device.type == "cuda" and host_room is not None:
             stores.append((True, host_room, 0))
         options = []
-        for on_host, store_budget, on_device in stores:
-            cost = self.tiled_vae_cost(width, height, encode, store_budget, on_device)
+        for on_host, store_limit_bytes, on_device in stores:
+            cost = self.tiled_vae_cost(width, height, encode, store_limit_bytes, on_device)
             if cost is None:
                 continue
             savers = Savers(
-                tiled_vae=True, vae_store_on_host=on_host, vae_store_budget=store_budget,
+                tiled_vae=True, vae_store_on_host=on_host, vae_store_limit_bytes=store_limit_bytes,
                 vae_device_store_bytes=on_device or 0,
             )  # fmt: skip
             options.append(PhaseCost(savers, self._with_overhead(cost[0]), cost[1], cost[2]))
         yield from sorted(options, key=lambda option: option.flops)  # stable: the order above on ties
 
     def tiled_vae_cost(
-        self, width: int, height: int, encode: bool, store_budget: int | None, on_device: int | None
+        self, width: int, height: int, encode: bool, store_limit_bytes: int | None, on_device: int | None
     ) -> tuple[int, int, int] | None:
         """(device bytes, host bytes, FLOPs) of the tiled decode (and encode), or None when the store
         cannot be that small."""
-        key = (width, height, encode, store_budget, on_device, self._vae_mode())
+        key = (width, height, encode, store_limit_bytes, on_device, self._vae_mode())
         if key not in self._tiled:
-            common = {"dtype": self.dtype, "band_bytes": DEFAULT_BAND_BYTES, "store_budget": store_budget,
+            common = {"dtype": self.dtype, "band_bytes": DEFAULT_BAND_BYTES, "store_limit_bytes": store_limit_bytes,
                       "device_store_bytes": on_device, "attention": self._vae_mode()}  # fmt: skip
             try:
                 costs = [tiled_vae_cost(self.pipe.vae.config, width, height, encode=False, **common)]
@@ -618,7 +622,7 @@ class MemoryPlanner:
         try:
             tiled_vae_cost(
                 self.pipe.vae.config, width, height, dtype=self.dtype, band_bytes=DEFAULT_BAND_BYTES,
-                store_budget=0, encode=encode, attention=self._vae_mode(),
+                store_limit_bytes=0, encode=encode, attention=self._vae_mode(),
             )  # fmt: skip
             store = 0
         except StoreBudgetError as error:
@@ -690,7 +694,7 @@ class MemoryPlanner:
                 unet.savers,
                 tiled_vae=vae.savers.tiled_vae,
                 vae_store_on_host=vae.savers.vae_store_on_host,
-                vae_store_budget=vae.savers.vae_store_budget,
+                vae_store_limit_bytes=vae.savers.vae_store_limit_bytes,
                 vae_device_store_bytes=vae.savers.vae_device_store_bytes,
                 model_offload=offload,
             )
@@ -777,7 +781,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
                     pipe.unet,
                     band_bytes=DEFAULT_BAND_BYTES,
                     store_device="cpu" if savers.unet_store_on_host else None,
-                    store_budget=savers.unet_store_budget,
+                    device_store_bytes=savers.unet_device_store_bytes,
                 )
             )
         patch.add(
@@ -794,7 +798,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
                     pipe.vae,
                     band_bytes=DEFAULT_BAND_BYTES,
                     store_device="cpu" if savers.vae_store_on_host else None,
-                    store_budget=savers.vae_store_budget,
+                    store_limit_bytes=savers.vae_store_limit_bytes,
                     device_store_bytes=savers.vae_device_store_bytes,
                 )
             )

@@ -21,7 +21,7 @@ chain of layers streamed over row chunks instead, and every GroupNorm uses whole
   they go to the store and are read in chunks with a running log-sum-exp). With the linear VAE attention
   (:mod:`linfusion.vae_attention`) one pass sums every chunk's key/value state and a second reads it.
 
-Which points to store is a budget question. Storing everything (``store_budget=None``) computes every layer
+Which points to store is a budget question. Storing everything (``store_limit_bytes=None``) computes every layer
 once, the plain VAE's FLOPs, with about two activations of the largest layer in the store; storing less
 recomputes more. :func:`plan_vae` picks, for a store budget, the stored points that minimise the FLOPs (a
 dynamic programme over the passes), and :func:`tiled_vae_cost` reports that plan's device and host peaks
@@ -61,13 +61,13 @@ class UnsupportedVAE(NotImplementedError):
 
 
 class StoreBudgetError(MemoryError):
-    """No choice of stored points fits ``store_budget``; ``minimum`` is the smallest budget that does."""
+    """No choice of stored points fits ``store_limit_bytes``; ``minimum`` is the smallest budget that does."""
 
     def __init__(self, budget: int, minimum: int):
         self.budget, self.minimum = budget, minimum
         super().__init__(
             f"the exact tiled VAE needs a store of at least {minimum / 2**30:.3f} GiB at this size "
-            f"(store_budget is {budget / 2**30:.3f} GiB); raise store_budget or use a smaller size"
+            f"(store_limit_bytes is {budget / 2**30:.3f} GiB); raise store_limit_bytes or use a smaller size"
         )
 
 
@@ -508,11 +508,11 @@ STORE_POINTS = ("any", "level-inputs")
 def plan_vae(
     chain: Chain,
     band_bytes: int = DEFAULT_BAND_BYTES,
-    store_budget: int | None = None,
+    store_limit_bytes: int | None = None,
     store_points: str = "any",
     block_bytes: int = DEFAULT_STORE_BLOCK_BYTES,
 ) -> Plan:
-    """The passes that minimise FLOPs with the store within ``store_budget`` bytes (None: no limit).
+    """The passes that minimise FLOPs with the store within ``store_limit_bytes`` bytes (None: no limit).
 
     ``store_points``: "any" point may be stored, or only the "level-inputs" (see :meth:`Chain.level_inputs`).
     ``block_bytes``: the store's allocation unit (see ``DEFAULT_STORE_BLOCK_BYTES``).
@@ -520,7 +520,7 @@ def plan_vae(
     if store_points not in STORE_POINTS:
         raise ValueError(f"store_points must be one of {STORE_POINTS}; got {store_points!r}")
     allowed = chain.level_inputs() if store_points == "level-inputs" else None
-    budget = math.inf if store_budget is None else store_budget
+    budget = math.inf if store_limit_bytes is None else store_limit_bytes
     chosen = _search(chain, band_bytes, block_bytes, budget, peak_first=False, allowed=allowed)
     if not chosen:
         smallest = _search(chain, band_bytes, block_bytes, math.inf, peak_first=True, allowed=allowed)
@@ -571,7 +571,7 @@ def tiled_vae_cost(
     dtype: torch.dtype = torch.float16,
     batch: int = 1,
     band_bytes: int = DEFAULT_BAND_BYTES,
-    store_budget: int | None = None,
+    store_limit_bytes: int | None = None,
     encode: bool = False,
     device_store_bytes: int | None = 0,
     store_points: str = "any",
@@ -580,13 +580,13 @@ def tiled_vae_cost(
 ) -> VAECost:
     """Peaks and FLOPs of the exact tiled VAE for a ``width`` x ``height`` image, in milliseconds.
 
-    ``store_budget``: bytes the whole store may hold (None: no limit); ``device_store_bytes``: how much
+    ``store_limit_bytes``: bytes the whole store may hold (None: no limit); ``device_store_bytes``: how much
     of it may stay on the compute device (None: all, as with ``store_device`` the VAE's device), the rest
     is on the host. ``attention``: "exact" (the VAE's softmax) or "linear"
     (:mod:`linfusion.vae_attention`). Raises :class:`StoreBudgetError` when no plan fits.
     """
     chain = _chain(vae_config, width, height, dtype, batch, encode, attention)
-    plan = plan_vae(chain, band_bytes, store_budget, store_points, block_bytes)
+    plan = plan_vae(chain, band_bytes, store_limit_bytes, store_points, block_bytes)
     device_peak, host_peak = plan.peaks(device_store_bytes)
     return VAECost(
         device_peak=device_peak,
@@ -859,7 +859,7 @@ Stage = _ConvStage | _ResidualStage
 class ExactTiler:
     """Runs an ``AutoencoderKL``'s encoder or decoder pass by pass (see the module docstring).
 
-    ``band_bytes``: device working memory of a pass's chunks. ``store_budget``: bytes the store may hold
+    ``band_bytes``: device working memory of a pass's chunks. ``store_limit_bytes``: bytes the store may hold
     at once (None: no limit, so nothing is recomputed); :func:`plan_vae` picks what to store and what to
     recompute within it (``store_points="level-inputs"`` restricts it to the levels' inputs).
     ``store_device``: where the store lives (default: the VAE's device); when that is another device,
@@ -873,7 +873,7 @@ class ExactTiler:
         vae: nn.Module,
         band_bytes: int = DEFAULT_BAND_BYTES,
         store_device: torch.device | str | None = None,
-        store_budget: int | None = None,
+        store_limit_bytes: int | None = None,
         store_points: str = "any",
         device_store_bytes: int = 0,
         store_block_bytes: int = DEFAULT_STORE_BLOCK_BYTES,
@@ -884,7 +884,7 @@ class ExactTiler:
         self.dtype = parameter.dtype
         self.store_device = torch.device(store_device) if store_device is not None else self.device
         self.band_bytes = band_bytes
-        self.store_budget = store_budget
+        self.store_limit_bytes = store_limit_bytes
         self.store_points = store_points
         self.device_store_bytes = device_store_bytes if self.store_device != self.device else 0
         self.store_block_bytes = store_block_bytes
@@ -900,7 +900,9 @@ class ExactTiler:
         if attentions and is_linear(self.vae.get_submodule(attentions[0].path)):
             mode = "linear"
         chain = Chain(units, batch, height, width, element_size, mode)
-        return plan_vae(chain, self.band_bytes, self.store_budget, self.store_points, self.store_block_bytes)
+        return plan_vae(
+            chain, self.band_bytes, self.store_limit_bytes, self.store_points, self.store_block_bytes
+        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

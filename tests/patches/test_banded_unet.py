@@ -100,14 +100,14 @@ def test_banded_equals_plain(family: str, linfusion: bool) -> None:
                         assert error <= TOLERANCE, (batch, band_bytes, store, call, error)
 
 
-def test_store_budget_splits_the_store_and_stays_exact() -> None:
+def test_device_store_bytes_split_the_store_and_stays_exact() -> None:
     unet = make_unet("sd15", linfusion=True)
     inputs = unet_inputs(unet, 2, 13, 11)
     expected = forward(unet, inputs)
     activation = 2 * 32 * 13 * 11 * 4  # one first-level activation, fp32
     peaks = {}
     for budget in (None, 3 * activation):
-        with apply_banded_unet(unet, band_bytes=ONE_ROW, store_device="cpu", store_budget=budget):
+        with apply_banded_unet(unet, band_bytes=ONE_ROW, store_device="cpu", device_store_bytes=budget):
             banded = forward(unet, inputs)
             peaks[budget] = unet.forward.last_store_peak
         assert (banded - expected).abs().max() <= TOLERANCE
@@ -499,7 +499,7 @@ def test_16k_fits_the_device_and_host_budgets(family: str) -> None:
     for width, height in SIZES_16K:
         for budget in (None, store_budget):
             start = time.perf_counter()
-            cost = banded_unet_cost(UNET_CONFIGS[family], width, height, batch=2, store_budget=budget)
+            cost = banded_unet_cost(UNET_CONFIGS[family], width, height, batch=2, device_store_bytes=budget)
             assert time.perf_counter() - start < 10
             assert resident + cost.device_peak <= limit, (width, height, budget, cost)
             assert cost.host_peak <= 64 * GIB, (width, height, budget, cost)

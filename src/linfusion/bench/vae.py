@@ -72,13 +72,13 @@ def tiler_options(
     dtype: torch.dtype,
     band_bytes: int,
     config: dict[str, Any] | None = None,
-    store_budget: int | None = None,
+    store_limit_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The ``ExactTiler`` keywords of a store policy (``half``: half the full store's modelled peak;
-    ``budget``: the cheapest plan within ``store_budget``)."""
+    ``budget``: the cheapest plan within ``store_limit_bytes``)."""
     options: dict[str, Any] = {"band_bytes": band_bytes}
     if policy == "budget":
-        options["store_budget"] = store_budget
+        options["store_limit_bytes"] = store_limit_bytes
     elif policy == "half":
         full = tiled_vae_cost(
             config or SD_VAE,
@@ -89,7 +89,7 @@ def tiler_options(
             encode=encode,
             device_store_bytes=None,
         )
-        options["store_budget"] = full.store_peak // 2
+        options["store_limit_bytes"] = full.store_peak // 2
     elif policy == "level-inputs":
         options["store_points"] = "level-inputs"
     elif policy != "full":
@@ -108,7 +108,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         run = (lambda: vae._encode(tensor)) if encode else (lambda: vae.decode(tensor).sample)
     else:
         options = tiler_options(
-            spec["policy"], spec["size"], encode, dtype, spec["band_bytes"], config, spec.get("store_budget")
+            spec["policy"],
+            spec["size"],
+            encode,
+            dtype,
+            spec["band_bytes"],
+            config,
+            spec.get("store_limit_bytes"),
         )
         tiler = ExactTiler(vae, **options)
         run = (lambda: tiler.encode_moments(tensor)) if encode else (lambda: tiler.decode(tensor))
@@ -194,7 +200,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                               encode=encode, device_store_bytes=None, **options)  # fmt: skip
                         record["model_peak"] = cost.device_peak - input_bytes(size, encode, dtype)
                         record["model_flops"] = cost.flops
-                        record["store_budget"] = options.get("store_budget")
+                        record["store_limit_bytes"] = options.get("store_limit_bytes")
                     records.append(record)
                     print(json.dumps(record), flush=True)
     env = environment(torch.device("cpu"), 1, command=args.command)
@@ -274,9 +280,9 @@ def cost_table_16k(
                 "encode": encode,
                 "attention": "linear",
             }
-            split = tiled_vae_cost(SD_VAE, width, height, store_budget=host_bytes + device_store_bytes,
+            split = tiled_vae_cost(SD_VAE, width, height, store_limit_bytes=host_bytes + device_store_bytes,
                                    device_store_bytes=device_store_bytes, **common)  # fmt: skip
-            host = tiled_vae_cost(SD_VAE, width, height, store_budget=host_bytes, **common)
+            host = tiled_vae_cost(SD_VAE, width, height, store_limit_bytes=host_bytes, **common)
             lines.append(
                 f"| {width}x{height} | {'encode' if encode else 'decode'} | {format_size(plain)} | "
                 f"{format_size(split.device_peak)} | "

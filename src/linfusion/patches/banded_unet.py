@@ -23,7 +23,7 @@ VAE does, and only bands are on the device:
   token stream) live in a *store*: on the UNet's device by default, or on another device
   (``store_device="cpu"``), where they are kept row-major ``(rows, batch, channels, width)`` so that a
   band is one contiguous block: one copy each way. On the CPU that store is one :class:`HostArena` kept
-  across calls (pinned once when the UNet is on a GPU). ``store_budget`` keeps up to that many bytes of
+  across calls (pinned once when the UNet is on a GPU). ``device_store_bytes`` keeps up to that many bytes of
   the working stream on the UNet's device; skip tensors, which wait longest, always go to the store.
   With a separate store each band's input is fetched one band ahead; on CUDA the copies run on a side
   stream and overlap the compute.
@@ -1195,14 +1195,14 @@ class BandedUNet:
         unet: nn.Module,
         band_bytes: int = DEFAULT_BAND_BYTES,
         store_device: torch.device | str | None = None,
-        store_budget: int | None = None,
+        device_store_bytes: int | None = None,
     ) -> None:
         if band_bytes < 1:
             raise ValueError(f"band_bytes must be >= 1; got {band_bytes}")
         self.unet = unet
         self.band_bytes = band_bytes
         self.store_device = store_device
-        self.store_budget = store_budget
+        self.device_store_bytes = device_store_bytes
         self.last_store_peak: dict[str, int] = {}
         self.host_arena: HostArena | None = None
 
@@ -1248,7 +1248,7 @@ class BandedUNet:
                 self.host_arena = HostArena(pin=device.type == "cuda")
             arena = self.host_arena
             arena.begin()
-        store = BandStore(device, self.store_device, self.store_budget or 0, arena=arena)
+        store = BandStore(device, self.store_device, self.device_store_bytes or 0, arena=arena)
         run = _Run(unet, self.band_bytes, store, dry=dry)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
@@ -1330,14 +1330,14 @@ def apply_banded_unet(
     *,
     band_bytes: int = DEFAULT_BAND_BYTES,
     store_device: torch.device | str | None = None,
-    store_budget: int | None = None,
+    device_store_bytes: int | None = None,
 ) -> Patch:
     """Make ``unet(...)`` (and every pipeline using it) run band by band, exactly, in bounded memory.
 
     ``band_bytes``: working memory of one band on the UNet's device. ``store_device``: where whole
     activations live (None: the UNet's device; ``"cpu"``: a host arena, pinned for a GPU UNet, kept
     between calls until the patch is removed or :meth:`BandedUNet.release_host_memory`).
-    ``store_budget``: with a separate store, bytes of the working stream that may stay on the UNet's
+    ``device_store_bytes``: with a separate store, bytes of the working stream that may stay on the UNet's
     device. Raises :class:`UnsupportedUNet` before changing anything when a layer has no exact banded form.
     Apply it before :func:`linfusion.patches.savers.apply_sequential_cfg` (which then wraps it) and before
     accelerate's CPU offload hooks.
@@ -1346,7 +1346,9 @@ def apply_banded_unet(
     _require(
         not hasattr(unet, "_hf_hook"), "the UNet", "accelerate hooks (apply this patch before CPU offload)"
     )
-    banded = BandedUNet(unet, band_bytes=band_bytes, store_device=store_device, store_budget=store_budget)
+    banded = BandedUNet(
+        unet, band_bytes=band_bytes, store_device=store_device, device_store_bytes=device_store_bytes
+    )
     patch = set_attribute(unet, "forward", banded, patch_name="banded UNet")
     patch.on_remove(banded.release_host_memory)
     return patch
@@ -1435,7 +1437,7 @@ def banded_unet_cost(
     batch: int = 2,
     band_bytes: int = DEFAULT_BAND_BYTES,
     store_on_host: bool = True,
-    store_budget: int | None = None,
+    device_store_bytes: int | None = None,
     linfusion: bool = True,
     vae_scale_factor: int = 8,
     context_tokens: int = 77,
@@ -1446,7 +1448,7 @@ def banded_unet_cost(
     dict. ``linfusion``: with LinFusion ``attn1`` layers (the UNet's own when it has them, else the default
     ones) or with the softmax ones. ``batch`` 2 is classifier-free guidance in one call; 1 is one branch
     (the CFG branches one after the other). ``store_on_host``: a separate store (``store_device="cpu"``)
-    with ``store_budget`` bytes of it allowed on the device.
+    with ``device_store_bytes`` bytes of it allowed on the device.
     """
     config = dict(unet.config) if isinstance(unet, nn.Module) else dict(unet)
     layers: Any = []
@@ -1457,7 +1459,10 @@ def banded_unet_cost(
         meta.config, batch, height // vae_scale_factor, width // vae_scale_factor, dtype, context_tokens
     )
     banded = BandedUNet(
-        meta, band_bytes=band_bytes, store_device="cpu" if store_on_host else None, store_budget=store_budget
+        meta,
+        band_bytes=band_bytes,
+        store_device="cpu" if store_on_host else None,
+        device_store_bytes=device_store_bytes,
     )
     run = banded._traced_cost(**inputs)
     return UNetCost(
