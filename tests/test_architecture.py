@@ -222,3 +222,46 @@ def test_help_imports_neither_torch_nor_diffusers(argv: list[str]) -> None:
     assert "usage:" in done.stdout
     heavy = json.loads(done.stderr.strip().splitlines()[-1])
     assert heavy == [], f"linfusion {' '.join(argv)} imported {heavy}"
+
+
+# One job per module: past these sizes a file or a function usually holds two (DEVELOPERS' style rules).
+MAX_FILE_LINES = 800
+MAX_FUNCTION_LINES = 150
+# Files allowed past MAX_FILE_LINES, each with its reason (none today).
+LONG_FILES: dict[str, str] = {}
+
+
+def test_no_file_or_function_too_long() -> None:
+    too_long = []
+    for module, path in module_files().items():
+        source = path.read_text()
+        lines = source.count("\n") + 1
+        if lines > MAX_FILE_LINES and module not in LONG_FILES:
+            too_long.append(f"{module}: {lines} lines (at most {MAX_FILE_LINES})")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{module}.{node.name}: {length} lines (at most {MAX_FUNCTION_LINES})")
+    assert not too_long, "split by job:\n" + "\n".join(too_long)
+
+
+def test_only_ops_imports_the_reference_kernels() -> None:
+    """Every engine calls the kernel dispatcher of ``linfusion.ops``, never the slow oracle directly."""
+    offenders = [
+        importer
+        for importer, imported, _ in imports_of(module_files())
+        if imported == "linfusion.ops.reference" and not importer.startswith("linfusion.ops")
+    ]
+    assert not offenders, f"import from linfusion.ops instead: {sorted(set(offenders))}"
+
+
+def test_one_user_error_class() -> None:
+    """One hierarchy of user mistakes: every ``UserError`` the CLI and the web page show derives from one class."""
+    defined = [
+        module
+        for module, path in module_files().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name == "UserError"
+    ]
+    assert defined == ["linfusion.errors"], defined
