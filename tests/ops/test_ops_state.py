@@ -169,6 +169,21 @@ def test_auto_follows_select_backend_and_gradients_fall_back() -> None:
     assert torch.equal(no_grad_state, state)
 
 
+def test_auto_on_meta_traces_the_reference() -> None:
+    """On meta (the cost models' traces) auto runs the reference, whose matmuls FlopCounterMode counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.empty(1, 8, 1024, 40, device="meta") for _ in range(3))
+    counted = {}
+    for backend in ("auto", "reference"):
+        with FlopCounterMode(display=False) as counter:
+            state, key_mean = linear_attention_state(k, v, backend=backend)
+            out = linear_attention_from_state(q, state, key_mean, backend=backend)
+        counted[backend] = counter.get_total_flops()
+    assert out.shape == q.shape and state.shape == (1, 8, 40, 40)
+    assert counted["auto"] == counted["reference"] >= 2 * (2 * 8 * 1024 * 40 * 40)
+
+
 def test_bad_inputs_raise() -> None:
     q, k, v = make_qkv(1, 2, 10, 8)
     state, key_mean = linear_attention_state(k, v)

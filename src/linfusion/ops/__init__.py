@@ -183,15 +183,20 @@ def _check_read_inputs(q: torch.Tensor, state: torch.Tensor, key_mean: torch.Ten
 
 
 def _split_backend(backend: str, lead: torch.Tensor, inputs: tuple[torch.Tensor, ...], name: str) -> str:
-    """The concrete backend for one half of the op: like ``linear_attention``, but only ``reference`` is
-    differentiable here, so ``auto`` takes it when a gradient is wanted and a forced other backend raises."""
+    """The concrete backend for one half of the op: :func:`select_backend` on ``lead``, with two exceptions
+    for ``auto``, which takes ``reference``:
+
+    * a gradient is wanted: only the reference is differentiable here (a forced other backend raises);
+    * ``meta`` tensors (memory and FLOP traces): the engines' cost models count the reference's
+      temporaries and matmuls, an upper bound of the kernels' (the chunked kernel computes nothing on meta).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown linear-attention backend {backend!r}; choose one of {BACKENDS}")
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     if lead.shape[2] == 0:  # nothing to stream over: the reference's empty sums and products are exact
         return "reference"
     if backend == "auto":
-        return "reference" if wants_grad else select_backend(lead)
+        return "reference" if wants_grad or lead.is_meta else select_backend(lead)
     if wants_grad and backend != "reference":
         raise ValueError(
             f"{name} with backend {backend!r} is not differentiable, and an input requires grad: run it "
@@ -209,8 +214,9 @@ def linear_attention_state(
     fp32 (fp64 for fp64 keys) whatever the input dtype. ``total_tokens`` is N: when k and v are one part
     of a longer sequence, pass the whole sequence's token count and the parts' results *sum* to the
     whole's (so one all-reduce, or a running sum over bands, gives the global state). Default: k's own
-    token count. ``backend`` as in :func:`linear_attention` (``auto``: :func:`select_backend` on k); only
-    ``reference`` is differentiable: with a gradient wanted ``auto`` picks it and another backend raises.
+    token count. ``backend`` as in :func:`linear_attention` (``auto``: :func:`select_backend` on k, but
+    ``reference`` on ``meta`` and when a gradient is wanted: only ``reference`` is differentiable here, and
+    a forced other backend then raises ValueError).
     """
     _check_state_inputs(k, v, total_tokens)
     backend = _split_backend(backend, k, (k, v), "linear_attention_state")
