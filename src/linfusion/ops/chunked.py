@@ -356,6 +356,19 @@ def linear_attention_chunked(
     return chunked_forward(q, k, v, eps, chunk)[0]
 
 
+def split_state(joined: torch.Tensor, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [S | m], (B*H, d, e + 1) -> contiguous ``(S, key_mean)``, (B, H, d, e) and (B, H, 1, d)."""
+    d, e = joined.shape[1], joined.shape[2] - 1
+    summed = joined[..., :e].reshape(batch, heads, d, e).contiguous()
+    return summed, joined[..., e:].reshape(batch, heads, 1, d).contiguous()
+
+
+def join_state(state: torch.Tensor, key_mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(S, key_mean)`` -> A = [S | m], (B*H, d, e + 1) in ``dtype``: the layout the read kernels take."""
+    b, h, d, e = state.shape
+    return torch.cat([state.reshape(b * h, d, e).to(dtype), key_mean.reshape(b * h, d, 1).to(dtype)], dim=-1)
+
+
 def linear_attention_state_chunked(
     k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,9 +383,7 @@ def linear_attention_state_chunked(
     dtype = compute_dtype_for(k.dtype)
     chunk = _resolve_chunk(k, chunk)
     ws = _Workspace(b, h, chunk, max(d, e), d, dtype, k.device, extra=False)
-    state = chunked_state(k, v, chunk, ws, total_tokens)
-    # Contiguous copies of the two parts of [S | m] (tiny: d x (e + 1) per head).
-    return state[..., :e].reshape(b, h, d, e).contiguous(), state[..., e:].reshape(b, h, 1, d).contiguous()
+    return split_state(chunked_state(k, v, chunk, ws, total_tokens), b, h)
 
 
 def linear_attention_from_state_chunked(
@@ -390,10 +401,7 @@ def linear_attention_from_state_chunked(
     b, h, n, d = q.shape
     e = state.shape[-1]
     dtype = torch.promote_types(compute_dtype_for(q.dtype), compute_dtype_for(state.dtype))
-    augmented = torch.cat(
-        [state.reshape(b * h, d, e).to(dtype), key_mean.reshape(b * h, d, 1).to(dtype)], dim=-1
-    )
     chunk = _resolve_chunk(q, chunk)
     ws = _Workspace(b, h, chunk, max(d, e + 1), d, dtype, q.device, extra=False)
     out = new_output(q) if e == d else torch.empty((b, h, n, e), dtype=q.dtype, device=q.device)
-    return chunked_read(q, augmented, eps, chunk, ws, out)
+    return chunked_read(q, join_state(state, key_mean, dtype), eps, chunk, ws, out)

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .chunked import join_state, split_state
+
 try:  # pragma: no cover - exercised only where triton is installed
     import triton
     import triton.language as tl
@@ -589,10 +591,7 @@ def linear_attention_state_triton(
     Semantics of :func:`linfusion.ops.reference.linear_attention_state_reference`, ``total_tokens`` included.
     """
     _require_usable(k)
-    b, h, _, d = k.shape
-    e = v.shape[-1]
-    state = triton_state(k, v, total_tokens)
-    return state[..., :e].reshape(b, h, d, e).contiguous(), state[..., e:].reshape(b, h, 1, d).contiguous()
+    return split_state(triton_state(k, v, total_tokens), k.shape[0], k.shape[1])
 
 
 def linear_attention_from_state_triton(
@@ -603,8 +602,6 @@ def linear_attention_from_state_triton(
     The kernel reads the state in fp32: an fp64 state (e.g. summed over many parts) is rounded once.
     """
     _require_usable(q)
-    b, h, n, d = q.shape
-    e = state.shape[-1]
-    augmented = torch.cat([state.reshape(b * h, d, e).float(), key_mean.reshape(b * h, d, 1).float()], dim=-1)
-    out = torch.empty((b, h, n, e), dtype=q.dtype, device=q.device)
-    return triton_read(q, augmented, eps, out)
+    b, h, n, _ = q.shape
+    out = torch.empty((b, h, n, state.shape[-1]), dtype=q.dtype, device=q.device)
+    return triton_read(q, join_state(state, key_mean, torch.float32), eps, out)
