@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 MIB = 1 << 20
 SEED = 1234
@@ -30,7 +31,7 @@ MEASUREMENTS = ("unet", "vae")
 
 
 # ------------------------------------------------------------------------------------ in the subprocess
-def run_unet(args: argparse.Namespace):
+def run_unet(args: argparse.Namespace) -> tuple[float, Any]:
     """One banded-UNet call of the bundled model with LinFusion, on seeded latents and text context."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -53,7 +54,7 @@ def run_unet(args: argparse.Namespace):
         return time.perf_counter() - start, out
 
 
-def run_vae(args: argparse.Namespace):
+def run_vae(args: argparse.Namespace) -> tuple[float, Any]:
     """One exact tiled decode of seeded latents by the bundled VAE with the linear mid-block attention."""
     import torch
     from diffusers import AutoencoderKL
@@ -122,7 +123,7 @@ def tree_revision(src: Path) -> str:
     return (head + ("+changes" if git("status", "--porcelain", "--", ".") else "")) or "not a git tree"
 
 
-def compare(args: argparse.Namespace) -> dict:
+def compare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     trees = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
@@ -158,7 +159,7 @@ def compare(args: argparse.Namespace) -> dict:
     }
 
 
-def markdown(result: dict, args: argparse.Namespace) -> str:
+def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     env = result["environment"]
     titles = {
         "unet": f"banded UNet, latent {args.latent}x{args.latent}, batch {args.batch}, band {args.unet_band_mib} MiB",
@@ -170,7 +171,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"`{env['command']}`",
         "",
         f"{env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']}, {env['torch_threads']} "
-        f"torch thread, each run in a fresh process, trees alternating, {args.repeats} runs each; "
+        f"torch thread, each run in a fresh process, trees alternating, {args.repeats} run(s) per tree; "
         f"load average at the start {env['loadavg_start']}.",
         "",
         f"- before: `{result['trees']['before']['src']}` ({result['trees']['before']['revision']})",
