@@ -2,7 +2,10 @@
 
 ``linear_attention(q, k, v, eps, backend)`` is the single entry point: every backend computes the same
 normalized non-causal linear attention (docs/kernels.md) and is tested against
-:func:`linfusion.ops.reference.linear_attention_reference`.
+:func:`linfusion.ops.reference.linear_attention_reference`. Its two halves,
+``linear_attention_state(k, v, total_tokens, backend)`` (the keys' and values' summary) and
+``linear_attention_from_state(q, state, key_mean, eps, backend)`` (the queries reading it), are dispatched
+the same way; the engines that see the keys in parts (banded UNet, tiled VAE, spatial parallelism) use them.
 
 Backends:
 
@@ -17,13 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import linear_attention_chunked
+from .chunked import (
+    linear_attention_chunked,
+    linear_attention_from_state_chunked,
+    linear_attention_state_chunked,
+)
 from .reference import (
     feature_map,
-    linear_attention_from_state,
+    linear_attention_from_state_reference,
     linear_attention_quadratic,
     linear_attention_reference,
-    linear_attention_state,
+    linear_attention_state_reference,
 )
 
 BACKENDS = ("auto", "chunked", "triton", "reference")
@@ -45,9 +52,13 @@ __all__ = [
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_from_state",
+    "linear_attention_from_state_chunked",
+    "linear_attention_from_state_reference",
     "linear_attention_quadratic",
     "linear_attention_reference",
     "linear_attention_state",
+    "linear_attention_state_chunked",
+    "linear_attention_state_reference",
     "select_backend",
 ]
 
@@ -136,3 +147,108 @@ def linear_attention(
 
         return linear_attention_triton(q, k, v, eps)
     return linear_attention_reference(q, k, v, eps).to(q.dtype)
+
+
+def _check_state_inputs(k: torch.Tensor, v: torch.Tensor, total_tokens: int | None) -> None:
+    if k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"linear_attention_state expects (batch, heads, tokens, head_dim) tensors; got shapes "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"k and v must have the same (batch, heads, tokens); got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if total_tokens is None:
+        if k.shape[2] == 0:
+            raise ValueError("linear_attention_state needs at least one token (or total_tokens)")
+    elif total_tokens < max(1, k.shape[2]):
+        raise ValueError(
+            f"total_tokens ({total_tokens}) must be positive and at least the keys' own {k.shape[2]} tokens"
+        )
+
+
+def _check_read_inputs(q: torch.Tensor, state: torch.Tensor, key_mean: torch.Tensor) -> None:
+    if q.ndim != 4 or state.ndim != 4 or key_mean.ndim != 4:
+        raise ValueError(
+            f"linear_attention_from_state expects q (B, H, N, d), state (B, H, d, e), key_mean (B, H, 1, d); "
+            f"got {tuple(q.shape)}, {tuple(state.shape)}, {tuple(key_mean.shape)}"
+        )
+    b, h, _, d = q.shape
+    if state.shape[:3] != (b, h, d) or key_mean.shape != (b, h, 1, d):
+        raise ValueError(
+            f"state must be (B, H, d, e) = ({b}, {h}, {d}, e) and key_mean (B, H, 1, d) = ({b}, {h}, 1, {d}) "
+            f"for q of shape {tuple(q.shape)}; got {tuple(state.shape)}, {tuple(key_mean.shape)}"
+        )
+
+
+def _split_backend(backend: str, lead: torch.Tensor, inputs: tuple[torch.Tensor, ...], name: str) -> str:
+    """The concrete backend for one half of the op: :func:`select_backend` on ``lead``, with two exceptions
+    for ``auto``, which takes ``reference``:
+
+    * a gradient is wanted: only the reference is differentiable here (a forced other backend raises);
+    * ``meta`` tensors (memory and FLOP traces): the engines' cost models count the reference's
+      temporaries and matmuls, an upper bound of the kernels' (the chunked kernel computes nothing on meta).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear-attention backend {backend!r}; choose one of {BACKENDS}")
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if lead.shape[2] == 0:  # nothing to stream over: the reference's empty sums and products are exact
+        return "reference"
+    if backend == "auto":
+        return "reference" if wants_grad or lead.is_meta else select_backend(lead)
+    if wants_grad and backend != "reference":
+        raise ValueError(
+            f"{name} with backend {backend!r} is not differentiable, and an input requires grad: run it "
+            f"under torch.no_grad(), or use backend='reference' (or 'auto', which picks it) for gradients"
+        )
+    return backend
+
+
+def linear_attention_state(
+    k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summary every query reads, ``(S, key_mean)``: the first half of :func:`linear_attention`.
+
+    S = phi(K)^T V / N, shape (B, H, d, e), and key_mean = sum_j phi(k_j) / N, shape (B, H, 1, d), both in
+    fp32 (fp64 for fp64 keys) whatever the input dtype. ``total_tokens`` is N: when k and v are one part
+    of a longer sequence, pass the whole sequence's token count and the parts' results *sum* to the
+    whole's (so one all-reduce, or a running sum over bands, gives the global state). Default: k's own
+    token count. ``backend`` as in :func:`linear_attention` (``auto``: :func:`select_backend` on k, but
+    ``reference`` on ``meta`` and when a gradient is wanted: only ``reference`` is differentiable here, and
+    a forced other backend then raises ValueError).
+    """
+    _check_state_inputs(k, v, total_tokens)
+    backend = _split_backend(backend, k, (k, v), "linear_attention_state")
+    if backend == "chunked":
+        return linear_attention_state_chunked(k, v, total_tokens)
+    if backend == "triton":
+        from .triton_backend import linear_attention_state_triton
+
+        return linear_attention_state_triton(k, v, total_tokens)
+    return linear_attention_state_reference(k, v, total_tokens)
+
+
+def linear_attention_from_state(
+    q: torch.Tensor,
+    state: torch.Tensor,
+    key_mean: torch.Tensor,
+    eps: float = 1e-4,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """out_i = phi(q_i) S / (phi(q_i) . key_mean + eps): the second half of :func:`linear_attention`.
+
+    q is (B, H, N, d) before the feature map; ``state`` and ``key_mean`` come from
+    :func:`linear_attention_state` (fp32, or fp64 sums; ``triton`` reads them in fp32). Returns
+    (B, H, N, e) in q's dtype, computed in fp32 (fp64 for fp64 q or state; chunked). ``backend`` and
+    gradients as in :func:`linear_attention_state` (``auto`` decides on q).
+    """
+    _check_read_inputs(q, state, key_mean)
+    backend = _split_backend(backend, q, (q, state, key_mean), "linear_attention_from_state")
+    if backend == "chunked":
+        return linear_attention_from_state_chunked(q, state, key_mean, eps)
+    if backend == "triton":
+        from .triton_backend import linear_attention_from_state_triton
+
+        return linear_attention_from_state_triton(q, state, key_mean, eps)
+    return linear_attention_from_state_reference(q, state, key_mean, eps).to(q.dtype)

@@ -223,8 +223,13 @@ def _resolve_chunk(q: torch.Tensor, chunk: int | None) -> int:
     return max(1, min(int(chunk), n))
 
 
-def chunked_state(k: torch.Tensor, v: torch.Tensor, chunk: int, ws: _Workspace) -> torch.Tensor:
-    """State A = [S | m], (B*H, d, e + 1) in the workspace dtype, accumulated over chunks of keys."""
+def chunked_state(
+    k: torch.Tensor, v: torch.Tensor, chunk: int, ws: _Workspace, total_tokens: int | None = None
+) -> torch.Tensor:
+    """State A = [S | m], (B*H, d, e + 1) in the workspace dtype, accumulated over chunks of keys.
+
+    Divided by ``total_tokens`` (default: k's token count), so parts of one sequence sum to the whole.
+    """
     b, h, n, d = k.shape
     e = v.shape[-1]
     dtype = ws.phi_buf.dtype
@@ -237,26 +242,33 @@ def chunked_state(k: torch.Tensor, v: torch.Tensor, chunk: int, ws: _Workspace) 
         vc = _as_batched(v[:, :, start:end], dtype, ws.wide(end - start, e))
         s_part.baddbmm_(phi.transpose(1, 2), vc)
         m_part.add_(phi.sum(dim=1).unsqueeze(-1))
-    return state.div_(n)
+    return state.div_(n if total_tokens is None else total_tokens)
 
 
 def chunked_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (input dtype; q's layout when shapes allow) and the (B*H, d, e + 1) state for backward."""
-    n = q.shape[2]
     e = v.shape[-1]
     dtype = compute_dtype_for(q.dtype)
     chunk = _resolve_chunk(q, chunk)
     ws = _workspace_for(q, v, chunk, dtype)
     state = chunked_state(k, v, chunk, ws)
     out = new_output(q) if e == q.shape[-1] else new_output(v, dtype=q.dtype)
-    for start, end in [] if q.is_meta else _chunks(n, chunk):  # meta: allocations only, as above
+    return chunked_read(q, state, eps, chunk, ws, out), state
+
+
+def chunked_read(
+    q: torch.Tensor, state: torch.Tensor, eps: float, chunk: int, ws: _Workspace, out: torch.Tensor
+) -> torch.Tensor:
+    """out_i = phi(q_i) S / (phi(q_i) . m + eps) for A = [S | m] (B*H, d, e + 1), chunk by chunk into out."""
+    e = state.shape[-1] - 1
+    for start, end in [] if q.is_meta else _chunks(q.shape[2], chunk):  # meta: allocations only
         phi = _phi_chunk(ws, q[:, :, start:end])
         wide = torch.bmm(phi, state, out=ws.wide(end - start, e + 1))
         z = wide[..., e:].add_(eps)
         _store(torch.div, ws.four_d(wide[..., :e]), ws.four_d(z), out[:, :, start:end])
-    return out, state
+    return out
 
 
 def chunked_backward(
@@ -342,3 +354,54 @@ def linear_attention_chunked(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return ChunkedLinearAttention.apply(q, k, v, eps, chunk)
     return chunked_forward(q, k, v, eps, chunk)[0]
+
+
+def split_state(joined: torch.Tensor, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [S | m], (B*H, d, e + 1) -> contiguous ``(S, key_mean)``, (B, H, d, e) and (B, H, 1, d)."""
+    d, e = joined.shape[1], joined.shape[2] - 1
+    summed = joined[..., :e].reshape(batch, heads, d, e).contiguous()
+    return summed, joined[..., e:].reshape(batch, heads, 1, d).contiguous()
+
+
+def join_state(state: torch.Tensor, key_mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(S, key_mean)`` -> A = [S | m], (B*H, d, e + 1) in ``dtype``: the layout the read kernels take."""
+    b, h, d, e = state.shape
+    return torch.cat([state.reshape(b * h, d, e).to(dtype), key_mean.reshape(b * h, d, 1).to(dtype)], dim=-1)
+
+
+def linear_attention_state_chunked(
+    k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, key_mean)`` of (B, H, N, d) keys and values, streamed over token chunks (not differentiable).
+
+    Same semantics as :func:`linfusion.ops.reference.linear_attention_state_reference`: fp32 (fp64 for
+    fp64 inputs), shapes (B, H, d, e) and (B, H, 1, d), divided by ``total_tokens`` when given. Half
+    precision inputs are converted one chunk at a time, never as a whole.
+    """
+    b, h, _, d = k.shape
+    e = v.shape[-1]
+    dtype = compute_dtype_for(k.dtype)
+    chunk = _resolve_chunk(k, chunk)
+    ws = _Workspace(b, h, chunk, max(d, e), d, dtype, k.device, extra=False)
+    return split_state(chunked_state(k, v, chunk, ws, total_tokens), b, h)
+
+
+def linear_attention_from_state_chunked(
+    q: torch.Tensor,
+    state: torch.Tensor,
+    key_mean: torch.Tensor,
+    eps: float = 1e-4,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """phi(q) S / (phi(q) . key_mean + eps) for (B, H, N, d) queries, in q's dtype (not differentiable).
+
+    Computed in fp32 (fp64 when q or the state is fp64), a chunk of queries at a time, into one output
+    allocated up front in q's dtype (and q's layout when the value head dim equals d).
+    """
+    b, h, n, d = q.shape
+    e = state.shape[-1]
+    dtype = torch.promote_types(compute_dtype_for(q.dtype), compute_dtype_for(state.dtype))
+    chunk = _resolve_chunk(q, chunk)
+    ws = _Workspace(b, h, chunk, max(d, e + 1), d, dtype, q.device, extra=False)
+    out = new_output(q) if e == d else torch.empty((b, h, n, e), dtype=q.dtype, device=q.device)
+    return chunked_read(q, join_state(state, key_mean, dtype), eps, chunk, ws, out)

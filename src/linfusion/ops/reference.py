@@ -16,7 +16,7 @@ def feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-def linear_attention_state(
+def linear_attention_state_reference(
     k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The key/value summary every query reads: ``(S, key_mean)``, fp32 (fp64 for fp64 inputs).
@@ -40,10 +40,10 @@ def linear_attention_state(
     return state, key_mean
 
 
-def linear_attention_from_state(
+def linear_attention_from_state_reference(
     q: torch.Tensor, state: torch.Tensor, key_mean: torch.Tensor, eps: float = 1e-4
 ) -> torch.Tensor:
-    """out_i = phi(q_i) @ S / (phi(q_i) . key_mean + eps), in the state's dtype (see linear_attention_state)."""
+    """out_i = phi(q_i) @ S / (phi(q_i) . key_mean + eps), computed and returned in the state's dtype."""
     phi_q = feature_map(q.to(state.dtype))
     normalizer = phi_q @ key_mean.transpose(-1, -2) + eps  # (B, H, N, 1)
     return (phi_q @ state) / normalizer
@@ -57,11 +57,11 @@ def linear_attention_reference(
     out_i = phi(q_i) @ S / (phi(q_i) . mean_j phi(k_j) + eps), with S = (phi(K)^T / sqrt(N)) @ (V / sqrt(N)).
     Half-precision inputs are computed in fp32 and the result is returned in fp32 (fp64 for fp64 inputs);
     :func:`linfusion.ops.linear_attention` casts it back to the input dtype.
-    The two halves are :func:`linear_attention_state` and :func:`linear_attention_from_state`, which
-    spatial-parallel inference calls with an all-reduce in between (one formula for both paths).
+    The two halves are :func:`linear_attention_state_reference` and
+    :func:`linear_attention_from_state_reference` (one formula for the whole op and for its split form).
     """
-    state, key_mean = linear_attention_state(k, v)
-    return linear_attention_from_state(q, state, key_mean, eps)
+    state, key_mean = linear_attention_state_reference(k, v)
+    return linear_attention_from_state_reference(q, state, key_mean, eps)
 
 
 def linear_attention_quadratic(

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .chunked import join_state, split_state
+
 try:  # pragma: no cover - exercised only where triton is installed
     import triton
     import triton.language as tl
@@ -452,8 +454,8 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def triton_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[S | m] as (B*H, d, e + 1) fp32: phi(k)^T v / N and the key mean."""
+def triton_state(k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None) -> torch.Tensor:
+    """[S | m] as (B*H, d, e + 1) fp32: phi(k)^T v / N and the key mean (N: total_tokens if given)."""
     b, h, n, d = k.shape
     e = v.shape[-1]
     block_d = _block_d(d, e)
@@ -465,17 +467,13 @@ def triton_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         *_strides4(k), *_strides4(v), *_strides4(part),
         BLOCK_N=BLOCK_N, BLOCK_D=block_d, N_E_TILES=n_e, DOT_PREC=_dot_precision(k.dtype),
     )  # fmt: skip
-    return part.sum(dim=1).div_(n)
+    return part.sum(dim=1).div_(n if total_tokens is None else total_tokens)
 
 
-def triton_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output in q's dtype and the fp32 state for the backward."""
+def triton_read(q: torch.Tensor, state: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """out = phi(q) S / (phi(q) . m + eps) for the fp32 state A = [S | m], (B*H, d, e + 1)."""
     b, h, n, d = q.shape
-    e = v.shape[-1]
-    state = triton_state(k, v)
-    out = torch.empty((b, h, n, e), dtype=q.dtype, device=q.device)
+    e = state.shape[-1] - 1
     block_d = _block_d(d, e)
     grid = (b * h, triton.cdiv(n, BLOCK_N), triton.cdiv(e, block_d))
     _output_kernel[grid](
@@ -483,7 +481,17 @@ def triton_forward(
         *_strides4(q), state.stride(0), state.stride(1), state.stride(2), *_strides4(out),
         BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype),
     )  # fmt: skip
-    return out, state
+    return out
+
+
+def triton_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output in q's dtype and the fp32 state for the backward."""
+    b, h, n, _ = q.shape
+    state = triton_state(k, v)
+    out = torch.empty((b, h, n, v.shape[-1]), dtype=q.dtype, device=q.device)
+    return triton_read(q, state, eps, out), state
 
 
 def triton_backward(
@@ -552,19 +560,48 @@ class TritonLinearAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+def _require_usable(x: torch.Tensor) -> None:
+    """Raise why the kernels cannot run on x (triton missing, a device other than CUDA, fp64)."""
+    if not AVAILABLE:
+        raise RuntimeError("the triton backend needs the 'triton' package (pip install 'linfusion[triton]')")
+    if not supports(x):
+        raise RuntimeError(
+            "the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1 for testing); "
+            f"got a tensor on {x.device}"
+        )
+    if x.dtype == torch.float64:
+        raise TypeError("the triton backend supports fp32, fp16 and bf16; use backend='chunked' for fp64")
+
+
 def linear_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-4
 ) -> torch.Tensor:
     """Fused triton linear attention on (B, H, N, d) tensors (before phi); differentiable."""
-    if not AVAILABLE:
-        raise RuntimeError("the triton backend needs the 'triton' package (pip install 'linfusion[triton]')")
-    if not supports(q):
-        raise RuntimeError(
-            "the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1 for testing); "
-            f"got a tensor on {q.device}"
-        )
-    if q.dtype == torch.float64:
-        raise TypeError("the triton backend supports fp32, fp16 and bf16; use backend='chunked' for fp64")
+    _require_usable(q)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return TritonLinearAttention.apply(q, k, v, eps)
     return triton_forward(q, k, v, eps)[0]
+
+
+def linear_attention_state_triton(
+    k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, key_mean)`` in fp32, (B, H, d, e) and (B, H, 1, d), by the state kernel (not differentiable).
+
+    Semantics of :func:`linfusion.ops.reference.linear_attention_state_reference`, ``total_tokens`` included.
+    """
+    _require_usable(k)
+    return split_state(triton_state(k, v, total_tokens), k.shape[0], k.shape[1])
+
+
+def linear_attention_from_state_triton(
+    q: torch.Tensor, state: torch.Tensor, key_mean: torch.Tensor, eps: float = 1e-4
+) -> torch.Tensor:
+    """phi(q) S / (phi(q) . key_mean + eps) by the output kernel, in q's dtype (not differentiable).
+
+    The kernel reads the state in fp32: an fp64 state (e.g. summed over many parts) is rounded once.
+    """
+    _require_usable(q)
+    b, h, n, _ = q.shape
+    out = torch.empty((b, h, n, state.shape[-1]), dtype=q.dtype, device=q.device)
+    return triton_read(q, join_state(state, key_mean, torch.float32), eps, out)
