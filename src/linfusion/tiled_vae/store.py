@@ -36,12 +36,14 @@ class StoreUsage:
         self.device_share = device_share
 
     def add(self, size: int, on_device: bool = False) -> None:
+        """Count ``size`` bytes more (negative: freed), ``on_device`` when they sit on the compute device."""
         self.live += size
         self.peak = max(self.peak, self.live)
         if on_device:
             self.device_live += size
 
     def restart(self) -> None:
+        """Start a new peak from what is live now (the tiler does at each pass)."""
         self.peak = self.live
 
 
@@ -68,6 +70,7 @@ class RowStore:
         return store
 
     def append(self, rows: torch.Tensor) -> None:
+        """Write the next ``rows`` (dimension 2), opening blocks as the last one fills."""
         written = 0
         while written < rows.shape[2]:
             block = self.blocks[-1] if self.blocks else None
@@ -94,6 +97,7 @@ class RowStore:
         return block
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows ``start`` to ``stop`` (not yet released), on ``device``."""
         index = bisect.bisect_right(self.starts, start) - 1
         parts = []
         while index < len(self.blocks) and self.starts[index] < stop:
