@@ -33,7 +33,7 @@ from .store import DEFAULT_STORE_BLOCK_BYTES, RowStore, StoreUsage
 
 
 class ExactTiler:
-    """Runs an ``AutoencoderKL``'s encoder or decoder pass by pass (see the module docstring).
+    """Runs an ``AutoencoderKL``'s encoder or decoder pass by pass (see :mod:`linfusion.tiled_vae`).
 
     ``band_bytes``: device working memory of a pass's chunks. ``store_limit_bytes``: bytes the store may hold
     at once (None: no limit, so nothing is recomputed); :func:`plan_vae` picks what to store and what to
@@ -71,6 +71,7 @@ class ExactTiler:
         batch, _, height, width = shape
         element_size = torch.empty((), dtype=self.dtype).element_size()
         units = vae_units(self.vae.config, encode)
+        # the attention the VAE runs; with the chunk budget it picks the attention pass's kernel (attention_chunks)
         mode = "exact"
         attentions = [unit for unit in units if unit.kind == "attention"]
         if attentions and is_linear(self.vae.get_submodule(attentions[0].path)):
