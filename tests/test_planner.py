@@ -54,7 +54,7 @@ def test_estimate_with_savers_is_within_a_quarter_of_the_measured_cpu_peak(
     memory returned (``linfusion.app.run.returns_freed_memory``), so the resident peak follows the plan.
     The tiled VAE through the planner (bundled model, 1024 px in 900MB: 891 MiB planned, 911 measured) was
     measured once with this probe; it takes minutes, so the suite checks the tiled VAE's cost model against
-    RSS in tests/test_tiled_vae.py instead."""
+    RSS in tests/tiled_vae/test_plan.py instead."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LINFUSION_MALLOC_TUNING": "1"}
     result = subprocess.run([sys.executable, str(PROBE), str(size), budget, model], capture_output=True,
                             text=True, timeout=900, env=env, check=True)  # fmt: skip

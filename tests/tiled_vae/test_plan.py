@@ -1,13 +1,11 @@
-"""Exact tiled VAE: equals the untiled VAE for any band size and store policy; diffusers' own tiling does not.
-
-The cost model (``tiled_vae_cost``) is checked against what runs: FLOPs against ``FlopCounterMode``, the
+"""The plan and its cost model: less store, more recomputation; the store budget is kept or refused; the
+cost model (``tiled_vae_cost``) is checked against what runs: FLOPs against ``FlopCounterMode``, the
 store's bytes against the tiler's own count and the traced peak on ``meta``, and (slow tests) the RSS of
 fresh processes on CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,131 +16,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from linfusion.bench.vae import SD_VAE, input_bytes, run_child, sd_vae, tiler_options, vae_input
 from linfusion.patches.vae_attention import apply_vae_attention
-from linfusion.testing import tiny_vae
-from linfusion.tiled_vae import (
-    ExactTiler,
-    StoreBudgetError,
-    StoreUsage,
-    UnsupportedVAE,
-    _RowStore,
-    tiled_decode,
-    tiled_encode_moments,
-    tiled_vae_cost,
-)
+from linfusion.tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
 from linfusion.tracing import traced_peak
-
-ONE_ROW = 1  # a band budget so small that every layer runs one row at a time
-MIB, GIB = 2**20, 2**30
-POLICIES = ("full", "mixed", "level-inputs", "minimum")
-FOUR_LEVEL = {
-    "block_out_channels": (16, 32, 32, 64),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "layers_per_block": 2,
-}
-
-
-def perturbed(vae: AutoencoderKL) -> AutoencoderKL:
-    """Random weights away from their initial values (GroupNorm affine included)."""
-    with torch.no_grad():
-        for parameter in vae.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    return vae
-
-
-def four_level_vae() -> AutoencoderKL:
-    """SD-VAE-shaped: 4 levels (factor 8), channel changes (1x1 shortcuts), mid-block attention."""
-    torch.manual_seed(1)
-    return perturbed(AutoencoderKL(**FOUR_LEVEL).eval())
-
-
-@pytest.fixture(params=["two-level", "four-level", "two-level-linear-attention"])
-def vae(request) -> AutoencoderKL:
-    """The linear mid-block attention runs through the tiler's two-pass state path instead of softmax."""
-    model = four_level_vae() if request.param == "four-level" else perturbed(tiny_vae())
-    if request.param.endswith("linear-attention"):
-        apply_vae_attention(model, "linear")
-    return model
-
-
-def smallest_budget(vae: AutoencoderKL, shape: tuple, encode: bool, **options) -> int:
-    with pytest.raises(StoreBudgetError) as refused:
-        ExactTiler(vae, store_limit_bytes=0, **options).plan(shape, encode)
-    return refused.value.minimum
-
-
-def policy_options(
-    vae: AutoencoderKL, shape: tuple, encode: bool, policy: str, band_bytes: int, block_bytes: int = ONE_ROW
-) -> dict:
-    """``full``: every point stored; ``level-inputs``: only the levels' inputs; ``minimum``: the smallest
-    store that works (most recomputation); ``mixed``: halfway between the minimum and the full store.
-    Store blocks of one row by default, so that rows are freed as they are read even at these sizes."""
-    options: dict = {"band_bytes": band_bytes, "store_block_bytes": block_bytes}
-    if policy == "level-inputs":
-        options["store_points"] = "level-inputs"
-    elif policy in ("minimum", "mixed"):
-        minimum = smallest_budget(vae, shape, encode, **options)
-        full = ExactTiler(vae, **options).plan(shape, encode).store_peak
-        options["store_limit_bytes"] = minimum if policy == "minimum" else (minimum + full) // 2
-    return options
-
-
-def images_for(vae: AutoencoderKL, batch: int = 2) -> torch.Tensor:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return torch.rand(batch, 3, 13 * factor, 7 * factor) * 2 - 1  # odd latent sizes
-
-
-# ---------------------------------------------------------------------------------------- exactness
-# Without a GPU here, "cpu" is the VAE's own device too; the argument path is exercised all the same.
-# Store blocks of one row free rows as soon as they are read; 32 MiB blocks hold these activations whole.
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize(
-    "band_bytes, block_bytes, store_device",
-    [(ONE_ROW, ONE_ROW, None), (ONE_ROW, 32 * MIB, "cpu"), (50_000, ONE_ROW, None), (10**10, ONE_ROW, "cpu")],
+from support.tiled_vae import (
+    FOUR_LEVEL,
+    GIB,
+    MIB,
+    POLICIES,
+    four_level_vae,
+    images_for,
+    policy_options,
+    smallest_budget,
 )
-def test_tiled_decode_equals_untiled(
-    vae: AutoencoderKL, band_bytes: int, block_bytes: int, store_device, policy: str
-) -> None:
-    latents = torch.randn(2, 4, 13, 7)  # odd sizes, batch 2
-    with torch.no_grad():
-        expected = vae.decode(latents).sample
-    options = policy_options(vae, latents.shape, False, policy, band_bytes, block_bytes)
-    actual = tiled_decode(vae, latents, store_device=store_device, **options)
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() <= 1e-4
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize(
-    "band_bytes, block_bytes, store_device",
-    [(ONE_ROW, ONE_ROW, None), (ONE_ROW, 32 * MIB, "cpu"), (10**10, ONE_ROW, None)],
-)
-def test_tiled_encode_equals_untiled(
-    vae: AutoencoderKL, band_bytes: int, block_bytes: int, store_device, policy: str
-) -> None:
-    images = images_for(vae)
-    with torch.no_grad():
-        expected = vae._encode(images)
-    options = policy_options(vae, images.shape, True, policy, band_bytes, block_bytes)
-    actual = tiled_encode_moments(vae, images, store_device=store_device, **options)
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() <= 1e-4
-
-
-def test_vae_without_quant_convs_or_mid_block_attention() -> None:
-    """The chain follows the config: no (post-)quant conv, no mid-block attention."""
-    torch.manual_seed(2)
-    config = {**FOUR_LEVEL, "use_quant_conv": False, "use_post_quant_conv": False}
-    vae = perturbed(AutoencoderKL(**config, mid_block_add_attention=False).eval())
-    latents, images = torch.randn(1, 4, 13, 7), images_for(vae, batch=1)
-    options = policy_options(vae, latents.shape, False, "mixed", 50_000)
-    with torch.no_grad():
-        assert (tiled_decode(vae, latents, **options) - vae.decode(latents).sample).abs().max() <= 1e-4
-        assert (
-            tiled_encode_moments(vae, images, band_bytes=ONE_ROW) - vae._encode(images)
-        ).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("encode", [False, True])
@@ -162,26 +47,6 @@ def test_policies_trade_store_bytes_for_flops(encode: bool) -> None:
     level_inputs = plans["full"].chain.level_inputs()
     assert set(plans["level-inputs"].stored) <= level_inputs
     assert not set(plans["mixed"].stored) <= level_inputs  # it keeps some points inside the levels
-
-
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 3e-2), (torch.bfloat16, 2e-1)])
-def test_half_precision_tiling_adds_no_error(dtype: torch.dtype, tolerance: float) -> None:
-    """In fp16/bf16 the tiled VAE (statistics summed in fp32/fp64) is as close to the fp32 VAE as the
-    plain VAE in that dtype is (outputs span about +-2.6 here)."""
-    vae = four_level_vae()
-    low = copy.deepcopy(vae).to(dtype)
-    latents, images = torch.randn(1, 4, 13, 7), images_for(vae, batch=1)
-    with torch.no_grad():
-        reference, reference_moments = vae.decode(latents).sample, vae._encode(images)
-        plain = low.decode(latents.to(dtype)).sample.float()
-        plain_moments = low._encode(images.to(dtype)).float()
-    budget = policy_options(low, latents.shape, False, "mixed", 50_000)
-    tiled = tiled_decode(low, latents, **budget).float()
-    tiled_moments = tiled_encode_moments(low, images, band_bytes=50_000).float()
-    for ours, theirs, exact in ((tiled, plain, reference), (tiled_moments, plain_moments, reference_moments)):
-        our_error = (ours - exact).abs().max().item()
-        assert our_error <= tolerance
-        assert our_error <= 1.5 * (theirs - exact).abs().max().item()
 
 
 def test_store_limit_is_kept_and_refused_below_the_minimum() -> None:
@@ -290,58 +155,6 @@ def test_16k_fits_the_memory_budget(width: int, height: int, encode: bool, atten
                                store_limit_bytes=64 * GIB, attention=attention)  # fmt: skip
     assert host_only.device_peak <= 768 * MIB and host_only.host_peak <= 64 * GIB
     assert cost.overhead <= host_only.overhead <= 3.2
-
-
-def test_store_fills_its_device_share_first() -> None:
-    """With a store device other than the VAE's, chunks stay on the VAE's device while the share has room
-    (here the store device is ``meta``: placement only, no values)."""
-    usage = StoreUsage(device_share=3 * 4096)
-    store = _RowStore(torch.device("meta"), torch.device("cpu"), usage, height=12, block_bytes=4096)
-    store.append(torch.zeros(1, 4, 3, 128))  # rows of 2048 bytes, blocks of 2 rows
-    store.append(torch.zeros(1, 4, 7, 128))
-    assert [block.device.type for block in store.blocks] == ["cpu"] * 3 + ["meta"] * 2
-    assert usage.device_live == 3 * 4096 and usage.live == 5 * 4096
-    store.release(5)  # rows 0-3 read: their two blocks are freed, the third is still partly unread
-    assert usage.device_live == 4096 and usage.live == 3 * 4096
-    store.append(torch.zeros(1, 4, 2, 128))
-    assert store.blocks[-1].device.type == "cpu"
-
-
-# ---------------------------------------------------------------------------------------- diffusers, pipelines
-def test_diffusers_tiling_is_not_exact_where_ours_is() -> None:
-    """diffusers normalizes each tile on its own: measurable differences (seams), unlike ours."""
-    vae = four_level_vae()
-    latents = torch.randn(1, 4, 24, 24)
-    with torch.no_grad():
-        expected = vae.decode(latents).sample
-        vae.enable_tiling()
-        vae.tile_latent_min_size, vae.tile_sample_min_size = 8, 64
-        theirs = vae.decode(latents).sample
-        vae.disable_tiling()
-    ours = tiled_decode(vae, latents, band_bytes=ONE_ROW, store_points="level-inputs")
-    their_error = (theirs - expected).abs().max().item()
-    our_error = (ours - expected).abs().max().item()
-    assert our_error <= 1e-4 and their_error > 100 * our_error
-
-
-def test_unknown_layers_are_refused_not_approximated() -> None:
-    vae = tiny_vae()
-    vae.decoder.conv_act = torch.nn.ReLU()
-    with pytest.raises(UnsupportedVAE, match="decoder activation"):
-        tiled_decode(vae, torch.randn(1, 4, 4, 4))
-
-
-def test_linear_attention_tiling_never_calls_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The linear path is the two-pass state path, not the quadratic one under another name."""
-    vae = perturbed(tiny_vae())
-    apply_vae_attention(vae, "linear")
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    tiled_decode(vae, torch.randn(1, 4, 9, 9), band_bytes=ONE_ROW)
-    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------- measured on CPU (slow)
