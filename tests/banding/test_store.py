@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from linfusion.banding import BandStore, HostArena, StoredActivation, Transfers
+from linfusion.banding import BandStore, HostArena, RowBlocks, StoredActivation, Transfers
 
 CPU = torch.device("cpu")
 SHAPE = (2, 3, 11, 5)  # logical (batch, channels, rows, width)
@@ -109,3 +110,30 @@ def test_meta_store_accounts_the_side_it_would_use() -> None:
     stored = store.allocate(SHAPE, torch.float16, parked=True)
     assert stored.tensor.device.type == "meta" and stored.parked
     assert store.peak == {"device": 0, "host": NBYTES // 2}
+
+
+def test_row_blocks_append_read_and_release_a_prefix() -> None:
+    """A streaming engine's pattern: rows appended in uneven pieces, read across blocks, freed in order;
+    blocks on the device while the device share has room, then on the host."""
+    row_bytes = 2 * 3 * 5 * 4
+    store = BandStore(CPU, "cpu", device_store_bytes=4 * row_bytes, arena=HostArena(pin=False))
+    x = torch.randn(SHAPE)
+    blocks = RowBlocks(store, SHAPE, torch.float32, block_bytes=3 * row_bytes)  # blocks of 3 rows
+    for start, stop in ((0, 2), (2, 7), (7, 8), (8, 11)):
+        blocks.append(x[:, :, start:stop])
+    assert blocks.rows == 11 and [b.shape[2] for b in blocks.blocks] == [3, 3, 3, 2]
+    assert [b.parked for b in blocks.blocks] == [False, True, True, True]  # a second block would pass 4 rows
+    assert store.live == {"device": 3 * row_bytes, "host": 8 * row_bytes}
+    assert torch.equal(blocks.read(0, 11), x)
+    assert torch.equal(blocks.read(2, 7), x[:, :, 2:7])
+    blocks.release_before(5)  # frees the first block only: the second still holds rows 3..5
+    assert store.live == {"device": 0, "host": 8 * row_bytes}
+    assert torch.equal(blocks.read(5, 9), x[:, :, 5:9])
+    with pytest.raises(ValueError, match="released"):
+        blocks.read(1, 4)
+    blocks.release_before(11)
+    assert store.live == {"device": 0, "host": 0}
+    assert store.total_peak == 11 * row_bytes
+    assert store.peak == {"device": 3 * row_bytes, "host": 8 * row_bytes}
+    store.reset_peaks()
+    assert store.peak == {"device": 0, "host": 0} and store.total_peak == 0

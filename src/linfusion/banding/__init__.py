@@ -20,13 +20,14 @@ from .rows import (
     upsample_band,
 )
 from .statistics import GroupNormAffine, Moments, merge_moments
-from .store import BandStore, HostArena, StoredActivation, Transfers
+from .store import BandStore, HostArena, RowBlocks, StoredActivation, Transfers
 
 __all__ = [
     "BandStore",
     "GroupNormAffine",
     "HostArena",
     "Moments",
+    "RowBlocks",
     "RowWindow",
     "StoredActivation",
     "Transfers",

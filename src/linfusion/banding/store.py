@@ -8,8 +8,10 @@ one contiguous block and moves in one copy each way. Host-side activations are c
 :class:`HostArena` kept across calls (pinned once for a GPU). ``device_store_bytes`` lets up to that many
 bytes of the working stream stay on the compute device; activations asked for as ``parked`` (those that
 wait longest, such as a UNet's skip tensors) always go to the store device. The store counts the bytes
-each side holds now and at most. :class:`Transfers` moves bands between the sides (on CUDA on a side
-stream, so the next band's copy overlaps the current band's compute).
+each side holds now and at most. :class:`RowBlocks` keeps an activation that a streaming engine writes
+and frees in row order (append rows, read any range, release a prefix) in blocks from the same store.
+:class:`Transfers` moves bands between the sides (on CUDA on a side stream, so the next band's copy
+overlaps the current band's compute).
 """
 
 from __future__ import annotations
@@ -180,10 +182,17 @@ class BandStore:
         self.arena = arena if self.separate and self.store_device.type == "cpu" else None
         self.live = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
+        self.total_peak = 0  # both sides together, at the highest (not the sum of the two peaks)
 
     def _account(self, side: str, nbytes: int) -> None:
         self.live[side] += nbytes
         self.peak[side] = max(self.peak[side], self.live[side])
+        self.total_peak = max(self.total_peak, self.live["device"] + self.live["host"])
+
+    def reset_peaks(self) -> None:
+        """Start measuring peaks anew from what is held now (e.g. per pass of a multi-pass engine)."""
+        self.peak = dict(self.live)
+        self.total_peak = self.live["device"] + self.live["host"]
 
     def allocate(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, parked: bool, tokens: bool = False
@@ -221,13 +230,87 @@ class BandStore:
 
     def release(self, item: StoredActivation | torch.Tensor) -> None:
         if isinstance(item, StoredActivation):
-            self.live["host" if item.parked else "device"] -= item.nbytes
+            self._account("host" if item.parked else "device", -item.nbytes)
             item.tensor = item.tensor.new_empty(0)
             if item.slot is not None and self.arena is not None:
                 self.arena.release(item.slot)
                 item.slot = None
         else:
-            self.live["device"] -= item.numel() * item.element_size()
+            self._account("device", -item.numel() * item.element_size())
+
+
+class RowBlocks:
+    """An activation written in row order and read, then freed, in row order (a streaming engine's store).
+
+    Rows arrive by :meth:`append` and go into blocks of whole rows (about ``block_bytes`` each) allocated
+    from ``store`` as they are needed, so each block lands on the compute device while the store's device
+    share has room and on the store device otherwise; :meth:`read` returns any row range on the compute
+    device and :meth:`release_before` frees the blocks that end at or before a row.
+    """
+
+    def __init__(
+        self,
+        store: BandStore,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        block_bytes: int,
+    ) -> None:
+        self.store, self.shape, self.dtype = store, shape, dtype
+        batch, channels, self.height, width = shape
+        row_bytes = batch * channels * width * dtype.itemsize
+        self.block_rows = max(1, -(-block_bytes // row_bytes))
+        self.blocks: list[StoredActivation | None] = []
+        self.rows = 0  # rows appended so far
+        self.first_kept = 0  # index of the first block not yet released
+
+    def _block(self, row: int) -> tuple[StoredActivation, int]:
+        """The block that holds ``row``, and the row's place in it."""
+        block = self.blocks[row // self.block_rows]
+        if block is None:
+            raise ValueError(f"row {row} was read after its block was released")
+        return block, row % self.block_rows
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Write the next rows, a logical (B, C, rows, W) tensor."""
+        written = 0
+        while written < rows.shape[2]:
+            if self.rows % self.block_rows == 0:
+                batch, channels, _, width = self.shape
+                size = min(self.block_rows, self.height - self.rows)
+                self.blocks.append(
+                    self.store.allocate((batch, channels, size, width), self.dtype, parked=False)
+                )
+            block, offset = self._block(self.rows)
+            count = min(rows.shape[2] - written, block.shape[2] - offset)
+            block.physical_rows(offset, offset + count).copy_(
+                rows[:, :, written : written + count].permute(block.order)
+            )
+            written += count
+            self.rows += count
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (appended already, not released) on the compute device."""
+        if not 0 <= start < stop <= self.rows:
+            raise ValueError(f"rows {start}..{stop} of the {self.rows} written")
+        parts = []
+        row = start
+        while row < stop:
+            block, offset = self._block(row)
+            count = min(stop - row, block.shape[2] - offset)
+            parts.append(block.logical(block.physical_rows(offset, offset + count)).to(self.store.device))
+            row += count
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def release_before(self, stop: int) -> None:
+        """Free every block whose rows all lie before row ``stop``."""
+        while self.first_kept < len(self.blocks):
+            block = self.blocks[self.first_kept]
+            if block is not None:
+                if self.first_kept * self.block_rows + block.shape[2] > stop:
+                    break
+                self.store.release(block)
+                self.blocks[self.first_kept] = None
+            self.first_kept += 1
 
 
 class Transfers:
@@ -301,6 +384,7 @@ __all__ = [
     "TOKENS_PARKED",
     "BandStore",
     "HostArena",
+    "RowBlocks",
     "StoredActivation",
     "Transfers",
 ]
