@@ -54,6 +54,20 @@ def test_stride_two_downsampler_bands_reproduce_the_whole_conv(height: int, rows
     torch.testing.assert_close(banded(layer, x, expected.shape[2], rows), expected, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("height", [8, 9])
+def test_right_and_bottom_padded_downsampler_bands_reproduce_the_whole_conv(height: int) -> None:
+    """A VAE encoder's downsampler: no padding in the conv, one zero row and column after the image."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=0).double()
+    x = torch.randn(1, 3, height, 7, dtype=torch.float64)
+    expected = layer(F.pad(x, (0, 1, 0, 1)))
+    parts = []
+    for start, stop in band_ranges(expected.shape[2], 2):
+        window = conv_window(start, stop, kernel=3, stride=2, padding=0, in_height=height)
+        parts.append(convolve_band(x[:, :, window.low : window.high], layer, window, columns=(0, 1)))
+    torch.testing.assert_close(torch.cat(parts, dim=2), expected, rtol=1e-13, atol=1e-13)
+
+
 def test_window_reads_halo_rows_and_zero_rows_past_the_border() -> None:
     top = conv_window(0, 4, kernel=3, stride=1, padding=1, in_height=10)
     assert (top.first, top.last, top.low, top.high, top.zeros_above, top.zeros_below) == (-1, 5, 0, 5, 1, 0)

@@ -61,14 +61,19 @@ def conv_window(
     return RowWindow(first, last, max(first, 0), min(last, in_height))
 
 
-def convolve_band(band: torch.Tensor, conv: nn.Conv2d, window: RowWindow) -> torch.Tensor:
+def convolve_band(
+    band: torch.Tensor, conv: nn.Conv2d, window: RowWindow, columns: tuple[int, int] | None = None
+) -> torch.Tensor:
     """``conv`` over input rows ``[window.low, window.high)`` (``band``): the output rows whose window it is.
 
-    Zero rows stand for the rows past the border; the columns keep the convolution's own padding.
+    Zero rows stand for the rows past the border. The columns keep the convolution's own padding, or get
+    ``columns`` = (left, right) zero columns instead (a VAE downsampler pads only on the right).
     """
-    if window.zeros_above or window.zeros_below:
-        band = F.pad(band, (0, 0, window.zeros_above, window.zeros_below))
-    return F.conv2d(band, conv.weight, conv.bias, stride=conv.stride, padding=(0, conv.padding[1]))
+    left, right = (0, 0) if columns is None else columns
+    if window.zeros_above or window.zeros_below or left or right:
+        band = F.pad(band, (left, right, window.zeros_above, window.zeros_below))
+    padding = (0, conv.padding[1] if columns is None else 0)
+    return F.conv2d(band, conv.weight, conv.bias, stride=conv.stride, padding=padding)
 
 
 def nearest_source_rows(height: int, out_height: int, by_size: bool) -> list[int]:
