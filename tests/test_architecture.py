@@ -35,6 +35,7 @@ LAYERS = {
     "linfusion.patches.base": 0,
     "linfusion.attention": 1,
     "linfusion.vae_attention": 1,
+    "linfusion.banding": 1,
     "linfusion.registry": 2,
     "linfusion.bundled": 2,
     "linfusion.model": 3,

@@ -403,7 +403,7 @@ def traced_by_side(unet: torch.nn.Module, inputs: dict[str, Any], monkeypatch: p
     allocate = BandStore.allocate
 
     def allocate_marked(store: BandStore, *args: Any, **kwargs: Any) -> Any:
-        mode.host_allocation = store.separate and store.device_budget == 0
+        mode.host_allocation = store.separate and store.device_store_bytes == 0
         try:
             return allocate(store, *args, **kwargs)
         finally:

@@ -7,8 +7,8 @@ small amount of information from the other stripes:
 * ``Conv2d`` with a kernel taller than one row, or a stride: halo rows from the neighbouring stripes;
   zero padding only at the global top and bottom. Strided convolutions need stripes that start at
   multiples of the stride (see :mod:`linfusion.parallel.layout`).
-* ``GroupNorm``: per (sample, group) count, mean and M2 of every stripe, combined with Chan's parallel
-  formula in fp64 (numerically sound, no sum-of-squares cancellation).
+* ``GroupNorm``: per (sample, group) count, mean and M2 of every stripe, all-gathered and merged with
+  Chan's formula in fp64 (:class:`linfusion.banding.Moments`: no sum-of-squares cancellation).
 * LinFusion's ``GeneralizedLinearAttention``: the per-head state phi(K)^T V / N and key mean, scaled by the
   *global* N and all-reduced in fp32 (:func:`linfusion.ops.linear_attention_state`), then applied to the
   local queries: the same formula as the single-process reference.
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..attention import GeneralizedLinearAttention
+from ..banding import Moments
 from ..ops import linear_attention_from_state, linear_attention_state
 from ..patches.base import Patch, set_attribute
 from ..vae_attention import LinearVAEAttnProcessor
@@ -223,25 +224,10 @@ class SpatialParallel:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not self.active:
                 return original(x)
-            batch, channels = x.shape[:2]
-            groups = norm.num_groups
-            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-            grouped = x.to(compute).reshape(batch, groups, -1)
-            count = grouped.shape[-1]
-            var, mean = torch.var_mean(grouped, dim=-1, correction=0)
-            stats = torch.stack([torch.full_like(mean, count), mean, var * count], dim=-1).double()
-            parts = self.comm.all_gather_cat(stats[None], 0, [1] * self.comm.world, "groupnorm")
-            counts, means, m2s = parts.unbind(-1)
-            total = counts.sum(0)
-            global_mean = (counts * means).sum(0) / total
-            global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)
-            inv_std = torch.rsqrt(global_m2 / total + norm.eps).to(compute)
-            out = (grouped - global_mean.to(compute)[..., None]) * inv_std[..., None]
-            out = out.reshape(x.shape)
-            if norm.affine:
-                shape = (1, channels) + (1,) * (x.ndim - 2)
-                out = out * norm.weight.to(compute).view(shape) + norm.bias.to(compute).view(shape)
-            return out.to(x.dtype)
+            local = Moments.of(x.reshape(x.shape[0], norm.num_groups, -1))  # per (sample, group)
+            parts = self.comm.all_gather_cat(local.stacked()[None], 0, [1] * self.comm.world, "groupnorm")
+            whole = Moments.from_stacked(parts).reduce(0)
+            return whole.normalizer(norm)(x).to(x.dtype)
 
         self._set(norm, "forward", forward)
 
