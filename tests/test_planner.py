@@ -103,7 +103,7 @@ def test_too_small_a_budget_is_refused_with_the_smallest_workable_one() -> None:
     planner = MemoryPlanner(pipe)
     sizes = [(s.width, s.height) for s in plan_stages(512, 512, base_long_side=32)]
     with pytest.raises(MemoryBudgetError, match="smallest workable budget is about") as error:
-        planner.plan(sizes, budget="1MB")
+        planner.plan(sizes, budget=parse_size("1MB"))
     assert "stage 5 512x512" in str(error.value)  # the plan is shown with the refusal
     named = parse_size(" ".join(str(error.value).split("smallest workable budget is about ")[1].split()[:2]))
     plain = planner.plan(sizes, budget=10**12).peak
