@@ -57,7 +57,7 @@ def test_bad_input_is_refused_with_a_message(capsys: pytest.CaptureFixture) -> N
         )
         == 2
     )
-    assert "multiples of 8" in capsys.readouterr().err
+    assert "multiple of 8" in capsys.readouterr().err
     assert (
         linfusion(["plan", "--model", "no/such-model-here", "--size", "256x256", "--max-memory", "8GB"]) == 2
     )
