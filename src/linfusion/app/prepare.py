@@ -30,12 +30,24 @@ from PIL import Image
 from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
-from ..pipelines.chain import Stage, minimum_side, native_long_side, plan_stages, round_size, unet_calls
+from ..pipelines.chain import Stage, minimum_side, native_long_side, plan_stages, unet_calls
 from ..pipelines.upscale import upscale_target
-from ..planner import MAX_PLANNED_PIXELS, MemoryBudgetError, MemoryPlan, MemoryPlanner, available_memory, refusal
+from ..planner import (
+    MAX_PLANNED_PIXELS,
+    MemoryBudgetError,
+    MemoryPlan,
+    MemoryPlanner,
+    available_memory,
+    refusal,
+)
 from ..registry import is_sdxl
 from ..tiled_vae import attention_flops
-from ..vae_attention import QUADRATIC_HINT_TOKENS, mid_block_tokens, quadratic_attention_hint, vae_attention_mode
+from ..vae_attention import (
+    QUADRATIC_HINT_TOKENS,
+    mid_block_tokens,
+    quadratic_attention_hint,
+    vae_attention_mode,
+)
 from .loading import LINEAR_VAE_ATTENTION_MEASURED, auto_vae_attention
 from .params import GenerationError, GenerationParams, minimum_side_message
 from .timing import describe_duration, predicted_seconds
@@ -76,17 +88,21 @@ class RunPlan:
         return self.params.vae_attention
 
 
+@dataclass(frozen=True)
+class StageProgress:
+    """What :func:`prepare_steps` reports before planning a stage's memory (``index`` from 0, of ``count``)."""
+
+    index: int
+    count: int
+    stage: Stage
+
+
 def upscale_params(params: GenerationParams, size: tuple[int, int], scale: float) -> GenerationParams:
     """``params`` for enlarging an image of ``size`` by ``scale``: its target size, a chain mode, a prompt."""
     try:
         width, height = upscale_target(size, scale)
     except ValueError as error:
         raise GenerationError(str(error)) from error
-    if (width, height) == (round_size(size[0]), round_size(size[1])):
-        raise GenerationError(
-            f"enlarging {size[0]}x{size[1]} by {scale:g} gives {width}x{height} once rounded to multiples of "
-            f"{SIZE_MULTIPLE}, no larger than the image: nothing to do; use a larger --scale"
-        )
     return params.replace(
         prompt=params.prompt or UPSCALE_PROMPT,
         mode=params.mode if params.mode == "demofusion" else "sdedit",
@@ -107,8 +123,12 @@ def stages_for(model: Any, params: GenerationParams, source: Image.Image | None 
     sdxl = is_sdxl(model) or params.mode == "demofusion"  # DemoFusion: the SD-XL strengths
     start = source.size if source is not None else None
     stages = plan_stages(params.width, params.height, native_long_side(model), sdxl=sdxl, start=start)
-    if not stages:  # upscale_params refuses such a request
-        raise ValueError(f"no stage enlarges {start} to {params.width}x{params.height}")
+    if not stages:
+        assert source is not None  # a chain from the native size always has its base stage
+        raise GenerationError(
+            f"enlarging {source.width}x{source.height} gives {params.width}x{params.height} once rounded to "
+            f"multiples of {SIZE_MULTIPLE}, no larger than the image: nothing to do; use a larger --scale"
+        )
     return stages
 
 
@@ -230,8 +250,9 @@ def prepare_steps(
     patch: Patch | None = None,
     refuse: bool = True,
     stripes: int = 1,
-) -> Iterator[Stage | RunPlan]:
-    """:func:`prepare`, reporting each stage before its memory is planned: yields the stages, then the plan.
+) -> Iterator[StageProgress | RunPlan]:
+    """:func:`prepare`, reporting each stage before its memory is planned (a :class:`StageProgress`), then
+    the :class:`RunPlan`.
 
     A caller that stops iterating stops the planning between two stages.
     """
@@ -257,7 +278,7 @@ def prepare_steps(
     sizes = stripe_sizes(model, stages, stripes)
     for item in memory_plan_steps(planner, sizes, budgets, params.guidance, encodes, calls, refuse):
         if isinstance(item, int):
-            yield stages[item]
+            yield StageProgress(item, len(stages), stages[item])
             continue
         yield RunPlan(
             params.replace(vae_attention=vae_attention),
@@ -288,6 +309,7 @@ __all__ = [
     "UPSCALE_PROMPT",
     "Budgets",
     "RunPlan",
+    "StageProgress",
     "choose_vae_attention",
     "default_host_budget",
     "memory_plan_steps",

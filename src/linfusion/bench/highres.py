@@ -58,9 +58,9 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one chain as ``spec`` says; the per-stage record (in this process)."""
     from ..app.execute import memory_allocator
     from ..app.prepare import Budgets, plan_memory
-    from ..planner import MemoryPlanner
     from ..patches.vae_attention import apply_vae_attention
     from ..pipelines import demofusion, plan_stages, sdedit
+    from ..planner import MemoryPlanner
     from ..registry import is_sdxl
 
     device = torch.device(spec["device"])

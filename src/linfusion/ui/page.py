@@ -9,6 +9,7 @@ job works as before.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,18 +20,15 @@ from typing import Any
 
 import gradio as gr
 
-from .backend import (
-    MODE_LABELS,
-    SCHEDULERS,
-    UPSCALE_MODES,
-    Backend,
-    PlanView,
-    Result,
-    TextToImageRequest,
-    UpscaleRequest,
-    open_upload,
-)
-from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner, UserError
+from ..choices import SCHEDULERS
+from ..errors import UserError
+from .backend import Backend
+from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
+from .outputs import Result, open_upload
+from .planning import PlanView
+from .requests import MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest
+
+logger = logging.getLogger(__name__)
 
 SIZE_PRESETS = [
     ("native", 0),
@@ -381,7 +379,8 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
                         return  # a newer request of this page replaces this plan
                     yield item.text if isinstance(item, PlanView) else item
             except Exception as error:  # the plan box shows it; the server goes on
-                yield f"Cannot plan: unexpected error ({type(error).__name__}): {error}"
+                logger.exception("planning failed")
+                yield f"Cannot plan: internal error ({type(error).__name__}): {error}; the server's log has the traceback"
 
         def t2i_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
             request_value = t2i_request(dict(zip(t2i_fields, values)))
