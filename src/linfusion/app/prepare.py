@@ -80,7 +80,9 @@ class RunPlan:
     source: Image.Image | None = None  # the image a super-resolution enlarges
     out: Path | None = None  # the PNG to write (None: the caller saves the image)
     save_stages: Path | None = None  # folder for every stage's image
-    notes: tuple[str, ...] = ()  # what the user should know (VAE attention choice, hints); shown by the caller
+    notes: tuple[
+        str, ...
+    ] = ()  # what the user should know (VAE attention choice, hints); shown by the caller
     stripes: int = 1  # processes sharing each stage
 
     @property
@@ -151,7 +153,9 @@ def choose_vae_attention(
         return mode, []
     if mode == "linear":
         measured = LINEAR_VAE_ATTENTION_MEASURED[params.model or ""]
-        return mode, [f"note: VAE attention linear ({tokens:,} mid-block tokens; measured on this VAE: {measured})"]
+        return mode, [
+            f"note: VAE attention linear ({tokens:,} mid-block tokens; measured on this VAE: {measured})"
+        ]
     channels = vae.config.block_out_channels[-1]
     flops = sum(  # decoded once per stage, encoded too when the stage refines an image
         attention_flops(1, mid_block_tokens(vae, *stage.size), channels, "exact")

@@ -83,7 +83,9 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     memory_plan = None
     if spec.get("max_memory"):
         budgets = Budgets(parse_size(spec["max_memory"]))
-        memory_plan = plan_memory(MemoryPlanner(pipe), plan, budgets, spec["guidance"], spec["steps"], spec["mode"])
+        memory_plan = plan_memory(
+            MemoryPlanner(pipe), plan, budgets, spec["guidance"], spec["steps"], spec["mode"]
+        )
         print(memory_plan.describe(), file=sys.stderr)
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -204,8 +204,10 @@ def demofusion(
             "demofusion needs a first-order scheduler (ddim, euler, euler-a, dpm++, unipc ...)"
         )
     generator = generator or torch.Generator(pipe._execution_device).manual_seed(int(torch.seed() % 2**63))
-    plan = list(stage_plan) if stage_plan is not None else chain_stages(
-        pipe, width, height, image, stages, strengths, base_long_side, sdxl=True
+    plan = (
+        list(stage_plan)
+        if stage_plan is not None
+        else chain_stages(pipe, width, height, image, stages, strengths, base_long_side, sdxl=True)
     )
     common = {
         "prompt": prompt,

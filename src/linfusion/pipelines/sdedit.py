@@ -65,8 +65,10 @@ def sdedit(
     ``save_stages`` and ``on_stage_end``: see :func:`linfusion.pipelines.chain.run_chain`. ``stage_plan``:
     the stages when the caller computed them already (else from the size, ``image``, ``stages``, ``strengths``).
     """
-    plan = list(stage_plan) if stage_plan is not None else chain_stages(
-        pipe, width, height, image, stages, strengths, base_long_side, sdxl=is_sdxl(pipe)
+    plan = (
+        list(stage_plan)
+        if stage_plan is not None
+        else chain_stages(pipe, width, height, image, stages, strengths, base_long_side, sdxl=is_sdxl(pipe))
     )
     common = {
         "prompt": prompt,

@@ -153,7 +153,9 @@ def upscale_request_params(
         raise UserError(f"scale {request.scale}: enlarge by more than 1 (e.g. 2)")
     enlarged = upscale_params(params, size, scale)
     if max(enlarged.width or 0, enlarged.height or 0) > MAX_SIDE:
-        raise UserError(f"{size[0]}x{size[1]} x {request.scale} is larger than this page accepts ({MAX_SIDE} px)")
+        raise UserError(
+            f"{size[0]}x{size[1]} x {request.scale} is larger than this page accepts ({MAX_SIDE} px)"
+        )
     return enlarged
 
 
