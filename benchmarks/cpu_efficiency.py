@@ -33,9 +33,9 @@ def child(size: int, threads: int) -> dict[str, Any]:
 
     keep_freed_memory()  # as the command line runs
     torch.set_num_threads(threads)
+    from linfusion.app.execute import render
     from linfusion.app.loading import load
     from linfusion.app.params import GenerationParams
-    from linfusion.app.execute import render
     from linfusion.app.prepare import prepare
     from linfusion.app.timing import CPU_EFFICIENCY, cpu_matmul_rate
 
