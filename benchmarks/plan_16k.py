@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from linfusion.app.plan import EFFICIENCY, GPUS, PlanRequest, make_plan
+from linfusion.app.plan import PlanRequest, make_plan
+from linfusion.app.timing import EFFICIENCY, GPUS
 from linfusion.bench.harness import environment, write_results
 from linfusion.io import format_size, parse_size
 

@@ -51,7 +51,7 @@ def test_estimate_with_savers_is_within_a_quarter_of_the_measured_cpu_peak(
 ) -> None:
     """Budgets that need savers (the banded UNet among them), in a fresh process set up
     as the command line sets itself up: glibc keeps freed memory, and a plan this tight runs with freed
-    memory returned (``linfusion.app.run.returns_freed_memory``), so the resident peak follows the plan.
+    memory returned (``linfusion.app.execute.returns_freed_memory``), so the resident peak follows the plan.
     The tiled VAE through the planner (bundled model, 1024 px in 900MB: 891 MiB planned, 911 measured) was
     measured once with this probe; it takes minutes, so the suite checks the tiled VAE's cost model against
     RSS in tests/test_tiled_vae.py instead."""

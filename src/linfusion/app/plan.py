@@ -16,26 +16,8 @@ from ..io import format_size
 from ..pipelines.chain import Stage
 from ..planner import MemoryPlan
 from .params import GenerationError, GenerationParams
+from .timing import EFFICIENCY, GPUS
 
-
-@dataclass(frozen=True)
-class GPU:
-    """A GPU's published peak dense throughput (FLOP/s) by dtype."""
-
-    name: str
-    peak: dict[str, float]
-
-
-# Published dense tensor-core peaks (no sparsity): H100 SXM, A100 SXM, GeForce RTX 4090 (fp16/bf16 with
-# fp32 accumulation, as PyTorch's kernels run them; fp32 as tf32 on the first two, plain fp32 on the 4090).
-GPUS = {
-    "h100": GPU("NVIDIA H100 SXM", {"float16": 989.4e12, "bfloat16": 989.4e12, "float32": 494.7e12}),
-    "a100": GPU("NVIDIA A100 SXM", {"float16": 312e12, "bfloat16": 312e12, "float32": 156e12}),
-    "4090": GPU("NVIDIA GeForce RTX 4090", {"float16": 165.2e12, "bfloat16": 165.2e12, "float32": 82.6e12}),
-}
-# The fraction of that peak a diffusion UNet and VAE sustain end to end: an assumption (convolutions and
-# GEMMs run near peak, GroupNorm, activations and memory traffic do not), not a measurement.
-EFFICIENCY = 0.35
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float32": "float32", "fp32": "float32"}  # fmt: skip
 
@@ -180,4 +162,4 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     return PlannedRun(request, run.stages, run.unet_calls, run.memory, request.nproc, run.vae_attention)
 
 
-__all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "validate"]
+__all__ = ["PlanRequest", "PlannedRun", "make_plan", "validate"]
