@@ -144,7 +144,9 @@ def run_loaded(
     """Load, prepare, execute: the part :func:`generate` and :func:`upscale_file` share."""
     loaded = load(params, device)
     try:
-        loaded.pipe.set_progress_bar_config(disable=not progress)
+        loaded.pipe.set_progress_bar_config(
+            disable=not progress, desc="generate"
+        )  # chains label their stages
         run = prepare(
             loaded.params, loaded.pipe, budgets, source=source, out=out, save_stages=save_stages,
             patch=loaded.patch,
