@@ -37,8 +37,9 @@ format: venv
 
 # What LinFusion is for, offline, on the bundled model: its 32 px native image (outputs/demo-stages/)
 # enlarged 16x to 512x512 through the SDEdit chain (outputs/demo-512.png), each stage's size and time
-# printed; about 35 s on 2 CPU cores. The linear VAE attention makes the 512 px stage 3.4x faster than the
-# exact one (measured); one intra-op thread is 1.7x faster than two when other jobs share the 2 cores.
+# printed; about 22 s on 2 CPU cores (measured: README). The linear VAE attention makes the 512 px stage
+# 3.4x faster than the exact one (measured); one intra-op thread is 1.7x faster than two when other jobs
+# share the 2 cores.
 demo: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/linfusion generate "$(DEMO_PROMPT)" --steps 10 --guidance 4 --seed 1 \
 		--device cpu --mode sdedit --size 512x512 --vae-attention linear --save-stages outputs/demo-stages \

@@ -33,21 +33,20 @@ def child(size: int, threads: int) -> dict[str, Any]:
 
     keep_freed_memory()  # as the command line runs
     torch.set_num_threads(threads)
+    from linfusion.app.execute import render
     from linfusion.app.loading import load
     from linfusion.app.params import GenerationParams
-    from linfusion.app.run import choose_vae_attention, plan_memory, render, stages_for
+    from linfusion.app.prepare import prepare
     from linfusion.app.timing import CPU_EFFICIENCY, cpu_matmul_rate
 
     params = GenerationParams(prompt=PROMPT, mode="sdedit", width=size, height=size, model="bundled")
     loaded = load(params, "cpu")
     loaded.pipe.set_progress_bar_config(disable=True)
-    params = loaded.params
-    stages = stages_for(loaded, params)
-    params = choose_vae_attention(loaded, params, stages, show=False)
-    plan = plan_memory(loaded.pipe, stages, None, params.guidance, True, None, params.steps, params.mode)
+    run = prepare(loaded.params, loaded.pipe, patch=loaded.patch)
+    params, stages, plan = run.params, run.stages, run.memory
     rate = cpu_matmul_rate()
     start = time.perf_counter()
-    render(loaded, params, plan)
+    render(loaded, run)
     seconds = time.perf_counter() - start
     return {
         "size": size, "threads": threads, "stages": [list(stage.size) for stage in stages],

@@ -51,7 +51,7 @@ def test_estimate_with_savers_is_within_a_quarter_of_the_measured_cpu_peak(
 ) -> None:
     """Budgets that need savers (the banded UNet among them), in a fresh process set up
     as the command line sets itself up: glibc keeps freed memory, and a plan this tight runs with freed
-    memory returned (``linfusion.app.run.returns_freed_memory``), so the resident peak follows the plan.
+    memory returned (``linfusion.app.execute.returns_freed_memory``), so the resident peak follows the plan.
     The tiled VAE through the planner (bundled model, 1024 px in 900MB: 891 MiB planned, 911 measured) was
     measured once with this probe; it takes minutes, so the suite checks the tiled VAE's cost model against
     RSS in tests/tiled_vae/test_plan.py instead."""
@@ -103,7 +103,7 @@ def test_too_small_a_budget_is_refused_with_the_smallest_workable_one() -> None:
     planner = MemoryPlanner(pipe)
     sizes = [(s.width, s.height) for s in plan_stages(512, 512, base_long_side=32)]
     with pytest.raises(MemoryBudgetError, match="smallest workable budget is about") as error:
-        planner.plan(sizes, budget="1MB")
+        planner.plan(sizes, budget=parse_size("1MB"))
     assert "stage 5 512x512" in str(error.value)  # the plan is shown with the refusal
     named = parse_size(" ".join(str(error.value).split("smallest workable budget is about ")[1].split()[:2]))
     plain = planner.plan(sizes, budget=10**12).peak

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .io import MIB, format_size, parse_size, size_flag
+from .io import MIB, format_size, size_flag
 from .model import LinFusion, mounted_on
 from .patches.banded_unet import (
     UNetCost,
@@ -713,21 +713,22 @@ class MemoryPlanner:
     def plan(
         self,
         sizes: Sequence[tuple[int, int]],
-        budget: int | str | None = None,
+        budget: int | None = None,
         guidance: bool = True,
         encodes: Sequence[bool] | None = None,
-        host_budget: int | str | None = None,
+        host_budget: int | None = None,
         unet_calls: Sequence[int] | None = None,
         refuse: bool = True,
     ) -> MemoryPlan:
         """Plan every stage; with ``refuse`` raise :class:`MemoryBudgetError` before anything runs if one
         cannot fit (the message names the smallest budgets that would).
 
-        Without ``budget``: the device's free memory plus the weights already loaded on it. ``unet_calls``
+        ``budget`` and ``host_budget`` are bytes (``host_budget`` None: host memory not limited). Without
+        ``budget``: the device's free memory plus the weights already loaded on it. ``unet_calls``
         counts each stage's UNet calls (denoising steps, twice for DemoFusion's dilated branch) for FLOPs.
         """
-        budget = available_memory(self.device) + self.weights() if budget is None else parse_size(budget)
-        host = None if host_budget is None else parse_size(host_budget)
+        budget = available_memory(self.device) + self.weights() if budget is None else budget
+        host = host_budget
         encodes = list(encodes) if encodes is not None else [False] * len(sizes)
         calls = list(unet_calls) if unet_calls is not None else [1] * len(sizes)
         if refuse:  # a size beyond any plan is refused in milliseconds, before any trace

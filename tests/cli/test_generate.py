@@ -249,22 +249,32 @@ def test_upscale_scales_that_cannot_enlarge_are_refused(
     assert not out.exists()
 
 
-def test_verbose_shows_the_traceback_of_a_users_mistake_and_a_bug_keeps_it(
+def test_a_users_mistake_is_one_line_and_a_bug_an_internal_error_with_its_traceback_on_v(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = ["generate", "a red circle", "--guidance", "nan", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "--guidance must be" in err
     assert main([*argv, "-v"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "GenerationError" in err and "--guidance must be" in err
 
     import linfusion.app.run
 
-    def broken(*args: object, **kwargs: object) -> None:
-        raise ZeroDivisionError("a bug")
+    for bug in (RuntimeError("a bug"), ValueError("a bug that looks like a bad value")):
 
-    monkeypatch.setattr(linfusion.app.run, "generate", broken)
-    with pytest.raises(ZeroDivisionError):  # not turned into a message: a bug keeps its traceback
-        main(["generate", "a red circle", "--out", str(tmp_path / "x.png")])
+        def broken(*args: object, bug: Exception = bug, **kwargs: object) -> None:
+            raise bug
+
+        monkeypatch.setattr(linfusion.app.run, "generate", broken)
+        assert main(["generate", "a red circle", "--out", str(tmp_path / "x.png")]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert f"linfusion generate: internal error: {type(bug).__name__}: {bug} (run with -v" in err
+        assert main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), "-v"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "internal error" in err
 
 
 def test_seed_minus_one_draws_a_seed_the_png_records_and_from_png_repeats(

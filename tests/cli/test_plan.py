@@ -57,7 +57,7 @@ def test_bad_input_is_refused_with_a_message(capsys: pytest.CaptureFixture) -> N
         )
         == 2
     )
-    assert "multiples of 8" in capsys.readouterr().err
+    assert "multiple of 8" in capsys.readouterr().err
     assert (
         linfusion(["plan", "--model", "no/such-model-here", "--size", "256x256", "--max-memory", "8GB"]) == 2
     )
@@ -119,3 +119,19 @@ def test_vae_attention_auto_plans_what_generate_would_run(capsys: pytest.Capture
     assert results["exact"]["flops"] - results["auto"]["flops"] > 2 * 4 * tokens**2 * channels * 0.9
     small = plan(capsys, *common[:2], "--size", "64x64", *common[4:], "--vae-attention", "auto")[1]
     assert small["vae_attention"] == "exact"  # cheap at 32 x 32 tokens
+
+
+def test_budgets_are_parsed_where_they_are_typed(capsys: pytest.CaptureFixture) -> None:
+    """argparse reads ``--max-memory`` / ``--host-memory`` into bytes once; an unreadable one is refused
+    there (exit status 2, no traceback), before any model is built."""
+    from linfusion.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["plan", "--size", "64x64", "--max-memory", "1.5GB", "--host-memory", "512MB"]
+    )
+    assert (args.max_memory, args.host_memory) == (3 * 2**29, 512 * 2**20)
+    with pytest.raises(SystemExit) as exited:
+        linfusion(["plan", "--size", "64x64", "--max-memory", "lots"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot read memory size 'lots'" in err and "Traceback" not in err

@@ -30,7 +30,7 @@ def test_every_stage_follows_the_pipelines_progress_bar_setting(
 
 
 def test_denoising_steps_are_what_img2img_runs_and_demofusion_doubles_the_unet_calls() -> None:
-    from linfusion.app.plan import unet_calls
+    from linfusion.pipelines.chain import unet_calls
 
     # int(asked x strength) of the steps asked for: low strengths ask for more so that one step remains
     for steps, strength, expected in (

@@ -5,7 +5,7 @@ measured RSS peak above the baseline (weights loaded), as JSON.
 A fresh process per measurement matters: RSS high-water marks depend on the heap's history. The probe
 sets glibc up as the command line does (:func:`linfusion.runtime.keep_freed_memory`, unless
 ``LINFUSION_MALLOC_TUNING=0``, and freed memory returned when the plan is tight:
-:func:`linfusion.app.run.returns_freed_memory`), because the plan budgets the command line's process: its
+:func:`linfusion.app.execute.returns_freed_memory`), because the plan budgets the command line's process: its
 peak is what the estimate must match.
 """
 
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from linfusion import LinFusion
-from linfusion.app.run import returns_freed_memory
+from linfusion.app.execute import returns_freed_memory
 from linfusion.io import parse_size
 from linfusion.planner import MemoryPlanner, apply_savers
 from linfusion.runtime import keep_freed_memory, return_freed_memory

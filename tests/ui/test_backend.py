@@ -11,11 +11,15 @@ from PIL import Image, PngImagePlugin
 
 from linfusion.app.loading import load_pipeline, resolve_model
 from linfusion.cli import main
+from linfusion.errors import UserError
 from linfusion.io import parse_size, size_flag
 from linfusion.model import mounted_on
 from linfusion.ui import backend as backend_module
-from linfusion.ui.backend import Backend, TextToImageRequest, UpscaleRequest, open_upload
-from linfusion.ui.jobs import Job, UserError
+from linfusion.ui import outputs as outputs_module
+from linfusion.ui.backend import Backend
+from linfusion.ui.jobs import Job
+from linfusion.ui.outputs import open_upload
+from linfusion.ui.requests import TextToImageRequest, UpscaleRequest
 from linfusion.vae_attention import vae_attention_mode
 
 PROMPT = "a large red circle on the left , on a gray background"
@@ -255,7 +259,7 @@ def test_uploads_to_enlarge_are_checked(tmp_path: Path, monkeypatch: pytest.Monk
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(large.read_bytes()[:60])
     assert open_upload(large).size == (64, 64)
-    monkeypatch.setattr(backend_module, "MAX_UPLOAD_PIXELS", 32 * 32)
+    monkeypatch.setattr(outputs_module, "MAX_UPLOAD_PIXELS", 32 * 32)
     for path, message in (
         (small, "small.png is 4x16; it needs at least 8 pixels per side"),
         (gif, "anim.gif is a GIF image; upload a PNG, JPEG or WebP"),

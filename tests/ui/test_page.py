@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from linfusion.ui.backend import Result
 from linfusion.ui.jobs import RUNNING, Job, JobRunner, StageWork
+from linfusion.ui.outputs import Result
 from linfusion.ui.page import size_for, status_line
 
 

@@ -2,9 +2,16 @@
 
 - :mod:`.params`: :class:`GenerationParams` (immutable) and its round trip through the PNG ``parameters`` chunk;
 - :mod:`.loading`: model, device and dtype resolution, pipeline loading, LinFusion choice and mounting;
-- :mod:`.run`: planning, rendering on a loaded pipeline, writing the PNG; :func:`generate`, :func:`upscale_file`.
+- :mod:`.prepare`: one request -> :class:`RunPlan` (stages, VAE kernel, memory plan, seed, outputs), the one
+  set of defaults; every front door calls ``prepare.prepare`` (or ``prepare_steps``);
+- :mod:`.execute`: ``execute.execute`` runs a :class:`RunPlan` on a loaded pipeline (render, allocator
+  policy, PNG);
+- :mod:`.run`: the command line's runs, :func:`generate` and :func:`upscale_file` (checks, load, prepare,
+  execute, what is printed);
+- :mod:`.plan`: ``linfusion plan`` (prepare on the model's structure on ``meta``, predicted GPU times).
 
-Names resolve lazily, so importing this package costs nothing until one is used.
+Names resolve lazily, so importing this package costs nothing until one is used. ``prepare`` and
+``execute`` are the modules here (their functions of the same name are not re-exported).
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ _EXPORTS = {
     "LoadedPipeline": "loading",
     "load": "loading",
     "load_pipeline": "loading",
+    "Budgets": "prepare",
+    "RunPlan": "prepare",
+    "prepare_steps": "prepare",
+    "plan_memory": "prepare",
+    "RunResult": "execute",
+    "render": "execute",
     "generate": "run",
-    "plan_memory": "run",
-    "render": "run",
     "upscale_file": "run",
 }
 

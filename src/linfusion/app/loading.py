@@ -109,7 +109,8 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
 
     What the memory planner needs to plan for any machine without loading (or downloading) weights: a
     local pipeline folder, a Hub id already in the local cache, the bundled model, or ``random-sd15`` /
-    ``random-sdxl``. LinFusion is mounted (random layers of the right shape) unless the caller removes it.
+    ``random-sdxl``. LinFusion is mounted (the folder's own ``linfusion/`` layers when it has them, as
+    :func:`attach_linfusion` picks them, else the registry's default shape) unless the caller removes it.
     """
     import json
     from types import SimpleNamespace
@@ -125,7 +126,7 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
         return pipe
     folder = _local_pipeline_folder(model)
     index = json.loads((folder / "model_index.json").read_text())
-    parts: dict[str, Any] = {"tokenizer": SimpleNamespace(model_max_length=77)}
+    parts: dict[str, Any] = {"tokenizer": SimpleNamespace(model_max_length=_prompt_tokens(folder))}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
         library, class_name = (index.get(name) or (None, None))[:2]
         if library is None or class_name is None:
@@ -144,8 +145,27 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
     structure = SimpleNamespace(
         **parts, vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1)
     )
-    LinFusion.from_unet(structure.unet).mount(structure.unet)  # on meta, like the UNet
+    own = folder / LINFUSION_SUBFOLDER / "config.json"  # the model's own LinFusion, as generate mounts it
+    if own.exists():
+        with torch.device("meta"):
+            modules = LinFusion.load_config(own.parent)["modules_list"]
+            linfusion = LinFusion(modules_list=modules).to(dtype)
+    else:
+        linfusion = LinFusion.from_unet(structure.unet)  # on meta, like the UNet
+    linfusion.mount(structure.unet)
     return structure
+
+
+def _prompt_tokens(folder: Path) -> int:
+    """The tokens of an encoded prompt (the cross-attention's context): the tokenizer's length, else CLIP's 77."""
+    import json
+
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    if config.exists():
+        length = json.loads(config.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 10**6:  # transformers writes 1e30 for "unbounded"
+            return length
+    return 77
 
 
 def _local_pipeline_folder(model: str) -> Path:

@@ -12,39 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..choices import BUNDLED_MODEL_NAME, VAE_ATTENTION_CHOICES
-from ..io import format_size, parse_size
-from ..pipelines.chain import Stage, native_long_side, plan_stages, unet_calls
-from ..planner import MemoryPlan, MemoryPlanner
-from ..registry import is_sdxl
-from .params import GenerationError
+from ..io import format_size
+from ..pipelines.chain import Stage
+from ..planner import MemoryPlan
+from .params import GenerationError, GenerationParams
+from .timing import EFFICIENCY, GPUS
 
-
-@dataclass(frozen=True)
-class GPU:
-    """A GPU's published peak dense throughput (FLOP/s) by dtype."""
-
-    name: str
-    peak: dict[str, float]
-
-
-# Published dense tensor-core peaks (no sparsity): H100 SXM, A100 SXM, GeForce RTX 4090 (fp16/bf16 with
-# fp32 accumulation, as PyTorch's kernels run them; fp32 as tf32 on the first two, plain fp32 on the 4090).
-GPUS = {
-    "h100": GPU("NVIDIA H100 SXM", {"float16": 989.4e12, "bfloat16": 989.4e12, "float32": 494.7e12}),
-    "a100": GPU("NVIDIA A100 SXM", {"float16": 312e12, "bfloat16": 312e12, "float32": 156e12}),
-    "4090": GPU("NVIDIA GeForce RTX 4090", {"float16": 165.2e12, "bfloat16": 165.2e12, "float32": 82.6e12}),
-}
-# The fraction of that peak a diffusion UNet and VAE sustain end to end: an assumption (convolutions and
-# GEMMs run near peak, GroupNorm, activations and memory traffic do not), not a measurement.
-EFFICIENCY = 0.35
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float32": "float32", "fp32": "float32"}  # fmt: skip
-DEFAULT_HOST_BUDGET = "64GB"
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What to plan: the model, the final size and recipe, the device, the budgets."""
+    """What to plan: the model, the final size and recipe, the device, the budgets (bytes; None: the
+    defaults of :mod:`linfusion.app.prepare`)."""
 
     model: str = BUNDLED_MODEL_NAME
     width: int = 1024
@@ -52,8 +33,8 @@ class PlanRequest:
     mode: str = "sdedit"  # plain, sdedit or demofusion
     device: str = "cuda"
     dtype: str = "float16"
-    max_memory: str | None = None
-    host_memory: str = DEFAULT_HOST_BUDGET
+    max_memory: int | None = None
+    host_memory: int | None = None
     steps: int = 25
     guidance: float = 7.5
     nproc: int = 1
@@ -150,25 +131,19 @@ def validate(request: PlanRequest) -> None:
         raise GenerationError(f"--nproc must be >= 1; got {request.nproc}")
     if request.steps < 1:
         raise GenerationError(f"--steps must be >= 1; got {request.steps}")
-    for value in (request.max_memory, request.host_memory):
-        if value is not None:
-            try:
-                parse_size(value)
-            except ValueError as error:
-                raise GenerationError(str(error)) from error
 
 
 def make_plan(request: PlanRequest) -> PlannedRun:
-    """Build the model's structure on ``meta`` and plan every stage of the request for one rank."""
+    """Build the model's structure on ``meta`` and prepare the request on it, for one rank."""
     import torch
 
-    from ..parallel.layout import StripeLayoutError, stripe_bounds
-    from ..patches.vae_attention import apply_vae_attention
-    from ..vae_attention import mid_block_tokens
-    from .loading import auto_vae_attention, load_structure
+    from .loading import load_structure
+    from .prepare import Budgets, prepare
 
     validate(request)
     dtype = getattr(torch, DTYPE_NAMES[request.dtype])
+    if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
     structure = load_structure(request.model, dtype)
     if not request.linfusion:
         from ..model import mounted_on
@@ -176,46 +151,15 @@ def make_plan(request: PlanRequest) -> PlannedRun:
         mounted = mounted_on(structure.unet)
         if mounted is not None:
             mounted.unmount()
-    native = native_long_side(structure)
-    if request.mode == "plain":
-        stages = [Stage(request.width, request.height, None)]
-    else:
-        try:
-            sdxl = is_sdxl(structure) or request.mode == "demofusion"  # the SD-XL strengths
-            stages = plan_stages(request.width, request.height, native, sdxl=sdxl)
-        except ValueError as error:
-            raise GenerationError(str(error)) from error
-    calls = [unet_calls(stage, request.steps, request.mode) for stage in stages]
-    vae_attention = request.vae_attention
-    if vae_attention == "auto":
-        largest = max((stage.size for stage in stages), key=lambda size: size[0] * size[1])
-        vae_attention = auto_vae_attention(request.model, mid_block_tokens(structure.vae, *largest))
-    apply_vae_attention(structure.vae, vae_attention)  # the meta structure is this plan's own
-    planner = MemoryPlanner(structure, device=request.device, dtype=dtype)
-    if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
-    sizes = []
-    for stage in stages:
-        height = stage.height
-        if request.nproc > 1:  # one rank's stripe: the tallest of them
-            factor = structure.vae_scale_factor
-            multiple = 2 ** (len(structure.unet.config.block_out_channels) - 1)
-            try:
-                bounds = stripe_bounds(stage.height // factor, request.nproc, multiple)
-            except StripeLayoutError as error:
-                raise GenerationError(str(error)) from error
-            height = max(stop - start for start, stop in bounds) * factor
-        sizes.append((stage.width, height))
-    plan = planner.plan(
-        sizes,
-        budget=request.max_memory,
-        guidance=request.guidance > 1.0,
-        encodes=[stage.strength is not None for stage in stages],
-        host_budget=request.host_memory,
-        unet_calls=calls,
-        refuse=False,
-    )
-    return PlannedRun(request, tuple(stages), tuple(calls), plan, request.nproc, vae_attention)
+    params = GenerationParams(
+        "plan", width=request.width, height=request.height, steps=request.steps, guidance=request.guidance,
+        model=request.model, mode=request.mode, vae_attention=request.vae_attention,
+    )  # fmt: skip
+    run = prepare(
+        params, structure, Budgets(request.max_memory, request.host_memory), device=request.device,
+        dtype=dtype, refuse=False, stripes=request.nproc,
+    )  # fmt: skip
+    return PlannedRun(request, run.stages, run.unet_calls, run.memory, request.nproc, run.vae_attention)
 
 
-__all__ = ["EFFICIENCY", "GPUS", "PlanRequest", "PlannedRun", "make_plan", "validate"]
+__all__ = ["PlanRequest", "PlannedRun", "make_plan", "validate"]

@@ -12,10 +12,29 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .plan import EFFICIENCY, GPUS
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU's published peak dense throughput (FLOP/s) by dtype."""
+
+    name: str
+    peak: dict[str, float]
+
+
+# Published dense tensor-core peaks (no sparsity): H100 SXM, A100 SXM, GeForce RTX 4090 (fp16/bf16 with
+# fp32 accumulation, as PyTorch's kernels run them; fp32 as tf32 on the first two, plain fp32 on the 4090).
+GPUS = {
+    "h100": GPU("NVIDIA H100 SXM", {"float16": 989.4e12, "bfloat16": 989.4e12, "float32": 494.7e12}),
+    "a100": GPU("NVIDIA A100 SXM", {"float16": 312e12, "bfloat16": 312e12, "float32": 156e12}),
+    "4090": GPU("NVIDIA GeForce RTX 4090", {"float16": 165.2e12, "bfloat16": 165.2e12, "float32": 82.6e12}),
+}
+# The fraction of that peak a diffusion UNet and VAE sustain end to end: an assumption (convolutions and
+# GEMMs run near peak, GroupNorm, activations and memory traffic do not), not a measurement.
+EFFICIENCY = 0.35
 
 # A diffusion chain on the CPU (convolutions, GEMMs, GroupNorm, element-wise work) sustains this share of a
 # plain fp32 matrix multiply's rate. Measured on the shared 2-core machine (bundled model, SDEdit chains):
@@ -68,4 +87,13 @@ def describe_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-__all__ = ["ANNOUNCE_SECONDS", "CPU_EFFICIENCY", "describe_duration", "predicted_seconds", "sustained_rate"]
+__all__ = [
+    "ANNOUNCE_SECONDS",
+    "CPU_EFFICIENCY",
+    "EFFICIENCY",
+    "GPU",
+    "GPUS",
+    "describe_duration",
+    "predicted_seconds",
+    "sustained_rate",
+]

@@ -56,9 +56,11 @@ class _StopChain(Exception):
 
 def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one chain as ``spec`` says; the per-stage record (in this process)."""
-    from ..app.run import memory_allocator, plan_memory
+    from ..app.execute import memory_allocator
+    from ..app.prepare import Budgets, plan_memory
     from ..patches.vae_attention import apply_vae_attention
     from ..pipelines import demofusion, plan_stages, sdedit
+    from ..planner import MemoryPlanner
     from ..registry import is_sdxl
 
     device = torch.device(spec["device"])
@@ -80,7 +82,11 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     cap = spec.get("cap_seconds")
     memory_plan = None
     if spec.get("max_memory"):
-        memory_plan = plan_memory(pipe, plan, spec["max_memory"], spec["guidance"], quiet=False)
+        budgets = Budgets(parse_size(spec["max_memory"]))
+        memory_plan = plan_memory(
+            MemoryPlanner(pipe), plan, budgets, spec["guidance"], spec["steps"], spec["mode"]
+        )
+        print(memory_plan.describe(), file=sys.stderr)
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         steps_in_stage[0] += 1

@@ -7,8 +7,8 @@ These modules hold argparse only: the application is imported inside those calla
 
 :func:`main` is the one place that decides how a command ends: a :class:`~linfusion.errors.UserError`
 (bad numbers, unreadable images, folders that would be clobbered, budgets that cannot fit) is printed as
-one paragraph with exit status 2, any other exception keeps its traceback (it is a bug), and ``-v``
-shows everything, tracebacks included. It also sets the process up as :mod:`linfusion.runtime`
+one paragraph with exit status 2 (:data:`USER_ERROR`); any other exception is a bug: one "internal error"
+line and exit status 1 (:data:`INTERNAL_ERROR`), its traceback with ``-v``, which shows everything. It also sets the process up as :mod:`linfusion.runtime`
 describes (glibc keeps freed memory; third-party notices silenced unless ``-v``).
 """
 
@@ -23,6 +23,9 @@ import traceback
 
 from ..errors import UserError
 from ..runtime import keep_freed_memory, quiet_third_party_notices
+
+USER_ERROR = 2  # the request cannot work as given (argparse uses 2 for bad arguments too)
+INTERNAL_ERROR = 1  # a bug: anything that is not a UserError
 
 # Modules providing sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit status (2 for a user's mistake, with the message on stderr)."""
+    """Run one command; returns its exit status (2 for a user's mistake, 1 for a bug; the message on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -67,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         print(f"linfusion {command}: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR
+    except Exception as error:  # a bug: say so in one line, the traceback with -v
+        if verbose:
+            traceback.print_exc()
+        print(
+            f"linfusion {command}: internal error: {type(error).__name__}: {error} "
+            + ("(please report it with the traceback above)" if verbose else
+               "(run with -v for the traceback; please report it)"),
+            file=sys.stderr,
+        )  # fmt: skip
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

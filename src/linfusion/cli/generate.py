@@ -7,7 +7,7 @@ from typing import Any
 
 from ..choices import CHAIN_MODES, DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, VAE_ATTENTION_CHOICES
 from ..parallel.launch import parallel_command
-from .options import add_verbosity_options, parse_size
+from .options import add_verbosity_options, parse_budget, parse_size
 
 
 def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -32,10 +32,14 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--scheduler", default=None, help=", ".join(SCHEDULERS))
     parser.add_argument("--save-stages", default=None, help="folder for every stage's image")
     parser.add_argument(
-        "--max-memory", default=None, help="memory budget such as 24GB (default: the device's free memory)"
+        "--max-memory",
+        type=parse_budget,
+        default=None,
+        help="memory budget such as 24GB (default: the device's free memory)",
     )
     parser.add_argument(
         "--host-memory",
+        type=parse_budget,
         default=None,
         help="host memory for what is parked off a GPU (exact tiled VAE and banded UNet stores, offloaded "
         "weights), such as 64GB (default: the machine's available memory)",

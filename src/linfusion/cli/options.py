@@ -1,4 +1,5 @@
-"""Options every command shares: how much it says (``--quiet``, ``-v`` / ``--verbose``) and sizes."""
+"""Options every command shares: how much it says (``--quiet``, ``-v`` / ``--verbose``), image sizes and
+memory budgets, parsed here once (argparse ``type=``) so that the application takes integers."""
 
 from __future__ import annotations
 
@@ -29,4 +30,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-__all__ = ["add_verbosity_options", "parse_size"]
+def parse_budget(text: str) -> int:
+    """``24GB``, ``1.5GiB``, ``512MB`` or bytes -> bytes (:func:`linfusion.io.parse_size`)."""
+    from ..io import parse_size as parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+__all__ = ["add_verbosity_options", "parse_budget", "parse_size"]

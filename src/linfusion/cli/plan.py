@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ..choices import GENERATION_MODES, VAE_ATTENTION_CHOICES
-from .options import parse_size
+from .options import parse_budget, parse_size
 
 FITS, DOES_NOT_FIT = 0, 3
 
@@ -32,9 +31,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device planned for")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument(
-        "--max-memory", default=None, help="device budget such as 12GB (default: this GPU's free memory)"
+        "--max-memory",
+        type=parse_budget,
+        default=None,
+        help="device budget such as 12GB (default: this GPU's free memory)",
     )
-    parser.add_argument("--host-memory", default="64GB", help="host memory for what is parked off the device")
+    parser.add_argument(
+        "--host-memory",
+        type=parse_budget,
+        default=None,
+        help="host memory for what is parked off a GPU, such as 64GB (default: this machine's available memory)",
+    )
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the base stage")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (> 1: two UNet branches)")
     parser.add_argument("--nproc", type=int, default=1, help="plan one rank of an N-process torchrun run")
@@ -53,7 +60,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..app.params import GenerationError
     from ..app.plan import PlanRequest, make_plan
 
     width, height = args.size
@@ -62,10 +68,6 @@ def run(args: argparse.Namespace) -> int:
         max_memory=args.max_memory, host_memory=args.host_memory, steps=args.steps, guidance=args.guidance,
         nproc=args.nproc, gpu=args.gpu, linfusion=not args.no_linfusion, vae_attention=args.vae_attention,
     )  # fmt: skip
-    try:
-        planned = make_plan(request)
-    except GenerationError as error:
-        print(f"linfusion plan: {error}", file=sys.stderr)
-        return 2
+    planned = make_plan(request)  # a request that cannot be planned raises a UserError: exit 2 (cli.main)
     print(json.dumps(planned.to_json(), indent=1) if args.json else planned.describe())
     return FITS if planned.plan.fits else DOES_NOT_FIT

@@ -187,6 +187,7 @@ def demofusion(
     exact_vae_tiling_from: int | None = DEFAULT_TILE_FROM,
     memory_plan: MemoryPlan | None = None,
     on_stage_end: StageCallback | None = None,
+    stage_plan: Sequence[Stage] | None = None,
     **pipeline_kwargs: Any,
 ) -> Image.Image:
     """Generate (or, with ``image``, enlarge) an image of ``width`` x ``height`` by DemoFusion stages.
@@ -203,7 +204,11 @@ def demofusion(
             "demofusion needs a first-order scheduler (ddim, euler, euler-a, dpm++, unipc ...)"
         )
     generator = generator or torch.Generator(pipe._execution_device).manual_seed(int(torch.seed() % 2**63))
-    plan = chain_stages(pipe, width, height, image, stages, strengths, base_long_side, sdxl=True)
+    plan = (
+        list(stage_plan)
+        if stage_plan is not None
+        else chain_stages(pipe, width, height, image, stages, strengths, base_long_side, sdxl=True)
+    )
     common = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,

@@ -54,6 +54,7 @@ def sdedit(
     exact_vae_tiling_from: int | None = DEFAULT_TILE_FROM,
     memory_plan: MemoryPlan | None = None,
     on_stage_end: StageCallback | None = None,
+    stage_plan: Sequence[Stage] | None = None,
     **pipeline_kwargs: Any,
 ) -> Image.Image:
     """Generate (or, with ``image``, enlarge) an image of ``width`` x ``height`` by an SDEdit chain.
@@ -61,17 +62,13 @@ def sdedit(
     ``pipe`` is a text-to-image pipeline; its image-to-image sibling shares the same components, so a
     mounted LinFusion serves every stage. As in diffusers, a stage of strength s runs about
     ``num_inference_steps * s`` denoising steps (at least one). ``memory_plan``, ``exact_vae_tiling_from``,
-    ``save_stages`` and ``on_stage_end``: see :func:`linfusion.pipelines.chain.run_chain`.
+    ``save_stages`` and ``on_stage_end``: see :func:`linfusion.pipelines.chain.run_chain`. ``stage_plan``:
+    the stages when the caller computed them already (else from the size, ``image``, ``stages``, ``strengths``).
     """
-    plan = chain_stages(
-        pipe,
-        width,
-        height,
-        image,
-        stages,
-        strengths,
-        base_long_side,
-        sdxl=is_sdxl(pipe),
+    plan = (
+        list(stage_plan)
+        if stage_plan is not None
+        else chain_stages(pipe, width, height, image, stages, strengths, base_long_side, sdxl=is_sdxl(pipe))
     )
     common = {
         "prompt": prompt,

@@ -2,8 +2,10 @@
 
 The page submits a job and then watches it (its place in the queue, its stage and step, the images of
 finished stages) until it ends. Cancelling is cooperative: a waiting job leaves the queue at once, a
-running one stops at its next step boundary, where the work calls :meth:`Job.step`. Nothing here knows
-about torch or Gradio, so the queue is tested on its own.
+running one stops at its next step boundary, where the work calls :meth:`Job.step`. A job that raises a
+:class:`~linfusion.errors.UserError` fails with its message; anything else is a bug, logged with its
+traceback and shown as an "internal error" line. Nothing here knows about torch or Gradio, so the queue is
+tested on its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 WAITING, RUNNING, DONE, FAILED, CANCELLED = "waiting", "running", "done", "failed", "cancelled"
@@ -27,12 +31,15 @@ class JobCancelled(Exception):
     """Raised inside the work at a step boundary once the job was cancelled."""
 
 
-class UserError(ValueError):
-    """A request the page should refuse with this message (bad size, impossible budget, bad upload)."""
+INTERNAL_ERROR = "internal error ({kind}): {error}; the server's log has the traceback"
 
 
 class QueueFull(UserError):
-    pass
+    """Too many jobs wait already; the page says to try again later."""
+
+
+class ShuttingDown(UserError):
+    """The server is stopping and takes no new job."""
 
 
 @dataclass
@@ -170,7 +177,7 @@ class JobRunner:
     def submit(self, owner: str, label: str, work: Callable[[Job], Any]) -> Job:
         with self.lock:
             if self._closed:
-                raise UserError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"the queue is full ({self.max_waiting} jobs waiting); try again later")
             job = Job(next(self._ids), owner, label, work, _runner=self)
@@ -253,9 +260,9 @@ class JobRunner:
                 self._end(job, CANCELLED)
             except UserError as error:
                 self._end(job, FAILED, str(error))
-            except Exception as error:  # the worker must survive anything a job does
+            except Exception as error:  # a bug: logged with its traceback; the worker survives anything
                 logger.exception("job %s (%s) failed", job.id, job.label)
-                self._end(job, FAILED, f"unexpected error ({type(error).__name__}): {error}")
+                self._end(job, FAILED, INTERNAL_ERROR.format(kind=type(error).__name__, error=error))
             else:
                 self._end(job, DONE, result=result)
 

@@ -9,6 +9,7 @@ job works as before.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,18 +20,15 @@ from typing import Any
 
 import gradio as gr
 
-from .backend import (
-    MODE_LABELS,
-    SCHEDULERS,
-    UPSCALE_MODES,
-    Backend,
-    PlanView,
-    Result,
-    TextToImageRequest,
-    UpscaleRequest,
-    open_upload,
-)
-from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner, UserError
+from ..choices import SCHEDULERS
+from ..errors import UserError
+from .backend import Backend
+from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
+from .outputs import Result, open_upload
+from .planning import PlanView
+from .requests import MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest
+
+logger = logging.getLogger(__name__)
 
 SIZE_PRESETS = [
     ("native", 0),
@@ -299,9 +297,276 @@ def _outputs(tab: str, generate_tab: bool) -> Outputs:
     return Outputs(status, plan, result, download, parameters, stages, run_gallery, gr.State(None))
 
 
+# ---------------------------------------------------------------------- the two tabs
+@dataclass
+class GenerateTab:
+    """The Generate tab's components."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    run: gr.Button
+    cancel: gr.Button
+    width: gr.Number
+    height: gr.Number
+    preset: gr.Dropdown
+    ratio: gr.Dropdown
+    settings: Settings
+    reuse: gr.Button
+    send: gr.Button
+    restore: gr.File
+    out: Outputs
+
+    @property
+    def fields(self) -> list:
+        return [self.prompt, self.negative, self.width, self.height, *self.settings.components()]
+
+    def request(self, values: dict) -> TextToImageRequest:
+        return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
+                                  width=values[self.width], height=values[self.height],
+                                  **self.settings.request_fields(values))  # fmt: skip
+
+
+@dataclass
+class UpscaleTab:
+    """The Upscale tab's components."""
+
+    source: gr.File
+    preview: gr.Image
+    scale: gr.Number
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    run: gr.Button
+    cancel: gr.Button
+    settings: Settings
+    out: Outputs
+
+    @property
+    def fields(self) -> list:
+        return [self.source, self.scale, self.prompt, self.negative, *self.settings.components()]
+
+    def request(self, values: dict) -> UpscaleRequest:
+        factor = values[self.scale]
+        return UpscaleRequest(image_path=values[self.source], scale=0 if factor is None else factor,
+                              prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
+                              **self.settings.request_fields(values))  # fmt: skip
+
+
+def _generate_tab(backend: Backend, native: int) -> GenerateTab:
+    with gr.Tab("Generate", id="generate", elem_id="tab-generate"), gr.Row():
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="t2i-negative")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="t2i-cancel")
+            with gr.Row():
+                width = gr.Number(native, label="Width", precision=0, info="a multiple of 8",
+                                  elem_id="t2i-width")  # fmt: skip
+                height = gr.Number(native, label="Height", precision=0, info="a multiple of 8",
+                                   elem_id="t2i-height")  # fmt: skip
+            with gr.Row():
+                preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
+                                     f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
+                ratio = gr.Dropdown(ASPECT_RATIOS, value="1:1", label="Aspect ratio", elem_id="t2i-ratio")
+            settings = _settings("t2i", backend, list(MODE_LABELS), "plain", "plain: one pass at the size; "
+                                 "SDEdit chain / DemoFusion: the native size, then enlargement stages "
+                                 "(for 2K-16K)")  # fmt: skip
+            with gr.Row():
+                reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
+                send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
+            restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
+                              height=90, elem_id="t2i-restore")  # fmt: skip
+        with gr.Column(scale=6):
+            out = _outputs("t2i", generate_tab=True)
+    return GenerateTab(prompt, negative, generate, cancel, width, height, preset, ratio, settings, reuse, send,
+                       restore, out)  # fmt: skip
+
+
+def _upscale_tab(backend: Backend) -> UpscaleTab:
+    with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale"), gr.Row():
+        with gr.Column(scale=5):
+            source = gr.File(label="Image to enlarge", type="filepath", height=90, elem_id="up-file")
+            preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview")
+            scale = gr.Number(2, label="Scale", info="e.g. 2 or 4 (width and height)", elem_id="up-scale")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what the image shows (guides "
+                                "the new detail)", elem_id="up-prompt")  # fmt: skip
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="up-negative")
+            with gr.Row():
+                run = gr.Button("Upscale", variant="primary", elem_id="up-run")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="up-cancel")
+            settings = _settings("up", backend, list(UPSCALE_MODES), "sdedit", "the enlargement stages")
+        with gr.Column(scale=6):
+            out = _outputs("up", generate_tab=False)
+    return UpscaleTab(source, preview, scale, prompt, negative, run, cancel, settings, out)
+
+
+QUIET = {"show_progress": "hidden", "concurrency_limit": None}
+
+
+# ---------------------------------------------------------------------- events
+def _wire_plans(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: UpscaleTab) -> None:
+    """The plan box of each tab, re-planned whenever an input that changes the plan changes."""
+    order = PlanOrder()
+    plan_number = gr.Number(0, visible=False)  # set by PLAN_NUMBERING_JS in the page
+
+    def plan_lines(tab: str, number: float, request_value: Any, session: str) -> Iterator[str]:
+        if not order.offer(session, tab, number):
+            return  # a newer request of this page was already planned or is being planned
+        try:
+            for item in backend.plan_progress(request_value):
+                if not order.newest(session, tab, number):
+                    return  # a newer request of this page replaces this plan
+                yield item.text if isinstance(item, PlanView) else item
+        except Exception as error:  # a bug: logged; the plan box says so and the server goes on
+            logger.exception("planning failed")
+            yield f"Cannot plan: internal error ({type(error).__name__}): {error}; the server's log has the traceback"
+
+    def t2i_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
+        yield from plan_lines("t2i", number, t2i.request(dict(zip(t2i.fields, values))), _session(request))
+
+    def up_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
+        yield from plan_lines("up", number, up.request(dict(zip(up.fields, values))), _session(request))
+
+    planning = {"js": PLAN_NUMBERING_JS, "trigger_mode": "multiple", **QUIET}
+    one, other = t2i.settings, up.settings
+    plan_triggers = [t2i.width.change, t2i.height.change, one.mode.change, one.model.change, one.budget.change,
+                     one.linfusion.change, one.vae_attention.change, one.guidance.change, page.load]  # fmt: skip
+    gr.on(plan_triggers, t2i_plan, [plan_number, *t2i.fields], t2i.out.plan, **planning)
+    up_triggers = [up.source.change, up.scale.change, other.mode.change, other.model.change, other.budget.change,
+                   other.linfusion.change, other.vae_attention.change, other.guidance.change]  # fmt: skip
+    gr.on(up_triggers, up_plan, [plan_number, *up.fields], up.out.plan, **planning)
+
+    def apply_preset(long_side: int | None, aspect: str, model_name: str) -> tuple[int, int]:
+        return size_for(long_side or backend.native_size(model_name), aspect or "1:1")
+
+    gr.on([t2i.preset.input, t2i.ratio.input], apply_preset, [t2i.preset, t2i.ratio, one.model],
+          [t2i.width, t2i.height], **QUIET)  # fmt: skip
+
+
+def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Iterator[dict]:
+    """Page updates while ``job`` waits and runs, then its result or its error."""
+    seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
+    while True:
+        runner.wait(job, seen, STATUS_EVERY)
+        with runner.lock:  # one consistent reading: the job may end while this update is sent
+            seen, state, line = job.version, job.state, status_line(job, runner)
+            stage_images = list(job.stage_images)
+        update: dict = {}
+        now = time.monotonic()
+        if line != last_line or now - last_time >= STATUS_EVERY:
+            update[out.status] = line
+            last_line, last_time = line, now
+        if len(stage_images) != shown_stages:
+            shown_stages = len(stage_images)
+            update[out.stages] = stage_images
+        if state == DONE:
+            finished: Result = job.result
+            update[out.result] = str(finished.path)
+            update[out.download] = gr.DownloadButton(value=str(finished.path), visible=True)
+            update[out.parameters] = finished.parameters
+            if out.seed is not None:
+                update[out.seed] = finished.seed
+            if out.gallery is not None:
+                update[out.gallery] = [(str(r.path), r.path.name) for r in backend.recent()]
+        if update:
+            yield update
+        if state in FINISHED:
+            return
+
+
+def _wire_jobs(
+    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab
+) -> None:
+    """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
+
+    def submit(kind: str, request_value: Any, session: str, out: Outputs) -> Iterator[dict]:
+        cleared = {out.stages: [], out.download: gr.DownloadButton(visible=False)}
+        try:
+            backend.params_for(request_value)  # refuse a bad request at once, without queueing it
+            work = backend.text_to_image if kind == "generate" else backend.upscale
+            job = runner.submit(session, kind, partial(work, request_value))
+        except UserError as error:
+            yield {**cleared, out.status: f"Error: {error}"}
+            return
+        yield {**cleared, out.status: status_line(job, runner)}
+        yield from _watch(job, out, backend, runner)
+
+    def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
+        yield from submit("generate", t2i.request(values), _session(request), t2i.out)
+
+    def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
+        yield from submit("upscale", up.request(values), _session(request), up.out)
+
+    def cancel_jobs(request: gr.Request) -> None:
+        if not runner.cancel(_session(request)):
+            gr.Info("Nothing to cancel.")
+
+    t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan}
+    up_outputs = set(vars(up.out).values()) - {up.out.plan, None}
+    gr.on([t2i.run.click, t2i.prompt.submit], run_generate, set(t2i.fields), t2i_outputs, **QUIET)
+    up.run.click(run_upscale, set(up.fields), up_outputs, **QUIET)
+    gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, None, **QUIET)
+
+    def page_closed(request: gr.Request) -> None:
+        runner.cancel(_session(request))  # nobody is watching: free the device
+
+    page.unload(page_closed)
+
+
+def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTab) -> None:
+    """Seeds, dropped PNGs and uploads: reuse the last seed, send a result on, restore, check an upload."""
+    t2i.reuse.click(lambda used, current: current if used is None else used, [t2i.out.seed, t2i.settings.seed],
+                    t2i.settings.seed, **QUIET)  # fmt: skip
+
+    def check_upload(path: str | None) -> dict:
+        try:
+            image = open_upload(path)
+        except UserError as error:  # emptied, so the next upload is a fresh one
+            return {up.source: None, up.preview: None, up.out.status: f"Error: {error}"}
+        return {up.preview: path, up.out.status: f"{Path(path).name}: {image.width}x{image.height}. Ready."}
+
+    def send_to_upscale(image: str | None) -> dict:
+        if not image:
+            return {t2i.out.status: "Generate an image first."}
+        return {**check_upload(image), up.source: image, tabs: gr.Tabs(selected="upscale")}
+
+    t2i.send.click(send_to_upscale, t2i.out.result,
+                   {t2i.out.status, up.source, up.preview, up.out.status, tabs}, **QUIET)  # fmt: skip
+    settings = t2i.settings
+    restorable = {"prompt": t2i.prompt, "negative_prompt": t2i.negative, "width": t2i.width, "height": t2i.height,
+                  "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed,
+                  "mode": settings.mode, "linfusion": settings.linfusion, "vae_attention": settings.vae_attention,
+                  "sampler": settings.sampler, "model": settings.model}  # fmt: skip
+
+    def restore_parameters(path: str | None) -> dict:
+        if not path:
+            return {}
+        update: dict = {t2i.restore: None}  # emptied, ready for the next drop
+        try:
+            fields, note = backend.read_parameters(path)
+        except UserError as error:
+            return {**update, t2i.out.status: f"Error: {error}"}
+        except Exception as error:  # a bug: logged; the status line says so
+            logger.exception("reading %s failed", Path(path).name)
+            return {
+                **update,
+                t2i.out.status: f"Error: cannot read {Path(path).name} ({type(error).__name__})",
+            }
+        update[t2i.out.status] = note
+        for name, value in fields.items():
+            update[restorable[name]] = value
+        return update
+
+    t2i.restore.upload(restore_parameters, t2i.restore, {t2i.restore, t2i.out.status, *restorable.values()},
+                       **QUIET)  # fmt: skip
+    up.source.upload(check_upload, up.source, {up.source, up.preview, up.out.status}, **QUIET)
+    up.source.clear(lambda: {up.preview: None, up.out.status: "Upload an image to enlarge."}, None,
+                    {up.preview, up.out.status}, **QUIET)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- the page
 def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
-    """The Blocks of the page; launching it is :mod:`linfusion.ui.cli`'s business."""
+    """The Blocks of the page; launching it is :mod:`linfusion.ui.server`'s business."""
     native = backend.native_size(backend.model_names[0])
     with gr.Blocks(title="LinFusion", analytics_enabled=False) as page:
         gr.Markdown(
@@ -310,212 +575,9 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
             "plan is shown before anything runs."
         )
         with gr.Tabs() as tabs:
-            with gr.Tab("Generate", id="generate", elem_id="tab-generate"), gr.Row():
-                with gr.Column(scale=5):
-                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt")
-                    negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="t2i-negative")
-                    with gr.Row():
-                        generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
-                        cancel = gr.Button("Cancel", variant="stop", elem_id="t2i-cancel")
-                    with gr.Row():
-                        width = gr.Number(native, label="Width", precision=0, info="a multiple of 8",
-                                          elem_id="t2i-width")  # fmt: skip
-                        height = gr.Number(native, label="Height", precision=0, info="a multiple of 8",
-                                           elem_id="t2i-height")  # fmt: skip
-                    with gr.Row():
-                        preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
-                                             f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
-                        ratio = gr.Dropdown(
-                            ASPECT_RATIOS, value="1:1", label="Aspect ratio", elem_id="t2i-ratio"
-                        )
-                    t2i = _settings("t2i", backend, list(MODE_LABELS), "plain", "plain: one pass at the size; "
-                                    "SDEdit chain / DemoFusion: the native size, then enlargement stages "
-                                    "(for 2K-16K)")  # fmt: skip
-                    with gr.Row():
-                        reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
-                        send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
-                    restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
-                                      height=90, elem_id="t2i-restore")  # fmt: skip
-                with gr.Column(scale=6):
-                    t2i_out = _outputs("t2i", generate_tab=True)
-            with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale"), gr.Row():
-                with gr.Column(scale=5):
-                    source = gr.File(label="Image to enlarge", type="filepath", height=90, elem_id="up-file")
-                    preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview")
-                    scale = gr.Number(
-                        2, label="Scale", info="e.g. 2 or 4 (width and height)", elem_id="up-scale"
-                    )
-                    up_prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what the image shows (guides "
-                                           "the new detail)", elem_id="up-prompt")  # fmt: skip
-                    up_negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="up-negative")
-                    with gr.Row():
-                        upscale = gr.Button("Upscale", variant="primary", elem_id="up-run")
-                        up_cancel = gr.Button("Cancel", variant="stop", elem_id="up-cancel")
-                    up = _settings("up", backend, list(UPSCALE_MODES), "sdedit", "the enlargement stages")
-                with gr.Column(scale=6):
-                    up_out = _outputs("up", generate_tab=False)
-        t2i_fields = [prompt, negative, width, height, *t2i.components()]
-        up_fields = [source, scale, up_prompt, up_negative, *up.components()]
-        t2i_inputs, up_inputs = set(t2i_fields), set(up_fields)
-
-        def t2i_request(values: dict) -> TextToImageRequest:
-            return TextToImageRequest(prompt=values[prompt] or "", negative_prompt=values[negative] or "",
-                                      width=values[width], height=values[height], **t2i.request_fields(values))  # fmt: skip
-
-        def up_request(values: dict) -> UpscaleRequest:
-            factor = values[scale]
-            return UpscaleRequest(image_path=values[source], scale=0 if factor is None else factor,
-                                  prompt=values[up_prompt] or "", negative_prompt=values[up_negative] or "",
-                                  **up.request_fields(values))  # fmt: skip
-
-        # ------------------------------------------------------------------ the plan, before anything runs
-        order = PlanOrder()
-        plan_number = gr.Number(0, visible=False)  # set by PLAN_NUMBERING_JS in the page
-
-        def plan_lines(tab: str, number: float, request_value: Any, session: str) -> Iterator[str]:
-            if not order.offer(session, tab, number):
-                return  # a newer request of this page was already planned or is being planned
-            try:
-                for item in backend.plan_progress(request_value):
-                    if not order.newest(session, tab, number):
-                        return  # a newer request of this page replaces this plan
-                    yield item.text if isinstance(item, PlanView) else item
-            except Exception as error:  # the plan box shows it; the server goes on
-                yield f"Cannot plan: unexpected error ({type(error).__name__}): {error}"
-
-        def t2i_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
-            request_value = t2i_request(dict(zip(t2i_fields, values)))
-            yield from plan_lines("t2i", number, request_value, _session(request))
-
-        def up_plan(request: gr.Request, number: float, *values: Any) -> Iterator[str]:
-            upscale_request = up_request(dict(zip(up_fields, values)))
-            yield from plan_lines("up", number, upscale_request, _session(request))
-
-        quiet = {"show_progress": "hidden", "concurrency_limit": None}
-        planning = {"js": PLAN_NUMBERING_JS, "trigger_mode": "multiple", **quiet}
-        plan_triggers = [width.change, height.change, t2i.mode.change, t2i.model.change, t2i.budget.change,
-                         t2i.linfusion.change, t2i.vae_attention.change, t2i.guidance.change, page.load]  # fmt: skip
-        gr.on(plan_triggers, t2i_plan, [plan_number, *t2i_fields], t2i_out.plan, **planning)
-        up_triggers = [source.change, scale.change, up.mode.change, up.model.change, up.budget.change,
-                       up.linfusion.change, up.vae_attention.change, up.guidance.change]  # fmt: skip
-        gr.on(up_triggers, up_plan, [plan_number, *up_fields], up_out.plan, **planning)
-
-        def apply_preset(long_side: int | None, aspect: str, model_name: str) -> tuple[int, int]:
-            return size_for(long_side or backend.native_size(model_name), aspect or "1:1")
-
-        gr.on([preset.input, ratio.input], apply_preset, [preset, ratio, t2i.model], [width, height], **quiet)
-
-        # ------------------------------------------------------------------ jobs
-        def watch(job: Job, out: Outputs) -> Iterator[dict]:
-            """Page updates while ``job`` waits and runs, then its result or its error."""
-            seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
-            while True:
-                runner.wait(job, seen, STATUS_EVERY)
-                with runner.lock:  # one consistent reading: the job may end while this update is sent
-                    seen, state, line = job.version, job.state, status_line(job, runner)
-                    stage_images = list(job.stage_images)
-                update: dict = {}
-                now = time.monotonic()
-                if line != last_line or now - last_time >= STATUS_EVERY:
-                    update[out.status] = line
-                    last_line, last_time = line, now
-                if len(stage_images) != shown_stages:
-                    shown_stages = len(stage_images)
-                    update[out.stages] = stage_images
-                if state == DONE:
-                    finished: Result = job.result
-                    update[out.result] = str(finished.path)
-                    update[out.download] = gr.DownloadButton(value=str(finished.path), visible=True)
-                    update[out.parameters] = finished.parameters
-                    if out.seed is not None:
-                        update[out.seed] = finished.seed
-                    if out.gallery is not None:
-                        update[out.gallery] = [(str(r.path), r.path.name) for r in backend.recent()]
-                if update:
-                    yield update
-                if state in FINISHED:
-                    return
-
-        def submit(kind: str, request_value: Any, session: str, out: Outputs) -> Iterator[dict]:
-            cleared = {out.stages: [], out.download: gr.DownloadButton(visible=False)}
-            try:
-                backend.params_for(request_value)  # refuse a bad request at once, without queueing it
-                work = backend.text_to_image if kind == "generate" else backend.upscale
-                job = runner.submit(session, kind, partial(work, request_value))
-            except UserError as error:
-                yield {**cleared, out.status: f"Error: {error}"}
-                return
-            yield {**cleared, out.status: status_line(job, runner)}
-            yield from watch(job, out)
-
-        t2i_outputs = set(vars(t2i_out).values()) - {t2i_out.plan}
-        up_outputs = set(vars(up_out).values()) - {up_out.plan, None}
-
-        def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
-            yield from submit("generate", t2i_request(values), _session(request), t2i_out)
-
-        def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
-            yield from submit("upscale", up_request(values), _session(request), up_out)
-
-        def cancel_jobs(request: gr.Request) -> None:
-            if not runner.cancel(_session(request)):
-                gr.Info("Nothing to cancel.")
-
-        gr.on([generate.click, prompt.submit], run_generate, t2i_inputs, t2i_outputs, **quiet)
-        upscale.click(run_upscale, up_inputs, up_outputs, **quiet)
-        gr.on([cancel.click, up_cancel.click], cancel_jobs, None, None, **quiet)
-
-        def page_closed(request: gr.Request) -> None:
-            runner.cancel(_session(request))  # nobody is watching: free the device
-
-        page.unload(page_closed)
-
-        # ------------------------------------------------------------------ seeds, PNGs, uploads
-        reuse.click(lambda used, current: current if used is None else used, [t2i_out.seed, t2i.seed], t2i.seed,
-                    **quiet)  # fmt: skip
-
-        def send_to_upscale(image: str | None) -> dict:
-            if not image:
-                return {t2i_out.status: "Generate an image first."}
-            return {**check_upload(image), source: image, tabs: gr.Tabs(selected="upscale")}
-
-        send.click(
-            send_to_upscale, t2i_out.result, {t2i_out.status, source, preview, up_out.status, tabs}, **quiet
-        )
-
-        restorable = {"prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
-                      "steps": t2i.steps, "guidance": t2i.guidance, "seed": t2i.seed, "mode": t2i.mode,
-                      "linfusion": t2i.linfusion, "vae_attention": t2i.vae_attention, "sampler": t2i.sampler,
-                      "model": t2i.model}  # fmt: skip
-
-        def restore_parameters(path: str | None) -> dict:
-            if not path:
-                return {}
-            update: dict = {restore: None}  # emptied, ready for the next drop
-            try:
-                fields, note = backend.read_parameters(path)
-            except UserError as error:
-                return {**update, t2i_out.status: f"Error: {error}"}
-            except Exception as error:
-                return {
-                    **update,
-                    t2i_out.status: f"Error: cannot read {Path(path).name} ({type(error).__name__})",
-                }
-            update[t2i_out.status] = note
-            for name, value in fields.items():
-                update[restorable[name]] = value
-            return update
-
-        restore.upload(restore_parameters, restore, {restore, t2i_out.status, *restorable.values()}, **quiet)
-
-        def check_upload(path: str | None) -> dict:
-            try:
-                image = open_upload(path)
-            except UserError as error:  # emptied, so the next upload is a fresh one
-                return {source: None, preview: None, up_out.status: f"Error: {error}"}
-            return {preview: path, up_out.status: f"{Path(path).name}: {image.width}x{image.height}. Ready."}
-
-        source.upload(check_upload, source, {source, preview, up_out.status}, **quiet)
-        source.clear(lambda: {preview: None, up_out.status: "Upload an image to enlarge."}, None,
-                     {preview, up_out.status}, **quiet)  # fmt: skip
+            t2i = _generate_tab(backend, native)
+            up = _upscale_tab(backend)
+        _wire_plans(page, backend, t2i, up)
+        _wire_jobs(page, backend, runner, t2i, up)
+        _wire_files(backend, tabs, t2i, up)
     return page

@@ -1,6 +1,8 @@
 """The ``linfusion ui`` server: checks, models loaded, the page served until Ctrl-C or SIGTERM.
 
-The command's arguments are parsed in :mod:`linfusion.cli.ui`; the page is :mod:`linfusion.ui.page`.
+The command's arguments are parsed in :mod:`linfusion.cli.ui`; the page is :mod:`linfusion.ui.page`. A
+refusal (a bad port, no Gradio, an outputs folder that cannot be written, a port in use, a model that
+cannot load) is a :class:`~linfusion.errors.UserError`, which the command line prints with exit status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ServerError(UserError):
+    """The server cannot start as asked; the message says what to change."""
 
 
 def _quiet_environment() -> None:
@@ -36,13 +44,12 @@ def serve(
     threads: int | None,
     max_upload_mb: float,
 ) -> int:
-    """Load ``models``, serve the page on ``host``:``port`` until stopped; returns the exit code.
+    """Load ``models``, serve the page on ``host``:``port`` until stopped; returns the exit code (0).
 
     The arguments are those of ``linfusion ui`` (:mod:`linfusion.cli.ui` holds their defaults).
     """
     if not 0 < port < 65536:
-        print(f"linfusion ui: --port {port} is not a port number", file=sys.stderr)
-        return 2
+        raise ServerError(f"--port {port} is not a port number")
     if host not in LOOPBACK_HOSTS:
         print(
             f"linfusion ui: warning: listening on {host}, not on this machine only: anyone who can reach "
@@ -53,27 +60,25 @@ def serve(
     _quiet_environment()
     try:
         import gradio  # noqa: F401
-    except ImportError:
-        print("linfusion ui: the page needs Gradio: pip install 'linfusion[ui]'", file=sys.stderr)
-        return 2
+    except ImportError as error:
+        raise ServerError("the page needs Gradio: pip install 'linfusion[ui]'") from error
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     from .backend import Backend
-    from .jobs import JobRunner, UserError
+    from .jobs import JobRunner
     from .page import CSS, HEAD, build_page, theme
 
     folder = Path(outputs).resolve()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"the outputs folder {folder} is not writable")
-        backend = Backend(models, folder, device=device)
-        backend.load_all()
-    except (UserError, OSError, RuntimeError) as error:
-        print(f"linfusion ui: {error}", file=sys.stderr)
-        return 2
+    except OSError as error:
+        raise ServerError(f"cannot create the outputs folder {folder}: {error.strerror}") from error
+    if not os.access(folder, os.W_OK):
+        raise ServerError(f"the outputs folder {folder} is not writable")
+    backend = Backend(models, folder, device=device)
+    backend.load_all()
     runner = JobRunner()
     page = build_page(backend, runner)
     page.queue(default_concurrency_limit=None)
@@ -99,9 +104,8 @@ def serve(
             head=HEAD,
         )
     except OSError as error:
-        print(f"linfusion ui: cannot listen on {host}:{port}: {error}", file=sys.stderr)
         runner.close()
-        return 2
+        raise ServerError(f"cannot listen on {host}:{port}: {error}") from error
     shown_host = f"[{host}]" if ":" in host else host
     print(
         f"linfusion ui: http://{shown_host}:{port}/ (models: {', '.join(models)}; device: "
