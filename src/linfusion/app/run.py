@@ -19,12 +19,13 @@ from PIL import Image
 from ..bundled.shapes import vocabulary_warning
 from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
 from ..io import atomic_file, format_size, parse_size, size_flag
+from ..patches.stage import Savers, apply_savers
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import Stage, StageCallback, chain_stages, plan_stages, unet_calls
 from ..pipelines.demofusion import demofusion
 from ..pipelines.sdedit import sdedit
 from ..pipelines.upscale import upscale_target
-from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, Savers, apply_savers, available_memory
+from ..planner import MemoryBudgetError, MemoryPlan, MemoryPlanner, available_memory
 from ..runtime import freed_memory_returned, keeps_freed_memory
 from ..tiled_vae import attention_flops
 from ..vae_attention import QUADRATIC_HINT_TOKENS, mid_block_tokens, quadratic_attention_hint
