@@ -271,6 +271,49 @@ def test_cost_model_memory_matches_traced_peak(
     assert traced <= cost.device_peak <= 1.25 * traced
 
 
+@pytest.mark.parametrize("policy", ["mixed", pytest.param("minimum", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("attention", ["exact", "linear"])
+@pytest.mark.parametrize("encode", [False, True])
+def test_cost_model_counts_every_byte_through_the_store(
+    attention: str, encode: bool, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the whole store on the host, ``moved_bytes`` is every byte the tiler reads from its store or
+    writes to it (counted on ``meta`` at the store's own methods), plus the input put there and the output
+    written there. The softmax keys and values fit the chunks here (kept on the device)."""
+    size, band_bytes = 128, MIB // 2
+    with torch.device("meta"):
+        vae = AutoencoderKL(**FOUR_LEVEL).eval()
+    if attention == "linear":
+        apply_vae_attention(vae, "linear")
+    shape = vae_input(size, encode).shape
+    options = policy_options(vae, shape, encode, policy, band_bytes, block_bytes=MIB // 4)
+    counted = {"bytes": 0}
+    read, append = _RowStore.read, _RowStore.append
+
+    def counting_read(store: _RowStore, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        rows = read(store, start, stop, device)
+        counted["bytes"] += rows.numel() * rows.element_size()
+        return rows
+
+    def counting_append(store: _RowStore, rows: torch.Tensor) -> None:
+        counted["bytes"] += rows.numel() * rows.element_size()
+        append(store, rows)
+
+    monkeypatch.setattr(_RowStore, "read", counting_read)
+    monkeypatch.setattr(_RowStore, "append", counting_append)
+    tensor = torch.empty(shape, device="meta")
+    tiler = ExactTiler(vae, **options)
+    output = tiler.encode_moments(tensor) if encode else tiler.decode(tensor)
+    measured = counted["bytes"] + tensor.numel() * 4 + output.numel() * 4
+    options = {key.replace("store_block_bytes", "block_bytes"): value for key, value in options.items()}
+    cost = tiled_vae_cost(FOUR_LEVEL, size, size, dtype=torch.float32, encode=encode, attention=attention,
+                          device_store_bytes=0, **options)  # fmt: skip
+    assert cost.moved_bytes == measured
+    on_device = tiled_vae_cost(FOUR_LEVEL, size, size, dtype=torch.float32, encode=encode, attention=attention,
+                               device_store_bytes=None, **options)  # fmt: skip
+    assert on_device.moved_bytes == 0
+
+
 @pytest.mark.parametrize("attention", ["linear", "exact"])
 @pytest.mark.parametrize("encode", [False, True])
 @pytest.mark.parametrize("width, height", [(16384, 8192), (8192, 16384), (16384, 16384)])

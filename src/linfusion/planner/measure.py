@@ -124,7 +124,7 @@ class Measurements:
         self._measures: dict[tuple, Extrapolated] = {}
         self._banded: dict[tuple, UNetCost] = {}
         self._banded_ok: bool | None = None
-        self._tiled: dict[tuple, tuple[int, int, int] | None] = {}
+        self._tiled: dict[tuple, tuple[int, int, int, int] | None] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
@@ -332,9 +332,9 @@ class Measurements:
 
     def tiled_vae_cost(
         self, width: int, height: int, encode: bool, store_limit_bytes: int | None, on_device: int | None
-    ) -> tuple[int, int, int] | None:
-        """(device bytes, host bytes, FLOPs) of the tiled decode (and encode), or None when the store
-        cannot be that small."""
+    ) -> tuple[int, int, int, int] | None:
+        """(device bytes, host bytes, FLOPs, bytes moved to and from the host) of the tiled decode (and
+        encode), or None when the store cannot be that small."""
         key = (width, height, encode, store_limit_bytes, on_device, self.vae_mode())
         if key not in self._tiled:
             common = {"dtype": self.dtype, "band_bytes": DEFAULT_BAND_BYTES, "store_limit_bytes": store_limit_bytes,
@@ -352,6 +352,7 @@ class Measurements:
                     device,
                     max(cost.host_peak for cost in costs),
                     sum(c.flops for c in costs),
+                    sum(c.moved_bytes for c in costs),
                 )
         return self._tiled[key]
 

@@ -33,6 +33,7 @@ class PhaseCost:
     device: int  # activation bytes on the device, allocator overhead included
     host: int  # bytes parked in host memory meanwhile (skip tensors, stores)
     flops: int  # floating-point operations of the phase over the whole stage
+    moved: int = 0  # bytes copied between the device and the host over the whole stage, both directions
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class StagePlan:
     vae_host: int = 0
     flops: int = 0  # of the stage as planned (UNet calls, VAE decode and encode)
     plain_flops: int = 0  # of the same stage without any saver
+    # bytes copied between the device and the host (both directions summed) over the whole stage: parked
+    # skips, the banded UNet's and the tiled VAE's host stores, the weights moved by model CPU offload
+    transfer_bytes: int = 0
 
     @property
     def peak(self) -> int:
@@ -78,6 +82,7 @@ class StagePlan:
             "host_peak_bytes": self.host_peak,
             "flops": self.flops,
             "plain_flops": self.plain_flops,
+            "transfer_bytes": self.transfer_bytes,
             "savers": [] if self.savers == Savers() else self.savers.names(),
         }
 
@@ -113,6 +118,8 @@ class MemoryPlan:
         lines = [f"memory plan for {self.device.type} (budget {format_size(self.budget)}{host}):"]
         for index, stage in enumerate(self.stages, start=1):
             parked = f", host {format_size(stage.host_peak)}" if stage.host_peak else ""
+            if stage.transfer_bytes:
+                parked += f", {format_size(stage.transfer_bytes)} moved to and from the host"
             lines.append(
                 f"  stage {index} {stage.width}x{stage.height}: peak ~{format_size(stage.peak)}{parked} "
                 f"(weights {format_size(stage.weights)}, UNet {format_size(stage.unet_activations)}, "

@@ -51,7 +51,9 @@ class MemoryPlanner(Measurements):
         for savers in self._unet_ladder():
             parked = self.skip_bytes(width, height, guidance) if savers.skip_offload else 0
             # the trace keeps the parked skips on meta: an upper bound for the device
-            yield PhaseCost(savers, self.unet_activations(width, height, savers, guidance), parked, flops)
+            activations = self.unet_activations(width, height, savers, guidance)
+            # each call parks its skips on the host and fetches them back
+            yield PhaseCost(savers, activations, parked, flops, moved=calls * 2 * parked)
         if not self.bandable():
             return
         stores: list[int | None] = [None]  # None: the store on the device
@@ -66,9 +68,13 @@ class MemoryPlanner(Measurements):
                     unet_store_on_host=device_store_bytes is not None,
                     unet_device_store_bytes=device_store_bytes,
                 )
-                per_call = cost.flops * (2 if sequential else 1)
+                branches = 2 if sequential else 1
                 yield PhaseCost(
-                    savers, self.with_overhead(cost.device_peak), cost.host_peak, calls * per_call
+                    savers,
+                    self.with_overhead(cost.device_peak),
+                    cost.host_peak,
+                    calls * branches * cost.flops,
+                    moved=calls * branches * cost.moved_bytes,
                 )
 
     def vae_options(
@@ -104,7 +110,8 @@ class MemoryPlanner(Measurements):
                 tiled_vae=True, vae_store_on_host=on_host, vae_store_limit_bytes=store_limit_bytes,
                 vae_device_store_bytes=on_device or 0,
             )  # fmt: skip
-            options.append(PhaseCost(savers, self.with_overhead(cost[0]), cost[1], cost[2]))
+            device, host, flops, moved = cost
+            options.append(PhaseCost(savers, self.with_overhead(device), host, flops, moved))
         yield from sorted(options, key=lambda option: option.flops)  # stable: the order above on ties
 
     def plan_stage(
@@ -174,9 +181,12 @@ class MemoryPlanner(Measurements):
                 vae_device_store_bytes=vae.savers.vae_device_store_bytes,
                 model_offload=offload,
             )
+            # model CPU offload brings each model onto the device and back once per stage (the VAE twice
+            # when it also encodes, before and after the UNet)
+            offloaded = 2 * (weights + (vae_weights if encode else 0)) if offload else 0
             stage = StagePlan(
                 width, height, savers, weights, unet.device, vae.device, unet_weights, vae_weights,
-                unet.host, vae.host, unet.flops + vae.flops, plain_flops,
+                unet.host, vae.host, unet.flops + vae.flops, plain_flops, unet.moved + vae.moved + offloaded,
             )  # fmt: skip
             host_fits = host_limit is None or stage.host_peak <= host_limit
             if stage.peak <= budget and host_fits:
