@@ -15,9 +15,12 @@ import torch
 from linfusion import LinFusion
 from linfusion.cli import main
 from linfusion.io import parse_size
+from linfusion.patches.banded_unet import banded_unet_cost
+from linfusion.patches.stage import DEFAULT_BAND_BYTES
 from linfusion.pipelines import plan_stages, sdedit
-from linfusion.planner import MemoryBudgetError, MemoryPlanner, Savers, apply_savers
+from linfusion.planner import MemoryBudgetError, MemoryPlanner, Savers
 from linfusion.testing import tiny_pipeline
+from linfusion.tiled_vae import tiled_vae_cost
 from linfusion.tracing import traced_peak
 
 PROBE = Path(__file__).with_name("support") / "planner_probe.py"
@@ -94,6 +97,46 @@ def test_plan_turns_on_only_what_the_budget_needs() -> None:
     tight = planner.plan([(512, 512)], budget=weights + (plain + sequential) // 2)
     assert tight.stages[0].savers.sequential_cfg and not tight.stages[0].savers.feed_forward_chunk
     assert "CFG branches one at a time" in tight.describe()
+    for plan in (roomy, tight):  # nothing parked on the host: nothing moved
+        assert [stage["transfer_bytes"] for stage in plan.to_json()["stages"]] == [0]
+
+
+@pytest.mark.slow
+def test_transfer_bytes_are_what_the_cost_models_count() -> None:
+    """A CUDA stage at the smallest budget parks the banded UNet's store on the host and offloads the
+    models: its transfer bytes are the banded cost model's bytes per call x calls (x2 with the guidance
+    branches in turn), plus the tiled VAE's decode and encode bytes when its store is on the host, plus
+    every model's weights on and off the device once (the VAE twice: it encodes before the UNet)."""
+    pipe = tiny_pipeline("sd15")
+    LinFusion.construct_for(pipe, load_pretrained=False)
+    planner = MemoryPlanner(pipe, device="cuda")
+    size, calls = 1024, 3
+    stage = planner.plan_stage(size, size, budget=1, encode=True, unet_calls=calls, host_budget=64 * 2**30)
+    savers = stage.savers
+    assert savers.banded_unet and savers.unet_store_on_host and savers.model_offload
+    unet = banded_unet_cost(pipe.unet, size, size, dtype=torch.float32, batch=1 if savers.sequential_cfg else 2,
+                            band_bytes=DEFAULT_BAND_BYTES, store_on_host=True,
+                            device_store_bytes=savers.unet_device_store_bytes,
+                            vae_scale_factor=pipe.vae_scale_factor,
+                            context_tokens=pipe.tokenizer.model_max_length)  # fmt: skip
+    expected = calls * (2 if savers.sequential_cfg else 1) * unet.moved_bytes
+    assert savers.tiled_vae and savers.vae_store_on_host
+    expected += sum(
+        tiled_vae_cost(pipe.vae.config, size, size, dtype=torch.float32, band_bytes=DEFAULT_BAND_BYTES,
+                       store_limit_bytes=savers.vae_store_limit_bytes, encode=encode,
+                       device_store_bytes=savers.vae_device_store_bytes).moved_bytes
+        for encode in (False, True)
+    )  # fmt: skip
+
+    def weights(*names: str) -> int:  # float32 parameters and buffers (the text encoder's int64 positions)
+        tensors = [
+            t for name in names for m in [getattr(pipe, name)] for t in [*m.parameters(), *m.buffers()]
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    expected += 2 * (weights("unet", "vae", "text_encoder") + weights("vae"))
+    assert unet.moved_bytes > 0 and stage.transfer_bytes == expected
+    assert stage.to_json()["transfer_bytes"] == expected
 
 
 @pytest.mark.slow
@@ -159,24 +202,3 @@ def test_model_offload_is_the_last_resort_on_cuda_only() -> None:
     assert between.stages[0].savers.model_offload and "model CPU offload" in between.describe()
     roomy = planner.plan([(256, 256)], budget=10 * resident)
     assert not roomy.stages[0].savers.model_offload
-
-
-def test_model_offload_stage_is_exact_and_leaves_no_hooks() -> None:
-    pipe = tiny_pipeline("sd15")
-
-    def image() -> np.ndarray:
-        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images[0]  # fmt: skip
-
-    plain = image()
-    with apply_savers(pipe, Savers(model_offload=True)):
-        assert pipe.unet._hf_hook is not None  # diffusers' model CPU offload is on
-        offloaded = image()
-    np.testing.assert_array_equal(offloaded, plain)
-    assert getattr(pipe.unet, "_hf_hook", None) is None
-    with (
-        pytest.raises(RuntimeError, match="stop"),
-        apply_savers(pipe, Savers(model_offload=True)),
-    ):
-        raise RuntimeError("stop")
-    assert getattr(pipe.unet, "_hf_hook", None) is None and getattr(pipe.vae, "_hf_hook", None) is None

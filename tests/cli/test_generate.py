@@ -351,8 +351,8 @@ def test_an_impossible_size_is_refused_before_any_trace(
     def no_trace(*args: object, **kwargs: object) -> None:
         raise AssertionError("traced although the size can never fit")
 
-    monkeypatch.setattr("linfusion.planner.traced_peak", no_trace)
-    monkeypatch.setattr("linfusion.planner.traced_flops", no_trace)
+    monkeypatch.setattr("linfusion.planner.measure.traced_peak", no_trace)
+    monkeypatch.setattr("linfusion.planner.measure.traced_flops", no_trace)
     out = tmp_path / "never.png"
     assert main(["generate", "a large red circle", "--size", "100000x100000", "--out", str(out)]) == 2
     assert "image alone needs" in capsys.readouterr().err

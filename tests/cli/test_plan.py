@@ -32,8 +32,27 @@ def test_bundled_model_on_the_cpu_fits_and_reports_every_stage(capsys: pytest.Ca
         assert isinstance(stage["device_peak_bytes"], int) and stage["device_peak_bytes"] > 0
         assert isinstance(stage["host_peak_bytes"], int) and stage["flops"] > 0
         assert isinstance(stage["savers"], list) and stage["predicted_seconds"] > 0
+        assert stage["transfer_bytes"] == 0 and stage["transfer_seconds"] == 0  # the CPU parks nothing
     flops = [stage["flops"] for stage in result["stages"]]
     assert flops[-1] > flops[1]  # the largest stage costs the most
+
+
+@pytest.mark.slow
+def test_transfers_add_their_link_time_to_the_prediction(capsys: pytest.CaptureFixture) -> None:
+    """On CUDA at the smallest budget the stage parks on the host: its transfer bytes over the link's
+    effective rate are added to the compute time (FLOPs over the GPU's sustained rate)."""
+    from linfusion.app.plan import EFFICIENCY, GPUS, LINK_EFFICIENCY, LINKS
+
+    code, result = plan(capsys, "--model", "bundled", "--size", "64x64", "--mode", "plain", "--device", "cuda",
+                        "--max-memory", "1MB", "--link", "pcie4")  # fmt: skip
+    assert code == 3 and result["prediction"]["link"] == "pcie4"
+    [stage] = result["stages"]
+    assert stage["transfer_bytes"] > 0
+    assert stage["transfer_seconds"] == pytest.approx(
+        stage["transfer_bytes"] / (LINKS["pcie4"] * LINK_EFFICIENCY)
+    )
+    compute = stage["flops"] / (GPUS["h100"].peak["float16"] * EFFICIENCY)
+    assert stage["predicted_seconds"] == pytest.approx(compute + stage["transfer_seconds"])
 
 
 @pytest.mark.slow

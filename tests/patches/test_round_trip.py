@@ -19,9 +19,9 @@ from linfusion import LinFusion
 from linfusion.patches import Patch
 from linfusion.patches.dilation import apply_dilated_branch, apply_dilation
 from linfusion.patches.savers import apply_feed_forward_chunking, apply_sequential_cfg, apply_skip_offload
+from linfusion.patches.stage import Savers, apply_savers
 from linfusion.patches.tiling import apply_exact_tiling
 from linfusion.patches.vae_attention import apply_vae_attention
-from linfusion.planner import Savers, apply_savers
 from linfusion.testing import tiny_pipeline
 from support import run
 

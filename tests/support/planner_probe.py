@@ -21,7 +21,8 @@ import torch
 from linfusion import LinFusion
 from linfusion.app.execute import returns_freed_memory
 from linfusion.io import parse_size
-from linfusion.planner import MemoryPlanner, apply_savers
+from linfusion.patches.stage import apply_savers
+from linfusion.planner import MemoryPlanner
 from linfusion.runtime import keep_freed_memory, return_freed_memory
 from linfusion.testing import tiny_pipeline
 

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from linfusion.bench.vae import SD_VAE, input_bytes, run_child, sd_vae, tiler_options, vae_input
 from linfusion.patches.vae_attention import apply_vae_attention
 from linfusion.tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
+from linfusion.tiled_vae.store import RowStore
 from linfusion.tracing import traced_peak
 from support.tiled_vae import (
     FOUR_LEVEL,
@@ -134,6 +135,49 @@ def test_cost_model_memory_matches_traced_peak(
         FOUR_LEVEL, size, size, dtype=dtype, encode=encode, device_store_bytes=None, **options
     )
     assert traced <= cost.device_peak <= 1.25 * traced
+
+
+@pytest.mark.parametrize("policy", ["mixed", pytest.param("minimum", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("attention", ["exact", "linear"])
+@pytest.mark.parametrize("encode", [False, True])
+def test_cost_model_counts_every_byte_through_the_store(
+    attention: str, encode: bool, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the whole store on the host, ``moved_bytes`` is every byte the tiler reads from its store or
+    writes to it (counted on ``meta`` at the store's own methods), plus the input put there and the output
+    written there. The softmax keys and values fit the chunks here (kept on the device)."""
+    size, band_bytes = 128, MIB // 2
+    with torch.device("meta"):
+        vae = AutoencoderKL(**FOUR_LEVEL).eval()
+    if attention == "linear":
+        apply_vae_attention(vae, "linear")
+    shape = vae_input(size, encode).shape
+    options = policy_options(vae, shape, encode, policy, band_bytes, block_bytes=MIB // 4)
+    counted = {"bytes": 0}
+    read, append = RowStore.read, RowStore.append
+
+    def counting_read(store: RowStore, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        rows = read(store, start, stop, device)
+        counted["bytes"] += rows.numel() * rows.element_size()
+        return rows
+
+    def counting_append(store: RowStore, rows: torch.Tensor) -> None:
+        counted["bytes"] += rows.numel() * rows.element_size()
+        append(store, rows)
+
+    monkeypatch.setattr(RowStore, "read", counting_read)
+    monkeypatch.setattr(RowStore, "append", counting_append)
+    tensor = torch.empty(shape, device="meta")
+    tiler = ExactTiler(vae, **options)
+    output = tiler.encode_moments(tensor) if encode else tiler.decode(tensor)
+    measured = counted["bytes"] + tensor.numel() * 4 + output.numel() * 4
+    options = {key.replace("store_block_bytes", "block_bytes"): value for key, value in options.items()}
+    cost = tiled_vae_cost(FOUR_LEVEL, size, size, dtype=torch.float32, encode=encode, attention=attention,
+                          device_store_bytes=0, **options)  # fmt: skip
+    assert cost.moved_bytes == measured
+    on_device = tiled_vae_cost(FOUR_LEVEL, size, size, dtype=torch.float32, encode=encode, attention=attention,
+                               device_store_bytes=None, **options)  # fmt: skip
+    assert on_device.moved_bytes == 0
 
 
 @pytest.mark.parametrize("attention", ["linear", "exact"])

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from ..io import atomic_file
+from ..patches.stage import Savers, apply_savers
 from ..pipelines.chain import StageCallback
 from ..pipelines.demofusion import demofusion
 from ..pipelines.sdedit import sdedit
-from ..planner import MemoryPlan, Savers, apply_savers
+from ..planner import MemoryPlan
 from ..runtime import freed_memory_returned, keeps_freed_memory
 from .loading import LoadedPipeline
 from .params import RANDOM_SEED, GenerationParams

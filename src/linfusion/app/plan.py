@@ -2,8 +2,10 @@
 predicted time on a named GPU. What ``linfusion plan`` prints; it needs neither the device nor weights.
 
 The pipeline is built on the ``meta`` device from its configs (:func:`~linfusion.app.loading.load_structure`),
-so a plan for an 80 GB GPU can be made on a laptop. Times are *predictions*: FLOPs divided by the GPU's
-published peak dense fp16/bf16 (tf32 for fp32) throughput times :data:`EFFICIENCY`, never measurements.
+so a plan for an 80 GB GPU can be made on a laptop. Times are *predictions*, never measurements: FLOPs
+divided by the GPU's published peak dense fp16/bf16 (tf32 for fp32) throughput times :data:`EFFICIENCY`,
+plus the bytes the stage moves between host and device divided by the link's rate (:data:`LINKS` times
+:data:`LINK_EFFICIENCY`), the two added (no overlap assumed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..io import format_size
 from ..pipelines.chain import Stage
 from ..planner import MemoryPlan
 from .params import GenerationError, GenerationParams
-from .timing import EFFICIENCY, GPUS
+from .timing import EFFICIENCY, GPU_LINKS, GPUS, LINK_EFFICIENCY, LINKS
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float32": "float32", "fp32": "float32"}  # fmt: skip
@@ -41,6 +43,7 @@ class PlanRequest:
     gpu: str = "h100"
     linfusion: bool = True
     vae_attention: str = "auto"  # exact, linear, or auto: what ``linfusion generate`` would pick
+    link: str | None = None  # the host<->device link of the predicted transfers (None: the GPU's own)
 
 
 @dataclass(frozen=True)
@@ -54,24 +57,46 @@ class PlannedRun:
     stripes: int  # processes sharing each stage (the plan is one rank's)
     vae_attention: str  # the VAE mid-block kernel planned (auto settled)
 
+    @property
+    def link(self) -> str:
+        return self.request.link or GPU_LINKS[self.request.gpu]
+
+    def transfer_seconds(self) -> list[float]:
+        """Each stage's predicted host<->device copy time (transfer bytes / (link x LINK_EFFICIENCY))."""
+        rate = LINKS[self.link] * LINK_EFFICIENCY
+        return [stage.transfer_bytes / rate for stage in self.plan.stages]
+
     def predicted_seconds(self) -> list[float]:
-        """Each stage's predicted time on ``request.gpu`` (FLOPs / (peak x EFFICIENCY))."""
+        """Each stage's predicted time on ``request.gpu``: FLOPs / (peak x EFFICIENCY) plus its transfer
+        seconds (no overlap assumed)."""
         gpu = GPUS[self.request.gpu]
         throughput = gpu.peak[DTYPE_NAMES[self.request.dtype]] * EFFICIENCY
-        return [stage.flops / throughput for stage in self.plan.stages]
+        transfers = self.transfer_seconds()
+        return [stage.flops / throughput + moved for stage, moved in zip(self.plan.stages, transfers)]
 
     def to_json(self) -> dict[str, Any]:
         data = self.plan.to_json()
-        seconds = self.predicted_seconds()
-        for entry, stage, calls, predicted in zip(data["stages"], self.stages, self.unet_calls, seconds):
-            entry.update(strength=stage.strength, unet_calls=calls, predicted_seconds=predicted)
+        rows = zip(
+            data["stages"], self.stages, self.unet_calls, self.predicted_seconds(), self.transfer_seconds()
+        )
+        for entry, stage, calls, predicted, moved in rows:
+            entry.update(
+                strength=stage.strength, unet_calls=calls, predicted_seconds=predicted, transfer_seconds=moved
+            )
         data.update(
             model=self.request.model,
             mode=self.request.mode,
             dtype=DTYPE_NAMES[self.request.dtype],
             nproc=self.stripes,
             vae_attention=self.vae_attention,
-            prediction={"gpu": GPUS[self.request.gpu].name, "efficiency": EFFICIENCY, "predicted": True},
+            prediction={
+                "gpu": GPUS[self.request.gpu].name,
+                "efficiency": EFFICIENCY,
+                "link": self.link,
+                "link_bytes_per_second": LINKS[self.link],
+                "link_efficiency": LINK_EFFICIENCY,
+                "predicted": True,
+            },
         )
         if not self.plan.fits:
             data["smallest_device_budget_bytes"] = self.plan.peak
@@ -89,19 +114,26 @@ class PlannedRun:
             f"VAE attention {self.vae_attention}{rank}",
             f"budgets: device {format_size(plan.budget)}{host}",
         ]
-        for index, (planned, seconds) in enumerate(zip(plan.stages, self.predicted_seconds())):
+        timed = zip(plan.stages, self.predicted_seconds(), self.transfer_seconds())
+        for index, (planned, seconds, moved) in enumerate(timed):
             parked = format_size(planned.host_peak) if planned.host_peak else "0"
+            transfers = (
+                f", {format_size(planned.transfer_bytes)} host<->device ({moved:.1f} s of it)"
+                if planned.transfer_bytes
+                else ""
+            )
             lines.append(
                 f"  stage {index + 1} {planned.width}x{planned.height}: device {format_size(planned.peak)}, "
                 f"host {parked}, {planned.flops:.3g} FLOPs ({planned.flops / max(planned.plain_flops, 1):.2f}x "
-                f"plain), predicted {seconds:.1f} s; savers: {', '.join(planned.savers.names())}"
+                f"plain), predicted {seconds:.1f} s{transfers}; savers: {', '.join(planned.savers.names())}"
             )
         total = sum(self.predicted_seconds())
         lines.append(
             f"{'fits' if plan.fits else 'does NOT fit'}: device peak {format_size(plan.peak)}, host peak "
             f"{format_size(plan.host_peak)}; {plan.flops:.3g} FLOPs in all, predicted {total:.0f} s on one "
             f"{gpu.name} at {EFFICIENCY:.0%} of its {gpu.peak[DTYPE_NAMES[request.dtype]] / 1e12:.0f} TFLOP/s "
-            "peak (a prediction, not a measurement)"
+            f"peak, host<->device transfers over {self.link} at {LINK_EFFICIENCY:.0%} of "
+            f"{LINKS[self.link] / 1e9:.0f} GB/s, not overlapped (a prediction, not a measurement)"
         )
         if not plan.fits:
             lines.append(
@@ -121,6 +153,8 @@ def validate(request: PlanRequest) -> None:
     """Refuse what cannot be planned, with what to change."""
     if request.gpu not in GPUS:
         raise GenerationError(f"unknown GPU {request.gpu!r}; choose one of {', '.join(GPUS)}")
+    if request.link is not None and request.link not in LINKS:
+        raise GenerationError(f"unknown link {request.link!r}; choose one of {', '.join(LINKS)}")
     if request.dtype not in DTYPE_NAMES:
         raise GenerationError(f"unknown dtype {request.dtype!r}; choose float16, bfloat16 or float32")
     if request.vae_attention not in VAE_ATTENTION_CHOICES:
@@ -162,4 +196,14 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     return PlannedRun(request, run.stages, run.unet_calls, run.memory, request.nproc, run.vae_attention)
 
 
-__all__ = ["PlanRequest", "PlannedRun", "make_plan", "validate"]
+__all__ = [
+    "EFFICIENCY",
+    "GPUS",
+    "GPU_LINKS",
+    "LINKS",
+    "LINK_EFFICIENCY",
+    "PlanRequest",
+    "PlannedRun",
+    "make_plan",
+    "validate",
+]

@@ -35,6 +35,15 @@ GPUS = {
 # The fraction of that peak a diffusion UNet and VAE sustain end to end: an assumption (convolutions and
 # GEMMs run near peak, GroupNorm, activations and memory traffic do not), not a measurement.
 EFFICIENCY = 0.35
+# Host<->device links in bytes/s, one direction, theoretical: PCIe 4.0 x16 is 16 GT/s x 16 lanes with
+# 128b/130b coding (31.5 GB/s, "32 GB/s"), PCIe 5.0 x16 twice that. Copies from pinned host memory commonly
+# reach about 80 % of it (LINK_EFFICIENCY, an assumption; pageable copies, as the tiled VAE's, may be
+# slower). A stage's transfer bytes sum both directions and are timed against one direction's rate, and
+# added to its compute time: no overlap with compute or between directions (the banded UNet does overlap
+# its copies with compute on CUDA, so its predictions err long).
+LINKS = {"pcie4": 32e9, "pcie5": 64e9}
+LINK_EFFICIENCY = 0.8
+GPU_LINKS = {"h100": "pcie5", "a100": "pcie4", "4090": "pcie4"}  # the host link of each GPU above
 
 # A diffusion chain on the CPU (convolutions, GEMMs, GroupNorm, element-wise work) sustains this share of a
 # plain fp32 matrix multiply's rate. Measured on the shared 2-core machine (bundled model, SDEdit chains):
@@ -93,6 +102,9 @@ __all__ = [
     "EFFICIENCY",
     "GPU",
     "GPUS",
+    "GPU_LINKS",
+    "LINKS",
+    "LINK_EFFICIENCY",
     "describe_duration",
     "predicted_seconds",
     "sustained_rate",

@@ -49,6 +49,12 @@ def register(subparsers: Any) -> None:
         "--gpu", default="h100", choices=("h100", "a100", "4090"), help="GPU of the predicted time"
     )
     parser.add_argument(
+        "--link",
+        default=None,
+        choices=("pcie4", "pcie5"),
+        help="host<->device link of the predicted transfer time (default: the GPU's own: pcie5 for h100)",
+    )
+    parser.add_argument(
         "--vae-attention",
         default="auto",
         choices=VAE_ATTENTION_CHOICES,
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, width=width, height=height, mode=args.mode, device=args.device, dtype=args.dtype,
         max_memory=args.max_memory, host_memory=args.host_memory, steps=args.steps, guidance=args.guidance,
         nproc=args.nproc, gpu=args.gpu, linfusion=not args.no_linfusion, vae_attention=args.vae_attention,
+        link=args.link,
     )  # fmt: skip
     planned = make_plan(request)  # a request that cannot be planned raises a UserError: exit 2 (cli.main)
     print(json.dumps(planned.to_json(), indent=1) if args.json else planned.describe())

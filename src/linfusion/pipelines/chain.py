@@ -4,7 +4,7 @@ Every high-resolution recipe here (SDEdit, DemoFusion, super-resolution) is a li
 run by :func:`run_chain`: the base stage is text-to-image at the native size (or an input image), each
 later stage enlarges the previous image and refines it at a decreasing strength. What differs between
 recipes is only the refine step (:class:`ChainSteps`). The runner applies each stage's memory savers
-(:func:`linfusion.planner.apply_savers`), labels the progress bar, saves stage images and calls
+(:func:`linfusion.patches.stage.apply_savers`), labels the progress bar, saves stage images and calls
 ``on_stage_end``.
 """
 
@@ -21,7 +21,8 @@ from PIL import Image
 
 from ..choices import SIZE_MULTIPLE
 from ..io import atomic_file
-from ..planner import MemoryPlan, Savers, apply_savers
+from ..patches.stage import Savers, apply_savers
+from ..planner import MemoryPlan
 
 DEFAULT_TILE_FROM = 2048 * 2048  # without a memory plan: exact VAE tiling from this many pixels
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .chain import Chain, Point, attention_chunks, pass_rows, vae_units, working_bytes
+from .chain import SOFTMAX_KEY_CHUNKS, Chain, Point, attention_chunks, pass_rows, vae_units, working_bytes
 from .store import DEFAULT_STORE_BLOCK_BYTES
 
 DEFAULT_BAND_BYTES = 256 * 2**20
@@ -82,6 +82,36 @@ class Plan:
         device = max(item.working_bytes + min(item.store_bytes, share) for item in self.passes)
         host = max(max(0, item.store_bytes - share) for item in self.passes)
         return int(device), int(host)
+
+    def moved_bytes(self, device_store_bytes: int | None = 0) -> int:
+        """Bytes copied between the compute device and a store on the host, both directions summed.
+
+        The input's copy into the store, every read of a stored point and every write of one (the output
+        included), and softmax keys and values parked in the store (read once per query chunk). With
+        ``device_store_bytes`` of the store on the device, a pass's reads and writes count in the share
+        of its store that is on the host (an estimate: the tiler fills the device share first). None: the
+        store is on the compute device and nothing moves.
+        """
+        if device_store_bytes is None:
+            return 0
+        chain = self.chain
+        total = chain.tensor_bytes(Point(0))
+        for item in self.passes:
+            reads = chain.resume_bytes(item.source)
+            parked = 0
+            if chain.is_attention_output(item.target):
+                reads *= 3  # keys and values, queries, the residual: each a read of the input
+                chunks = attention_chunks(chain, item.source.unit, self.band_bytes)
+                if chunks.kernel == SOFTMAX_KEY_CHUNKS:  # keys and values parked in the store
+                    height = chain.cut_shapes[item.source.unit].height
+                    parked = chunks.kv_bytes * (1 + -(-height // chunks.query_rows))
+            writes = chain.tensor_bytes(item.target) if item.target == chain.output else 0
+            if item.store is not None:
+                keeps_input = item.store.inner and item.source == Point(item.store.unit)
+                writes += chain.tensor_bytes(item.store) if keeps_input else chain.resume_bytes(item.store)
+            on_host = max(0, item.store_bytes - device_store_bytes) / max(1, item.store_bytes)
+            total += round((reads + writes) * on_host) + parked
+        return int(total)
 
 
 def _block_bytes(chain: Chain, point: Point, block_bytes: int) -> int:
@@ -214,6 +244,7 @@ class VAECost:
     plain_flops: int
     passes: int
     stored: tuple[Point, ...]
+    moved_bytes: int = 0  # copied between the compute device and the host part of the store
 
     @property
     def overhead(self) -> float:
@@ -255,6 +286,7 @@ def tiled_vae_cost(
         plain_flops=plan.chain.plain_flops,
         passes=len(plan.passes),
         stored=tuple(plan.stored),
+        moved_bytes=plan.moved_bytes(device_store_bytes),
     )
 
 

@@ -1,0 +1,134 @@
+"""A stage's memory savers as one value (:class:`Savers`) and the one place they become patches.
+
+The memory planner chooses a :class:`Savers` per stage; :func:`apply_savers` turns it on a pipeline (the
+banded UNet, the UNet savers, the exact tiled VAE, model CPU offload) as one reversible
+:class:`~linfusion.patches.base.Patch`. Both live here, below the planner, so the pipelines and the
+application apply a plan without importing the planner's search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..io import MIB, format_size
+from .banded_unet import apply_banded_unet
+from .base import Patch
+from .savers import apply_memory_savers
+from .tiling import apply_exact_tiling
+
+# The working memory of one band of the banded UNet and of one pass of the tiled VAE, as planned.
+DEFAULT_BAND_BYTES = 256 * MIB
+
+
+@dataclass(frozen=True)
+class Savers:
+    """What the plan turns on. Each is exact (same image); each costs some speed."""
+
+    sequential_cfg: bool = False
+    feed_forward_chunk: int | None = None
+    skip_offload: bool = False
+    tiled_vae: bool = False
+    model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
+    banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
+    unet_store_on_host: bool = False  # the banded UNet's whole activations in host memory
+    unet_device_store_bytes: int | None = None  # ... of which this many bytes may stay on the device
+    vae_store_on_host: bool = False  # the tiled VAE's store in host memory ...
+    vae_store_limit_bytes: int | None = None  # ... holding at most this many bytes (None: no limit)
+    vae_device_store_bytes: int = 0  # ... of which this many stay on the device
+
+    def names(self) -> list[str]:
+        names = []
+        if self.banded_unet:
+            where = "on the device"
+            if self.unet_store_on_host:
+                kept = format_size(self.unet_device_store_bytes or 0)
+                where = (
+                    f"on the host ({kept} kept on the device)"
+                    if self.unet_device_store_bytes
+                    else "on the host"
+                )
+            names.append(f"banded UNet, activations {where}")
+        if self.sequential_cfg:
+            names.append("CFG branches one at a time")
+        if self.feed_forward_chunk:
+            names.append(f"feed-forward in chunks of {self.feed_forward_chunk} tokens")
+        if self.skip_offload:
+            names.append("skip tensors parked on the CPU")
+        if self.tiled_vae:
+            where = "host" if self.vae_store_on_host else "device"
+            limit = (
+                f", at most {format_size(self.vae_store_limit_bytes)}"
+                if self.vae_store_limit_bytes is not None
+                else ""
+            )
+            names.append(f"exact tiled VAE (store on the {where}{limit})")
+        if self.model_offload:
+            names.append("model CPU offload")
+        return names or ["none needed"]
+
+
+def apply_savers(pipe: Any, savers: Savers) -> Patch:
+    """Turn on what ``savers`` says on ``pipe`` (UNet savers, exact VAE tiling, model offload).
+
+    The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was.
+    """
+    patch = Patch("stage savers")
+    try:  # the banded UNet first, then what wraps it; model offload wraps the UNet's forward last
+        if savers.banded_unet:
+            patch.add(
+                apply_banded_unet(
+                    pipe.unet,
+                    band_bytes=DEFAULT_BAND_BYTES,
+                    store_device="cpu" if savers.unet_store_on_host else None,
+                    device_store_bytes=savers.unet_device_store_bytes,
+                )
+            )
+        patch.add(
+            apply_memory_savers(
+                pipe.unet,
+                feed_forward_chunk=savers.feed_forward_chunk,
+                sequential_cfg=savers.sequential_cfg,
+                skip_offload="cpu" if savers.skip_offload else None,
+            )
+        )
+        if savers.tiled_vae:
+            patch.add(
+                apply_exact_tiling(
+                    pipe.vae,
+                    band_bytes=DEFAULT_BAND_BYTES,
+                    store_device="cpu" if savers.vae_store_on_host else None,
+                    store_limit_bytes=savers.vae_store_limit_bytes,
+                    device_store_bytes=savers.vae_device_store_bytes,
+                )
+            )
+        if savers.model_offload:
+            patch.add(apply_model_offload(pipe))
+    except BaseException:
+        patch.remove()
+        raise
+    return patch
+
+
+def apply_model_offload(pipe: Any) -> Patch:
+    """diffusers' model CPU offload (only the model at work on the device); ``remove()`` moves it all back."""
+    device = pipe.unet.device
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    attributes = [set(model.__dict__) for model in models]
+    pipe.enable_model_cpu_offload(device=device)
+    patch = Patch("model CPU offload")
+
+    def undo() -> None:
+        pipe.remove_all_hooks()
+        pipe.to(device)
+        for model, before in zip(models, attributes):  # accelerate leaves its restored forward behind
+            for name in set(model.__dict__) - before:
+                del model.__dict__[name]
+
+    patch.on_remove(undo)
+    return patch
+
+
+__all__ = ["DEFAULT_BAND_BYTES", "Savers", "apply_model_offload", "apply_savers"]
