@@ -12,9 +12,10 @@ A plan's :class:`Savers` become patches on a pipeline with :func:`linfusion.patc
 from ..patches.stage import Savers
 from .measure import Extrapolated, Measurements, available_memory
 from .plan import MemoryBudgetError, MemoryPlan, PhaseCost, StagePlan, refusal
-from .search import MemoryPlanner
+from .search import MAX_PLANNED_PIXELS, MemoryPlanner
 
 __all__ = [
+    "MAX_PLANNED_PIXELS",
     "Extrapolated",
     "Measurements",
     "MemoryBudgetError",
