@@ -45,12 +45,9 @@ LINKS = {"pcie4": 32e9, "pcie5": 64e9}
 LINK_EFFICIENCY = 0.8
 GPU_LINKS = {"h100": "pcie5", "a100": "pcie4", "4090": "pcie4"}  # the host link of each GPU above
 
-# A diffusion chain on the CPU (convolutions, GEMMs, GroupNorm, element-wise work) sustains this share of a
-# plain fp32 matrix multiply's rate. Measured on the shared 2-core machine (bundled model, SDEdit chains):
-# 0.57-0.60 to 512 px and 0.41-0.60 (median 0.47) to 1024 px, one thread (benchmarks/cpu_efficiency.py);
-# the defaults to 2048 px with two threads 0.39 of the two-thread rate (226 s for 2.6e13 FLOPs); the
-# 4096 px stage of a 7 GB chain 0.23 (banded UNet, tiled VAE, freed memory returned). Long runs matter
-# most, so the constant leans low: small runs are predicted long, the largest still short.
+# The share of a plain fp32 matrix multiply's rate a whole diffusion chain sustains on the CPU. Measured by
+# benchmarks/cpu_efficiency.py (figures: docs/high-resolution.md, section "Memory planner"); set so that long
+# runs, the ones announced, are predicted about right or short.
 CPU_EFFICIENCY = 0.4
 ANNOUNCE_SECONDS = 60.0  # runs predicted to last longer are announced before they start
 
