@@ -15,7 +15,6 @@ from torch import nn
 
 from linfusion import LinFusion, LinFusionCheckpointError
 from linfusion.patches.vae_attention import apply_vae_attention
-from linfusion.pipelines.chain import plan_stages
 from linfusion.registry import KNOWN_CHECKPOINTS, SD_VAE_CONFIG, KnownCheckpoint, family_signature
 from linfusion.tiled_vae import StoreBudgetError, tiled_decode, tiled_encode_moments, tiled_vae_cost
 
@@ -71,7 +70,3 @@ def vae_cost(vae_config: dict[str, Any], width: int, height: int, **options: Any
     """The tiled VAE's predicted peaks and FLOPs (``linfusion.tiled_vae.tiled_vae_cost``)."""
     return tiled_vae_cost(vae_config, width, height, **options)
 
-
-def chain_stages(width: int, height: int, base_long_side: int, sdxl: bool) -> list[tuple[int, int, float | None]]:
-    """The SDEdit chain's stages: (width, height, denoise), the base generation first (denoise None)."""
-    return [(s.width, s.height, s.strength) for s in plan_stages(width, height, base_long_side, sdxl=sdxl)]

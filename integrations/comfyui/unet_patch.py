@@ -25,6 +25,21 @@ class LinFusionNodeError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class _ReplacedAttn1Output(nn.Sequential):
+    """LinFusion's output projection under ComfyUI's name ``to_out``; ComfyUI calls it as a whole only when
+    another node's attn1 replace patch took over the block (added after LinFusionApply): refuse then."""
+
+    def __init__(self, path: str, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.path = path
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise LinFusionNodeError(
+            f"another node replaced attn1 at {self.path} after LinFusionApply: ComfyUI then computes the "
+            "attention itself and LinFusion's layer is not used. Apply LinFusion last, or leave that node out."
+        )
+
+
 class ComfyAttn1(nn.Module):
     """A LinFusion layer in the place of a ComfyUI ``attn1``.
 
@@ -38,6 +53,8 @@ class ComfyAttn1(nn.Module):
     def __init__(self, layer: nn.Module, path: str) -> None:
         super().__init__()
         for name, child in layer.named_children():
+            if name == "to_out":  # ComfyUI's attn1.to_out is a Sequential
+                child = _ReplacedAttn1Output(path, *child)
             self.add_module(name, child)
         self.__dict__["layer"] = layer  # not registered: its children are already ours
         self.path = path
