@@ -203,7 +203,7 @@ class LinFusionVAEEncode:
                 f"this VAE encodes images of {channels} channels (B, H, W, {channels}); got an image of shape "
                 f"{tuple(pixels.shape)}."
             )
-        pixels = vae.vae_encode_crop_pixels(pixels)[..., :channels].movedim(-1, 1)
+        pixels = vae.vae_encode_crop_pixels(pixels)[..., :channels].movedim(-1, 1).contiguous()
         images = vae.process_input(pixels).to(device=vae.device, dtype=vae.vae_dtype)
         moments = run_tiler(lf.encode_moments, model, images, vae_attention, options)
         mean = moments[:, : model.config.latent_channels]
