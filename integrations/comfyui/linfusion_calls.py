@@ -15,6 +15,7 @@ from torch import nn
 
 from linfusion import LinFusion, LinFusionCheckpointError
 from linfusion.patches.vae_attention import apply_vae_attention
+from linfusion.pipelines.chain import denoising_steps, plan_stages
 from linfusion.registry import KNOWN_CHECKPOINTS, SD_VAE_CONFIG, KnownCheckpoint, family_signature
 from linfusion.tiled_vae import StoreBudgetError, tiled_decode, tiled_encode_moments, tiled_vae_cost
 
@@ -70,3 +71,12 @@ def vae_cost(vae_config: dict[str, Any], width: int, height: int, **options: Any
     """The tiled VAE's predicted peaks and FLOPs (``linfusion.tiled_vae.tiled_vae_cost``)."""
     return tiled_vae_cost(vae_config, width, height, **options)
 
+
+
+def chain_stages(
+    width: int, height: int, base_long_side: int, sdxl: bool, steps: int
+) -> list[tuple[int, int, float | None, int]]:
+    """The SDEdit chain to ``width`` x ``height`` as linfusion runs it: (width, height, denoise, sampling
+    steps) per stage, the base generation first (denoise None, all ``steps``)."""
+    stages = plan_stages(width, height, base_long_side, sdxl=sdxl)
+    return [(s.width, s.height, s.strength, denoising_steps(s, steps)) for s in stages]

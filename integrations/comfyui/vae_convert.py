@@ -3,7 +3,8 @@
 ComfyUI keeps the VAE in the original (LDM) layout: ``encoder.down.0.block.0.conv1`` ... The architecture
 is read from the state dict's shapes (levels, widths, blocks per level, whether there is a mid-block
 attention and quant convolutions), the keys are converted with diffusers' own LDM converter, and the
-result is cached per ComfyUI VAE module (weights as ComfyUI has them: a later change of them is seen).
+result is cached per ComfyUI VAE module and the storage of its weights (weights ComfyUI replaces, moves or
+casts are converted again; the converted model shares the weights' memory where it can).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def diffusers_vae(comfy_vae: Any) -> nn.Module:
     if module is None:
         raise LinFusionNodeError("this VAE has no weights loaded (ComfyUI could not recognise its file).")
     state_dict = module.state_dict()
-    fingerprint = hash(tuple((key, value.data_ptr(), value._version) for key, value in state_dict.items()))
+    fingerprint = hash(tuple((key, value.data_ptr(), value.dtype, value.device) for key, value in state_dict.items()))
     cached = _CACHE.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
