@@ -139,3 +139,13 @@ def test_a_budget_too_small_fails_the_prompt_with_the_smallest(server):
     assert entry["status"]["status_str"] == "error"
     messages = json.dumps(entry["status"]["messages"])
     assert "smallest store that works at this size" in messages
+
+
+def test_ui_widget_order_is_comfyuis(server, pack):
+    """The UI-format files list widget values in the order ComfyUI's /object_info gives the inputs."""
+    examples = importlib.import_module(f"{pack.__name__}.example_workflows")
+    link_types = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE"}
+    for class_type, widgets in examples.WIDGETS.items():
+        required = request(f"{server}/object_info/{class_type}")[class_type]["input"]["required"]
+        order = [name for name, spec in required.items() if not (isinstance(spec[0], str) and spec[0] in link_types)]
+        assert [name for name in widgets if name != "control_after_generate"] == order, class_type
