@@ -26,6 +26,9 @@ MODELS = {  # checkpoint file name, native long side, SD-XL?, classifier-free gu
 STEPS = 25
 VAE_OPTIONS = {"store_limit_mb": 0, "band_mb": 256, "vae_attention": "exact", "store_on": "cpu",
                "device_store_mb": 0}  # fmt: skip
+# Host memory the VAE store may hold per target size (the untiled store of a 16K decode would be 192 GiB;
+# these fit the smallest workable stores, 0.8 / 3.1 / 12.1 GiB, with room to recompute less).
+STORE_LIMIT_MB = {"4k": 4096, "8k": 8192, "16k": 16384}
 
 # UI format: each class's widget order, link inputs and outputs (name, type).
 WIDGETS = {
@@ -80,6 +83,7 @@ def chain_graph(model: str, size: str) -> Graph:
     """The SDEdit chain of ``model`` ("sd15" / "sdxl") to a square ``size`` ("4k", "8k", "16k")."""
     checkpoint, native, sdxl, cfg = MODELS[model]
     side = SIZES[size]
+    vae_options = {**VAE_OPTIONS, "store_limit_mb": STORE_LIMIT_MB[size]}
     graph = Graph()
     loader = graph.add("CheckpointLoaderSimple", 0, 0, ckpt_name=checkpoint)
     unet = graph.add("LinFusionApply", 1, 0, model=[loader, 0], weights="auto", download=True)
@@ -95,12 +99,12 @@ def chain_graph(model: str, size: str) -> Graph:
             scaled = graph.add("ImageScale", column, 0, image=[image, 0], upscale_method="lanczos",
                                width=width, height=height, crop="disabled")  # fmt: skip
             latent = graph.add("LinFusionVAEEncode", column + 1, 0, pixels=[scaled, 0], vae=[loader, 2],
-                               **VAE_OPTIONS)  # fmt: skip
+                               **vae_options)  # fmt: skip
         sampled = graph.add("KSampler", column + 2, 0, model=[unet, 0], positive=[positive, 0],
                             negative=[negative, 0], latent_image=[latent, 0], seed=1, steps=steps, cfg=cfg,
                             sampler_name="euler", scheduler="normal", denoise=round(denoise, 6))  # fmt: skip
         image = graph.add("LinFusionVAEDecode", column + 3, 0, samples=[sampled, 0], vae=[loader, 2],
-                          **VAE_OPTIONS)  # fmt: skip
+                          **vae_options)  # fmt: skip
     graph.add("SaveImage", 3 + 4 * index, 1, images=[image, 0], filename_prefix=f"linfusion-{model}-{size}")
     return graph
 
@@ -122,7 +126,9 @@ def ui_format(graph: Graph) -> dict[str, Any]:
             links.append([len(links) + 1, int(source), slot, int(node_id), len(ui_inputs), kind])
             outputs.setdefault((source, slot), []).append(len(links))
             ui_inputs.append({"name": name, "type": kind, "link": len(links)})
-        widgets = [("fixed" if name == "control_after_generate" else inputs[name]) for name in WIDGETS[class_type]]
+        widgets = [
+            ("fixed" if name == "control_after_generate" else inputs[name]) for name in WIDGETS[class_type]
+        ]
         column, row = graph.columns[node_id]
         nodes.append({"id": int(node_id), "type": class_type, "pos": [40 + 360 * column, 60 + 300 * row],
                       "size": [320, 130], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,

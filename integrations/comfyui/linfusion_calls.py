@@ -72,7 +72,6 @@ def vae_cost(vae_config: dict[str, Any], width: int, height: int, **options: Any
     return tiled_vae_cost(vae_config, width, height, **options)
 
 
-
 def chain_stages(
     width: int, height: int, base_long_side: int, sdxl: bool, steps: int
 ) -> list[tuple[int, int, float | None, int]]:

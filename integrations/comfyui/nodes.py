@@ -18,7 +18,9 @@ from .unet_patch import (
 )
 from .vae_convert import diffusers_vae
 
-WEIGHTS_FOLDER = "linfusion"  # models/linfusion/<name>/ holds config.json + diffusion_pytorch_model.safetensors
+WEIGHTS_FOLDER = (
+    "linfusion"  # models/linfusion/<name>/ holds config.json + diffusion_pytorch_model.safetensors
+)
 AUTO = "auto"
 MIB = 2**20
 STORE_PLACES = ("vae device", "cpu")
@@ -143,7 +145,9 @@ def vae_inputs() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_tiler(call: Any, vae: Any, tensor: torch.Tensor, attention: str, options: dict[str, Any]) -> torch.Tensor:
+def run_tiler(
+    call: Any, vae: Any, tensor: torch.Tensor, attention: str, options: dict[str, Any]
+) -> torch.Tensor:
     """Run the exact tiler, turning a budget below the smallest workable store into a one-line error."""
     try:
         return call(vae, tensor, attention, **options)
@@ -262,7 +266,9 @@ def plan_report(width: int, height: int, direction: str, dtype: str, store_limit
     smallest_mb = -(-smallest // MIB)
     size = f"{direction} {width}x{height} ({dtype}, {vae_attention} attention)"
     try:
-        cost = lf.vae_cost(dict(config), width, height, store_limit_bytes=options["store_limit_bytes"], **common)
+        cost = lf.vae_cost(
+            dict(config), width, height, store_limit_bytes=options["store_limit_bytes"], **common
+        )
     except lf.BudgetError:
         return (f"does not fit: {size} needs store_limit_mb >= {smallest_mb}; "
                 f"{store_limit_mb} is too small.", smallest_mb)  # fmt: skip

@@ -110,7 +110,9 @@ def attn1_signature(model_patcher: Any, paths: dict[str, str]) -> list[tuple[str
         module = original_module(model_patcher, key)
         to_q = getattr(module, "to_q", None)
         if to_q is None or not hasattr(module, "heads"):
-            raise LinFusionNodeError(f"{key} is a {type(module).__name__}, not a ComfyUI self-attention layer.")
+            raise LinFusionNodeError(
+                f"{key} is a {type(module).__name__}, not a ComfyUI self-attention layer."
+            )
         if to_q.in_features != to_q.out_features:
             raise LinFusionNodeError(
                 f"{key} has query width {to_q.in_features} but inner width {to_q.out_features}; "
@@ -146,13 +148,19 @@ def refuse_attn1_patches(model_patcher: Any) -> None:
         )
 
 
-def check_layers_fit(expected: list[tuple[str, int, int]], layers: dict[str, tuple[int, int]], source: str) -> None:
+def check_layers_fit(
+    expected: list[tuple[str, int, int]], layers: dict[str, tuple[int, int]], source: str
+) -> None:
     """The checkpoint must have exactly the model's ``attn1`` layers, each of the same width and heads."""
     model_paths = {path for path, _, _ in expected}
     missing = sorted(model_paths - set(layers))
     extra = sorted(set(layers) - model_paths)
     if missing or extra:
-        which = f"the model's {missing[0]!r} has no layer in it" if missing else f"its {extra[0]!r} is not in the model"
+        which = (
+            f"the model's {missing[0]!r} has no layer in it"
+            if missing
+            else f"its {extra[0]!r} is not in the model"
+        )
         raise LinFusionNodeError(
             f"the LinFusion weights {source!r} do not fit this model: {which} "
             f"({len(layers)} layers in the weights, {len(model_paths)} self-attention layers in the model). "

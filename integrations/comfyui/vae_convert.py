@@ -56,7 +56,9 @@ def diffusers_vae(comfy_vae: Any) -> nn.Module:
     if module is None:
         raise LinFusionNodeError("this VAE has no weights loaded (ComfyUI could not recognise its file).")
     state_dict = module.state_dict()
-    fingerprint = hash(tuple((key, value.data_ptr(), value.dtype, value.device) for key, value in state_dict.items()))
+    fingerprint = hash(
+        tuple((key, value.data_ptr(), value.dtype, value.device) for key, value in state_dict.items())
+    )
     cached = _CACHE.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]

@@ -16,7 +16,6 @@ PACK = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 import comfy.cli_args  # noqa: E402
-
 from tiny_nodes import tiny_models  # noqa: E402
 
 BASE = Path(tempfile.mkdtemp(prefix="linfusion-comfyui-"))

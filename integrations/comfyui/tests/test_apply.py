@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_tiny_linfusion
 from tiny_nodes import tiny_models
+
+from conftest import save_tiny_linfusion
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +137,12 @@ def meta_comfy_model(family: str):
     """A full-size ComfyUI model of ``family`` on the meta device (structure only), as its loader detects it."""
     import comfy.model_detection
     import comfy.model_patcher
+
     from linfusion.registry import build_meta_unet
 
-    model_config = comfy.model_detection.model_config_from_diffusers_unet(build_meta_unet(family).state_dict())
+    model_config = comfy.model_detection.model_config_from_diffusers_unet(
+        build_meta_unet(family).state_dict()
+    )
     model = model_config.get_model({}, device=torch.device("meta"))
     return comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu"), model_config
 

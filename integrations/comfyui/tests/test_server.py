@@ -14,8 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PACK, TESTS
 from PIL import Image
+
+from conftest import PACK, TESTS
 
 pytestmark = pytest.mark.server
 START_TIMEOUT_S = 90
@@ -58,7 +59,9 @@ def server(base_dir, tiny_weights):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start: {(base_dir / 'server.log').read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"ComfyUI did not start: {(base_dir / 'server.log').read_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.5)
         assert "LinFusionApply" in info
         yield url
@@ -147,5 +150,9 @@ def test_ui_widget_order_is_comfyuis(server, pack):
     link_types = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE"}
     for class_type, widgets in examples.WIDGETS.items():
         required = request(f"{server}/object_info/{class_type}")[class_type]["input"]["required"]
-        order = [name for name, spec in required.items() if not (isinstance(spec[0], str) and spec[0] in link_types)]
+        order = [
+            name
+            for name, spec in required.items()
+            if not (isinstance(spec[0], str) and spec[0] in link_types)
+        ]
         assert [name for name in widgets if name != "control_after_generate"] == order, class_type

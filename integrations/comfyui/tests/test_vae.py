@@ -90,7 +90,9 @@ def test_a_budget_below_the_smallest_store_names_the_smallest(pack, vae):
         tiled_decode(model, latents, band_bytes=2**20, store_limit_bytes=2**20)
     smallest_mb = -(-budget.value.minimum // 2**20)
     assert smallest_mb > 1
-    with pytest.raises(ValueError, match=f"smallest store that works at this size: {smallest_mb} MiB") as error:
+    with pytest.raises(
+        ValueError, match=f"smallest store that works at this size: {smallest_mb} MiB"
+    ) as error:
         pack.nodes.LinFusionVAEDecode().decode({"samples": latents}, vae, store_limit_mb=1, band_mb=1)
     assert "\n" not in str(error.value)
     plan = pack.nodes.plan_report

@@ -51,7 +51,9 @@ def test_chain_stages_are_linfusions(examples, name, stages):
 def test_ui_format_is_the_api_graph(examples, name):
     api = json.loads((examples.FOLDER / f"{name}.api.json").read_text())
     ui = json.loads((examples.FOLDER / f"{name}.json").read_text())
-    assert {str(node["id"]): node["type"] for node in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    assert {str(node["id"]): node["type"] for node in ui["nodes"]} == {
+        k: v["class_type"] for k, v in api.items()
+    }
     links = {link[0]: link for link in ui["links"]}
     for node in ui["nodes"]:
         inputs = api[str(node["id"])]["inputs"]
@@ -60,4 +62,6 @@ def test_ui_format_is_the_api_graph(examples, name):
             assert inputs[slot["name"]] == [str(source), source_slot] and target == node["id"]
         widgets = [value for key, value in zip(examples.WIDGETS[node["type"]], node["widgets_values"])
                    if key != "control_after_generate"]  # fmt: skip
-        assert widgets == [inputs[key] for key in examples.WIDGETS[node["type"]] if key != "control_after_generate"]
+        assert widgets == [
+            inputs[key] for key in examples.WIDGETS[node["type"]] if key != "control_after_generate"
+        ]
