@@ -11,7 +11,9 @@ programs in the venv do not pay for importing torch).
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import sys
+from pathlib import Path
 
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -20,12 +22,27 @@ _SCHEMAS = (
 _library = None  # the torch.library.Library that holds the definitions; kept alive for the process
 
 
+def compiled_operators_load() -> bool:
+    """True when torchvision's compiled operators load with this torch (a matching build): no shim then."""
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for library in (path for folder in folders for path in Path(folder).glob("_C*.so")):
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError):
+            return False
+        return True
+    return False
+
+
 def define_operators() -> None:
     """Define the operator schemas torchvision registers fake kernels for, unless they exist."""
     global _library
     import torch
 
-    if _library is not None or hasattr(torch.ops.torchvision, "nms"):
+    if _library is not None or compiled_operators_load():
         return
     _library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _SCHEMAS:
