@@ -135,3 +135,14 @@ def test_plan_reports_the_full_size_vae(pack):
     assert f"VAE device peak {cost.device_peak / 2**20:,.0f} MiB" in report
     assert f"host {cost.host_peak / 2**20:,.0f} MiB" in report
     assert 0 < smallest < cost.store_peak / 2**20
+
+
+def test_vaes_that_are_not_kl_vaes_are_refused(pack):
+    """TAESD (ComfyUI's preview VAE) has no LDM encoder/decoder: a clear refusal, not a wrong image."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    with torch.inference_mode():
+        taesd = comfy.sd.VAE(sd=comfy.taesd.taesd.TAESD().state_dict())
+    with pytest.raises(ValueError, match="take Stable Diffusion's KL VAEs"):
+        pack.nodes.LinFusionVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, taesd)
