@@ -91,21 +91,21 @@ def chain_graph(model: str, size: str) -> Graph:
     negative = graph.add("CLIPTextEncode", 1, 2, clip=[loader, 1], text=NEGATIVE)
     latent = image = None
     for index, (width, height, denoise, steps) in enumerate(lf.chain_stages(side, side, native, sdxl, STEPS)):
-        column = 2 + 4 * index
+        column, row = 2, index  # one row per stage: upscale, encode, sample, decode
         if denoise is None:
-            latent = graph.add("EmptyLatentImage", column, 0, width=width, height=height, batch_size=1)
+            latent = graph.add("EmptyLatentImage", column + 1, row, width=width, height=height, batch_size=1)
             denoise = 1.0
         else:
-            scaled = graph.add("ImageScale", column, 0, image=[image, 0], upscale_method="lanczos",
+            scaled = graph.add("ImageScale", column, row, image=[image, 0], upscale_method="lanczos",
                                width=width, height=height, crop="disabled")  # fmt: skip
-            latent = graph.add("LinFusionVAEEncode", column + 1, 0, pixels=[scaled, 0], vae=[loader, 2],
+            latent = graph.add("LinFusionVAEEncode", column + 1, row, pixels=[scaled, 0], vae=[loader, 2],
                                **vae_options)  # fmt: skip
-        sampled = graph.add("KSampler", column + 2, 0, model=[unet, 0], positive=[positive, 0],
+        sampled = graph.add("KSampler", column + 2, row, model=[unet, 0], positive=[positive, 0],
                             negative=[negative, 0], latent_image=[latent, 0], seed=1, steps=steps, cfg=cfg,
                             sampler_name="euler", scheduler="normal", denoise=round(denoise, 6))  # fmt: skip
-        image = graph.add("LinFusionVAEDecode", column + 3, 0, samples=[sampled, 0], vae=[loader, 2],
+        image = graph.add("LinFusionVAEDecode", column + 3, row, samples=[sampled, 0], vae=[loader, 2],
                           **vae_options)  # fmt: skip
-    graph.add("SaveImage", 3 + 4 * index, 1, images=[image, 0], filename_prefix=f"linfusion-{model}-{size}")
+    graph.add("SaveImage", 6, index, images=[image, 0], filename_prefix=f"linfusion-{model}-{size}")
     return graph
 
 
@@ -130,7 +130,7 @@ def ui_format(graph: Graph) -> dict[str, Any]:
             ("fixed" if name == "control_after_generate" else inputs[name]) for name in WIDGETS[class_type]
         ]
         column, row = graph.columns[node_id]
-        nodes.append({"id": int(node_id), "type": class_type, "pos": [40 + 360 * column, 60 + 300 * row],
+        nodes.append({"id": int(node_id), "type": class_type, "pos": [40 + 380 * column, 60 + 240 * row],
                       "size": [320, 130], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
                       "outputs": [], "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})  # fmt: skip
     for node in nodes:
