@@ -115,7 +115,8 @@ class LinFusionApply:
         layers, source = load_layers(weights, signature, download)
         shapes = {path: lf.layer_width_and_heads(layer) for path, layer in layers.items()}
         check_layers_fit(signature, shapes, source)
-        return (patched_clone(model, paths, layers),)
+        heads = {path: shape[1] for path, shape in shapes.items()}
+        return (patched_clone(model, paths, layers, heads),)
 
 
 def vae_options(store_limit_mb: int, band_mb: int, store_on: str, device_store_mb: int) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class ComfyAttn1(nn.Module):
     self-attention receives ``context`` None or the same tokens; LinFusion attends over ``x`` itself.
     """
 
-    def __init__(self, layer: nn.Module, path: str) -> None:
+    def __init__(self, layer: nn.Module, path: str, heads: int) -> None:
         super().__init__()
         for name, child in layer.named_children():
             if name == "to_out":  # ComfyUI's attn1.to_out is a Sequential
@@ -58,7 +58,7 @@ class ComfyAttn1(nn.Module):
             self.add_module(name, child)
         self.__dict__["layer"] = layer  # not registered: its children are already ours
         self.path = path
-        self.heads = layer.heads  # read like a ComfyUI CrossAttention's when the model is patched already
+        self.heads = heads  # read like a ComfyUI CrossAttention's when the model is patched already
 
     def forward(
         self,
@@ -174,11 +174,13 @@ def check_layers_fit(
             )
 
 
-def patched_clone(model_patcher: Any, paths: dict[str, str], layers: dict[str, nn.Module]) -> Any:
+def patched_clone(
+    model_patcher: Any, paths: dict[str, str], layers: dict[str, nn.Module], heads: dict[str, int]
+) -> Any:
     """A clone of the model whose ``attn1`` modules are the LinFusion layers (the input is not changed)."""
     reference = next(original_module(model_patcher, "diffusion_model").parameters())
     clone = model_patcher.clone()
     for diffusers_path, key in paths.items():
         layer = layers[diffusers_path].to(device=reference.device, dtype=reference.dtype).eval()
-        clone.add_object_patch(key, ComfyAttn1(layer, key))
+        clone.add_object_patch(key, ComfyAttn1(layer, key, heads[diffusers_path]))
     return clone
