@@ -4,6 +4,7 @@ node pack imported as ComfyUI imports custom nodes, and the tiny models."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -40,9 +41,11 @@ def pack():
     return load_pack()
 
 
-@pytest.fixture(scope="session")
-def base_dir() -> Path:
-    return BASE
+@pytest.fixture(scope="session", autouse=True)
+def base_dir():
+    """ComfyUI's folders for this run (models/, output/, custom_nodes/ ...), removed at the end."""
+    yield BASE
+    shutil.rmtree(BASE, ignore_errors=True)  # custom_nodes/ holds symlinks: removed, not followed
 
 
 def save_tiny_linfusion(folder: Path, unet, seed: int = 1) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import comfy.cli_args  # noqa: E402
 from tiny_nodes import tiny_models  # noqa: E402
 
+comfy.cli_args.args.cwd = tempfile.mkdtemp(prefix="linfusion-measure-")  # ComfyUI's folders go there
 tiny_models.use_cpu()
 
 
