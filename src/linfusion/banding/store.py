@@ -8,7 +8,7 @@ one contiguous block and moves in one copy each way. Host-side activations are c
 :class:`HostArena` kept across calls (pinned once for a GPU). ``device_store_bytes`` lets up to that many
 bytes of the working stream stay on the compute device; activations asked for as ``parked`` (those that
 wait longest, such as a UNet's skip tensors) always go to the store device. The store counts the bytes
-each side holds now and at most. :class:`RowBlocks` keeps an activation that a streaming engine writes
+each side holds now and at most, a caller's own tensors included once adopted (:meth:`BandStore.adopt`). :class:`RowBlocks` keeps an activation that a streaming engine writes
 and frees in row order (append rows, read any range, release a prefix) in blocks from the same store.
 :class:`Transfers` moves bands between the sides (on CUDA on a side stream, so the next band's copy
 overlaps the current band's compute).
