@@ -4,8 +4,8 @@ A pass streams row chunks from a stored point through the stages (:mod:`.stages`
 storing a point on the way and measuring the target's statistics for the GroupNorm that reads it; the
 last pass writes the output. The store (:class:`linfusion.banding.BandStore`, each stored point a
 :class:`~linfusion.banding.RowBlocks`) and the statistics (:class:`linfusion.banding.Moments`) are the
-banding foundation's. The mid-block attention pass reads its
-stored input twice: keys and values of all tokens, then the queries (:mod:`.attention`).
+banding foundation's. The mid-block attention pass reads its stored input twice: keys and values of all
+tokens, then the queries (:mod:`.attention`).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ class ExactTiler:
             attend = linear_reader(attention, key_value_bands(), height * width, self.device)
         elif chunks.kernel == SOFTMAX:
             attend = softmax_reader(attention, key_value_bands())
-        else:  # SOFTMAX_KEY_CHUNKS: the keys and values go to the store for the length of this pass
+        else:  # SOFTMAX_KEY_CHUNKS
             stored = [(k.to(self.store_device), v.to(self.store_device)) for k, v in key_value_bands()]
             adopted = [self.store.adopt(tensor, parked=True) for pair in stored for tensor in pair]
 
