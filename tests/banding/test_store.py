@@ -137,3 +137,38 @@ def test_row_blocks_append_read_and_release_a_prefix() -> None:
     assert store.peak == {"device": 3 * row_bytes, "host": 8 * row_bytes}
     store.reset_peaks()
     assert store.peak == {"device": 0, "host": 0} and store.total_peak == 0
+
+
+def test_adopted_tensors_are_counted_on_their_side_and_leave_the_device_share_to_blocks() -> None:
+    """An engine's input, output or keys and values on the store device count on the host side, so the
+    device share still fits as many blocks; on the compute device (or with no separate store) they count
+    on the device side."""
+    row_bytes = 2 * 3 * 5 * 4
+    store = BandStore(CPU, "cpu", device_store_bytes=3 * row_bytes)
+    x = torch.randn(SHAPE)
+    source = RowBlocks.holding(store, x, parked=True)
+    assert store.live == {"device": 0, "host": NBYTES}
+    assert torch.equal(source.read(3, 9), x[:, :, 3:9])
+    blocks = RowBlocks(store, SHAPE, torch.float32, block_bytes=3 * row_bytes)
+    blocks.append(x[:, :, :4])
+    assert [b.parked for b in blocks.blocks] == [False, True]  # the whole share went to the first block
+    on_device = store.adopt(torch.empty(10), parked=False)
+    assert store.live == {"device": 3 * row_bytes + 40, "host": NBYTES + 3 * row_bytes}
+    store.release(on_device)
+    source.release_before(11)  # a held tensor is released like a block once all its rows were read
+    assert store.live == {"device": 3 * row_bytes, "host": 3 * row_bytes}
+    assert store.total_peak == NBYTES + 6 * row_bytes + 40
+    unified = BandStore(CPU)  # no separate store: everything is on the device side
+    unified.adopt(x, parked=True)
+    assert unified.live == {"device": NBYTES, "host": 0}
+
+
+def test_row_blocks_read_from_the_store_device_is_nchw_contiguous() -> None:
+    """Parked rows are one contiguous block on the store device and arrive laid out NCHW."""
+    store = BandStore(CPU, "cpu")  # no device share: every block parked
+    x = torch.randn(SHAPE)
+    blocks = RowBlocks(store, SHAPE, torch.float32, block_bytes=NBYTES)
+    blocks.append(x)
+    assert blocks.blocks[0].parked and blocks.blocks[0].physical_rows(2, 6).is_contiguous()
+    rows = blocks.read(2, 6)
+    assert rows.is_contiguous() and torch.equal(rows, x[:, :, 2:6])

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from linfusion.bench.vae import SD_VAE, input_bytes, run_child, sd_vae, tiler_options, vae_input
 from linfusion.patches.vae_attention import apply_vae_attention
 from linfusion.tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
-from linfusion.tiled_vae.store import RowStore
+from linfusion.banding import RowBlocks
 from linfusion.tracing import traced_peak
 from support.tiled_vae import (
     FOUR_LEVEL,
@@ -154,19 +154,19 @@ def test_cost_model_counts_every_byte_through_the_store(
     shape = vae_input(size, encode).shape
     options = policy_options(vae, shape, encode, policy, band_bytes, block_bytes=MIB // 4)
     counted = {"bytes": 0}
-    read, append = RowStore.read, RowStore.append
+    read, append = RowBlocks.read, RowBlocks.append
 
-    def counting_read(store: RowStore, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        rows = read(store, start, stop, device)
+    def counting_read(store: RowBlocks, start: int, stop: int) -> torch.Tensor:
+        rows = read(store, start, stop)
         counted["bytes"] += rows.numel() * rows.element_size()
         return rows
 
-    def counting_append(store: RowStore, rows: torch.Tensor) -> None:
+    def counting_append(store: RowBlocks, rows: torch.Tensor) -> None:
         counted["bytes"] += rows.numel() * rows.element_size()
         append(store, rows)
 
-    monkeypatch.setattr(RowStore, "read", counting_read)
-    monkeypatch.setattr(RowStore, "append", counting_append)
+    monkeypatch.setattr(RowBlocks, "read", counting_read)
+    monkeypatch.setattr(RowBlocks, "append", counting_append)
     tensor = torch.empty(shape, device="meta")
     tiler = ExactTiler(vae, **options)
     output = tiler.encode_moments(tensor) if encode else tiler.decode(tensor)

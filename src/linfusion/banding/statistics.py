@@ -144,7 +144,8 @@ class Moments:
                 shape = (*affine.mean.shape, *(1,) * (values.ndim - 2))
                 cast[key] = tuple(t.to(compute).view(shape) for t in affine)
             mean, scale, shift = cast[key]
-            return values.to(compute, copy=True).sub_(mean).mul_(scale).add_(shift)
+            # the subtraction promotes half-precision values itself: one pass fewer than a float32 copy first
+            return torch.sub(values, mean).mul_(scale).add_(shift)
 
         return normalize
 

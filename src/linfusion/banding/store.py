@@ -8,7 +8,7 @@ one contiguous block and moves in one copy each way. Host-side activations are c
 :class:`HostArena` kept across calls (pinned once for a GPU). ``device_store_bytes`` lets up to that many
 bytes of the working stream stay on the compute device; activations asked for as ``parked`` (those that
 wait longest, such as a UNet's skip tensors) always go to the store device. The store counts the bytes
-each side holds now and at most. :class:`RowBlocks` keeps an activation that a streaming engine writes
+each side holds now and at most, a caller's own tensors included once adopted (:meth:`BandStore.adopt`). :class:`RowBlocks` keeps an activation that a streaming engine writes
 and frees in row order (append rows, read any range, release a prefix) in blocks from the same store.
 :class:`Transfers` moves bands between the sides (on CUDA on a side stream, so the next band's copy
 overlaps the current band's compute).
@@ -223,6 +223,14 @@ class BandStore:
         """A tensor that lives on the compute device across bands (attention state and keys, the output)."""
         return self.hold(torch.empty(shape, dtype=dtype, device=self.device))
 
+    def adopt(self, tensor: torch.Tensor, *, parked: bool) -> StoredActivation:
+        """A caller's NCHW tensor counted in the store until released, on the store device's side when
+        ``parked`` (and the store is separate), else on the compute device's: an engine's input, its
+        output, or keys and values it moved to the store itself."""
+        parked = parked and self.separate
+        self._account("host" if parked else "device", tensor.numel() * tensor.element_size())
+        return StoredActivation(tensor, CONV_ON_DEVICE, parked)
+
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
         """Account ``tensor`` (on the compute device) until it is released; returns it."""
         self._account("device", tensor.numel() * tensor.element_size())
@@ -263,6 +271,16 @@ class RowBlocks:
         self.rows = 0  # rows appended so far
         self.first_kept = 0  # index of the first block not yet released
 
+    @classmethod
+    def holding(cls, store: BandStore, tensor: torch.Tensor, *, parked: bool) -> RowBlocks:
+        """A caller's whole NCHW tensor as one block (see :meth:`BandStore.adopt`), read like appended rows."""
+        shape = tuple(tensor.shape)
+        blocks = cls(store, shape, tensor.dtype, block_bytes=0)  # type: ignore[arg-type]
+        blocks.block_rows = max(1, blocks.height)
+        blocks.blocks = [store.adopt(tensor, parked=parked)]
+        blocks.rows = blocks.height
+        return blocks
+
     def _block(self, row: int) -> tuple[StoredActivation, int]:
         """The block that holds ``row``, and the row's place in it."""
         block = self.blocks[row // self.block_rows]
@@ -289,7 +307,11 @@ class RowBlocks:
             self.rows += count
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` (appended already, not released) on the compute device."""
+        """Rows ``[start, stop)`` (appended already, not released) on the compute device.
+
+        Rows from the store device move as the one contiguous block they are there and are laid out NCHW
+        on the compute device; rows already there are views.
+        """
         if not 0 <= start < stop <= self.rows:
             raise ValueError(f"rows {start}..{stop} of the {self.rows} written")
         parts = []
@@ -297,7 +319,8 @@ class RowBlocks:
         while row < stop:
             block, offset = self._block(row)
             count = min(stop - row, block.shape[2] - offset)
-            parts.append(block.logical(block.physical_rows(offset, offset + count)).to(self.store.device))
+            part = block.logical(block.physical_rows(offset, offset + count)).to(self.store.device)
+            parts.append(part.contiguous() if block.parked else part)
             row += count
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 

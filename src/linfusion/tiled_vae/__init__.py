@@ -9,8 +9,9 @@ chain of layers streamed over row chunks instead, and every GroupNorm uses whole
   input of its second GroupNorm);
 - a *pass* streams row chunks from a stored point (its *source*) through the units up to a *target* point.
   Every convolution keeps the halo rows its next outputs need, so each output row is computed once per
-  pass and equals what the whole-image convolution computes. The pass sums the target's values and squares
-  per channel (float64 across chunks): the statistics the GroupNorm reading the target needs;
+  pass and equals what the whole-image convolution computes. The pass measures the target's mean and
+  spread per channel, chunk by chunk, and merges them (float64, Chan's merge: exact also for activations
+  with a large mean and a small spread): the statistics the GroupNorm reading the target needs;
 - the program is one pass per GroupNorm input, in order, then a last pass that writes the output. A pass
   may *store* a point it crosses (rows written as they are produced); later passes start there instead of
   recomputing from further back. The store keeps whole-row blocks of about 32 MiB; a pass that replaces
@@ -32,16 +33,18 @@ chunks of one pass (about ``band_bytes``); the store sits on ``store_device`` (t
 ``"cpu"`` keeps only chunks on the GPU, or also ``device_store_bytes`` of the store).
 
 The modules, by job: :mod:`.checks` (which VAEs are supported), :mod:`.chain` (the chain model: units,
-points, shapes, FLOPs, working bytes), :mod:`.plan` (what to store, and the cost model), :mod:`.store`
-(the row store), :mod:`.statistics` (GroupNorm statistics over chunks), :mod:`.stages` (streamed
-convolutions and ResNet halves), :mod:`.attention` (the mid-block attention pass's kernels) and
-:mod:`.tiler` (:class:`ExactTiler`, running the passes). Every public name is importable from here.
+points, shapes, FLOPs, working bytes), :mod:`.plan` (what to store, and the cost model), :mod:`.stages`
+(streamed convolutions and ResNet halves), :mod:`.attention` (the mid-block attention pass's kernels) and
+:mod:`.tiler` (:class:`ExactTiler`, running the passes). The GroupNorm statistics, the row store and the
+row rules are :mod:`linfusion.banding`'s, shared with the banded UNet. Every public name is importable
+from here.
 """
 
-from .chain import Chain, Point, Shape, Unit, attention_flops, estimate_band_rows, vae_units, working_bytes
+from .chain import Chain, Point, Shape, Unit, attention_flops, vae_units, working_bytes
 from .checks import UnsupportedVAE
 from .plan import (
     DEFAULT_BAND_BYTES,
+    DEFAULT_STORE_BLOCK_BYTES,
     STORE_POINTS,
     Pass,
     Plan,
@@ -50,7 +53,6 @@ from .plan import (
     plan_vae,
     tiled_vae_cost,
 )
-from .store import DEFAULT_STORE_BLOCK_BYTES, StoreUsage
 from .tiler import ExactTiler, tiled_decode, tiled_encode_moments
 
 __all__ = [
@@ -64,12 +66,10 @@ __all__ = [
     "Point",
     "Shape",
     "StoreBudgetError",
-    "StoreUsage",
     "UnsupportedVAE",
     "Unit",
     "VAECost",
     "attention_flops",
-    "estimate_band_rows",
     "plan_vae",
     "tiled_decode",
     "tiled_encode_moments",

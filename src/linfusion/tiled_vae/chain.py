@@ -334,15 +334,6 @@ def attention_chunks(chain: Chain, unit_index: int, band_bytes: int) -> Attentio
     return AttentionChunks(kernel, rows, query_rows, kv_bytes, work)
 
 
-def estimate_band_rows(band_bytes: int, channels: int, width: int) -> int:
-    """Rows of a ``channels`` x ``width`` layer that fit ``band_bytes`` at about six float32 copies.
-
-    A rough single-layer rule; :func:`~linfusion.tiled_vae.plan_vae` sizes each pass's chunks from its
-    actual layers.
-    """
-    return max(1, band_bytes // (channels * width * 4 * 6))
-
-
 __all__ = [
     "LINEAR",
     "SOFTMAX",
@@ -354,7 +345,6 @@ __all__ = [
     "Unit",
     "attention_chunks",
     "attention_flops",
-    "estimate_band_rows",
     "pass_rows",
     "rows_at",
     "vae_units",

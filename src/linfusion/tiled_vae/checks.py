@@ -1,13 +1,15 @@
 """What the exact tiler supports: a VAE with any other layer is refused, never approximated.
 
 The chain model (:mod:`.chain`) checks the config; the tiler checks each module it runs against the unit
-it computes (kernel sizes, strides, padding, norms, activations), with the functions here.
+it computes (kernel sizes, strides, padding, norms, activations), with the functions here. Convolutions
+are checked with the row rules' own check (:func:`linfusion.banding.band_conv_problem`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..banding import band_conv_problem
 from ..vae_attention import check_vae_attention
 
 
@@ -22,13 +24,14 @@ def check(condition: bool, what: str) -> None:
 
 
 def check_conv(
-    conv: nn.Module, in_channels: int, out_channels: int, kernel: int, stride: tuple, padding: tuple
+    conv: nn.Module, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int
 ) -> None:
-    """A plain ``nn.Conv2d`` of these channels, square kernel, stride and padding (no dilation, no groups)."""
-    check(isinstance(conv, nn.Conv2d), "conv")
+    """A convolution the row rules of :mod:`linfusion.banding` compute band by band (a plain ``nn.Conv2d``,
+    square odd kernel, zero ``padding`` on each side, ``stride``), of these channels and kernel size."""
+    problem = band_conv_problem(conv, stride, padding)
+    check(problem is None, f"conv: {problem}")
     check(
-        conv.in_channels == in_channels and conv.out_channels == out_channels and conv.kernel_size == (kernel, kernel)
-        and conv.stride == stride and conv.padding == padding and conv.dilation == (1, 1) and conv.groups == 1,
+        conv.in_channels == in_channels and conv.out_channels == out_channels and conv.kernel_size == (kernel, kernel),
         f"conv {in_channels}->{out_channels}",
     )  # fmt: skip
 
@@ -53,19 +56,19 @@ def check_resnet(module: nn.Module, in_channels: int, out_channels: int, shortcu
     check((conv_shortcut is not None) == shortcut, "resnet shortcut")
     check(conv_shortcut is None or conv_shortcut.kernel_size == (1, 1), "resnet shortcut")
     for conv, channels in ((module.conv1, in_channels), (module.conv2, out_channels)):
-        check_conv(conv, channels, out_channels, 3, (1, 1), (1, 1))
+        check_conv(conv, channels, out_channels, 3, 1, 1)
 
 
 def check_upsampler(module: nn.Module, in_channels: int, out_channels: int) -> None:
     """Nearest-neighbour x2, then a 3x3 convolution."""
     check(module.use_conv and not module.use_conv_transpose and module.interpolate, "upsampler")
-    check_conv(module.conv, in_channels, out_channels, 3, (1, 1), (1, 1))
+    check_conv(module.conv, in_channels, out_channels, 3, 1, 1)
 
 
 def check_downsampler(module: nn.Module, in_channels: int, out_channels: int) -> None:
     """A 3x3 convolution of stride 2 after diffusers' one-pixel right and bottom padding."""
     check(module.use_conv and module.padding == 0, "downsampler padding")
-    check_conv(module.conv, in_channels, out_channels, 3, (2, 2), (0, 0))
+    check_conv(module.conv, in_channels, out_channels, 3, 2, 0)
 
 
 __all__ = [

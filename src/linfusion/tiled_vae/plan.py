@@ -20,9 +20,13 @@ from typing import Any
 import torch
 
 from .chain import SOFTMAX_KEY_CHUNKS, Chain, Point, attention_chunks, pass_rows, vae_units, working_bytes
-from .store import DEFAULT_STORE_BLOCK_BYTES
 
 DEFAULT_BAND_BYTES = 256 * 2**20
+# The store allocates whole-row blocks of about this size and frees a block once all its rows were read.
+# 32 MiB is glibc's largest dynamic mmap threshold: blocks this large are mapped and unmapped on their own,
+# so freed ones go back to the system instead of fragmenting the heap (measured: with ~2 MiB chunks the
+# CPU peak RSS sat 30 % above the live bytes).
+DEFAULT_STORE_BLOCK_BYTES = 32 * 2**20
 
 
 class StoreBudgetError(MemoryError):
@@ -303,6 +307,7 @@ def _chain(config: Mapping[str, Any], width: int, height: int, dtype: torch.dtyp
 
 __all__ = [
     "DEFAULT_BAND_BYTES",
+    "DEFAULT_STORE_BLOCK_BYTES",
     "STORE_POINTS",
     "Pass",
     "Plan",

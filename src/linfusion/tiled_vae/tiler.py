@@ -1,9 +1,11 @@
 """Execution: :class:`ExactTiler` runs a plan's passes on an ``AutoencoderKL``, exactly.
 
 A pass streams row chunks from a stored point through the stages (:mod:`.stages`) up to its target,
-storing a point on the way (:mod:`.store`) and summing the target's statistics for the GroupNorm that
-reads it (:mod:`.statistics`); the last pass writes the output. The mid-block attention pass reads its
-stored input twice: keys and values of all tokens, then the queries (:mod:`.attention`).
+storing a point on the way and measuring the target's statistics for the GroupNorm that reads it; the
+last pass writes the output. The store (:class:`linfusion.banding.BandStore`, each stored point a
+:class:`~linfusion.banding.RowBlocks`) and the statistics (:class:`linfusion.banding.Moments`) are the
+banding foundation's. The mid-block attention pass reads its stored input twice: keys and values of all
+tokens, then the queries (:mod:`.attention`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..banding import BandStore, Moments, RowBlocks, StoredActivation
 from ..vae_attention import is_linear, output_projection, split_heads
 from .attention import linear_reader, softmax_in_key_chunks, softmax_reader
 from .chain import LINEAR, SOFTMAX, Chain, Point, Unit, attention_chunks, rows_at, vae_units
@@ -26,10 +29,8 @@ from .checks import (
     check_resnet,
     check_upsampler,
 )
-from .plan import DEFAULT_BAND_BYTES, Pass, Plan, plan_vae
+from .plan import DEFAULT_BAND_BYTES, DEFAULT_STORE_BLOCK_BYTES, Pass, Plan, plan_vae
 from .stages import ConvStage, ResidualRows, ResidualStage, Stage
-from .statistics import Statistics
-from .store import DEFAULT_STORE_BLOCK_BYTES, RowStore, StoreUsage
 
 
 class ExactTiler:
@@ -41,7 +42,8 @@ class ExactTiler:
     ``store_device``: where the store lives (default: the VAE's device); when that is another device,
     up to ``device_store_bytes`` of it still stay on the VAE's device (filled first). ``store_block_bytes``:
     the store's allocation unit. After a run, ``pass_store_peaks`` holds the bytes the store held at most
-    during each pass of the plan (its own count).
+    during each pass of the plan (its own count: the input, the stored points' blocks, the output and the
+    keys and values a pass moves to the store; what :func:`tiled_vae_cost` models as the store).
     """
 
     def __init__(
@@ -96,34 +98,39 @@ class ExactTiler:
         plan = self.plan(tensor.shape, encode)
         self.chain = plan.chain
         self.modules = [self._module(unit, encode) for unit in plan.chain.units]
-        self.usage = StoreUsage(self.device_store_bytes)
+        # Everything the store counts lies on the store device except the blocks its device share keeps on
+        # the compute device: the input, the output and stored keys and values are adopted on the store's
+        # side, so the device share holds blocks only (what the cost model's device share is).
+        separate = self.store_device != self.device
+        self.store = BandStore(self.device, self.store_device if separate else None, self.device_store_bytes)
         self.pass_store_peaks: list[int] = []  # what the store held at most in each pass (bytes)
         self.stores = {
-            Point(0): RowStore.holding(tensor.to(self.store_device, self.dtype), self.device, self.usage)
+            Point(0): RowBlocks.holding(self.store, tensor.to(self.store_device, self.dtype), parked=True)
         }
-        self.statistics: dict[Point, Statistics] = {}
+        self.statistics: dict[Point, Moments] = {}
         output: torch.Tensor | None = None
         for item in plan.passes:
-            self.usage.restart()
+            self.store.reset_peaks()
             if item.target == plan.chain.output:
                 channels, height, width = plan.chain.shape(item.target)
                 output = torch.empty(tensor.shape[0], channels, height, width, dtype=self.dtype,
                                      device=self.store_device)  # fmt: skip
-                self.usage.add(output.numel() * output.element_size())
+                self.store.adopt(output, parked=True)
             if plan.chain.is_attention_output(item.target):
                 self._attention_pass(item)
             else:
                 self._stream(item, output)
-            self.pass_store_peaks.append(self.usage.peak)
+            self.pass_store_peaks.append(self.store.total_peak)
             if item.release:  # its rows were freed as they were read
                 self.stores.pop(item.source, None)
                 self.stores.pop(Point(item.source.unit), None)
         assert output is not None
         return output
 
-    def _new_store(self, point: Point) -> RowStore:
-        height = self.chain.shape(point).height
-        return RowStore(self.store_device, self.device, self.usage, height, self.store_block_bytes)
+    def _new_store(self, point: Point) -> RowBlocks:
+        channels, height, width = self.chain.shape(point)
+        shape = (self.chain.batch, channels, height, width)
+        return RowBlocks(self.store, shape, self.dtype, self.store_block_bytes)
 
     def _written(self, item: Pass) -> list[Point]:
         """The tensors a pass writes for its stored point (an inner point: its block's input too)."""
@@ -148,7 +155,7 @@ class ExactTiler:
 
             listeners.setdefault(item.target, []).append(write)
         else:
-            statistics = Statistics(chain.batch, chain.shape(item.target).channels, self.device)
+            statistics = Moments.empty(chain.batch, chain.shape(item.target).channels, self.device)
             self.statistics[item.target] = statistics
             listeners.setdefault(item.target, []).append(statistics.add)
         stages: list[tuple[Point, Stage]] = []
@@ -163,9 +170,9 @@ class ExactTiler:
             rows: torch.Tensor | None = None
             if start < height:  # read the next chunk; once all is read, push nothing until every stage drains
                 stop = min(height, start + item.rows)
-                rows = reading.read(start, stop, self.device)
+                rows = reading.read(start, stop)
                 if item.release:
-                    reading.release(stop)
+                    reading.release_before(stop)
                 for listener in listeners.get(source, ()):
                     listener(rows)
                 start = stop
@@ -187,17 +194,18 @@ class ExactTiler:
         max_rows = rows_at(chain, source, following, rows)
         if unit.kind == "conv":
             conv, norm = module
-            affine = self.statistics[point].affine(norm) if norm is not None else None
-            return ConvStage(conv, unit.resample, height, max_rows, affine)
+            normalize = self.statistics[point].normalizer(norm) if norm is not None else None
+            return ConvStage(conv, unit.resample, height, max_rows, normalize)
         if not point.inner:
-            affine = self.statistics[point].affine(module.norm1)
-            return ConvStage(module.conv1, "same", height, max_rows, affine)
+            normalize = self.statistics[point].normalizer(module.norm1)
+            return ConvStage(module.conv1, "same", height, max_rows, normalize)
         if source == point:  # resuming inside the block: its input comes from the store
-            residual = ResidualRows(self.stores[Point(point.unit)], release, self.device)
+            residual = ResidualRows(self.stores[Point(point.unit)], release)
         else:
             residual = ResidualRows()
             listeners.setdefault(Point(point.unit), []).append(residual.append)
-        conv = ConvStage(module.conv2, "same", height, max_rows, self.statistics[point].affine(module.norm2))
+        normalize = self.statistics[point].normalizer(module.norm2)
+        conv = ConvStage(module.conv2, "same", height, max_rows, normalize)
         return ResidualStage(conv, module, residual)
 
     # ------------------------------------------------------------------ attention
@@ -209,11 +217,10 @@ class ExactTiler:
         source = self.stores[item.source]
         channels, height, width = chain.shape(item.source)
         batch = chain.batch
-        scale, shift = self.statistics[item.source].affine(attention.group_norm)
+        normalize = self.statistics[item.source].normalizer(attention.group_norm)
 
         def tokens(start: int, stop: int) -> torch.Tensor:
-            band = source.read(start, stop, self.device)
-            band = (band.float() * scale + shift).to(self.dtype)
+            band = normalize(source.read(start, stop)).to(self.dtype)
             return band.flatten(2).transpose(1, 2)  # (B, rows * W, C)
 
         def key_value_bands() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,35 +231,35 @@ class ExactTiler:
                     split_heads(attention, attention.to_v(band)),
                 )
 
-        stored_bytes = 0
+        adopted: list[StoredActivation] = []  # keys and values in the store for the length of this pass
         if chunks.kernel == LINEAR:
             attend = linear_reader(attention, key_value_bands(), height * width, self.device)
         elif chunks.kernel == SOFTMAX:
             attend = softmax_reader(attention, key_value_bands())
-        else:  # SOFTMAX_KEY_CHUNKS: the keys and values go to the store for the length of this pass
+        else:  # SOFTMAX_KEY_CHUNKS
             stored = [(k.to(self.store_device), v.to(self.store_device)) for k, v in key_value_bands()]
-            stored_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in stored)
-            self.usage.add(stored_bytes)
+            adopted = [self.store.adopt(tensor, parked=True) for pair in stored for tensor in pair]
 
             def attend(query: torch.Tensor) -> torch.Tensor:
                 return softmax_in_key_chunks(query, stored, attention.scale)
 
         out = self._new_store(item.target)
-        statistics = Statistics(batch, channels, self.device)
+        statistics = Moments.empty(batch, channels, self.device)
         for start in range(0, height, chunks.query_rows):
             stop = min(height, start + chunks.query_rows)
             query = split_heads(attention, attention.to_q(tokens(start, stop)))
             # softmax in key chunks, and the linear state's reference read, return float32
             attended = output_projection(attention, attend(query).to(self.dtype))
             attended = attended.transpose(1, 2).reshape(batch, channels, stop - start, width)
-            result = (attended + source.read(start, stop, self.device)) / attention.rescale_output_factor
+            result = (attended + source.read(start, stop)) / attention.rescale_output_factor
             if item.release:
-                source.release(stop)
+                source.release_before(stop)
             statistics.add(result)
             out.append(result)
         self.stores[item.target] = out
         self.statistics[item.target] = statistics
-        self.usage.add(-stored_bytes)  # the stored keys and values are dropped with this pass
+        for tensor in adopted:
+            self.store.release(tensor)
 
     # ------------------------------------------------------------------ modules
     def _module(self, unit: Unit, encode: bool) -> Any:
@@ -276,8 +283,7 @@ class ExactTiler:
             check_downsampler(module, unit.in_channels, unit.out_channels)
             conv = module.conv
         else:
-            pad = unit.kernel // 2
-            check_conv(conv, unit.in_channels, unit.out_channels, unit.kernel, (1, 1), (pad, pad))
+            check_conv(conv, unit.in_channels, unit.out_channels, unit.kernel, 1, unit.kernel // 2)
         norm = None
         if unit.norm_path is not None:
             part = "encoder" if encode else "decoder"
