@@ -14,10 +14,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.flop_counter import FlopCounterMode
 
+from linfusion.banding import RowBlocks
 from linfusion.bench.vae import SD_VAE, input_bytes, run_child, sd_vae, tiler_options, vae_input
 from linfusion.patches.vae_attention import apply_vae_attention
 from linfusion.tiled_vae import ExactTiler, StoreBudgetError, tiled_vae_cost
-from linfusion.banding import RowBlocks
 from linfusion.tracing import traced_peak
 from support.tiled_vae import (
     FOUR_LEVEL,
