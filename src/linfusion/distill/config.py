@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class DistillConfig:
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
     overwrite: bool = False  # write into a non-empty --output that is not this run's own, or start over
+    allow_config_change: bool = False  # resume with other training settings (lr, batch size, data, ...)
     init: str = "teacher"
     projection_mid_dim: int | str | None = "auto"
     caption_dropout: float = 0.1
@@ -125,6 +128,7 @@ class DistillConfig:
         output = self.output_dir
         if output.exists() and not output.is_dir():
             raise DistillConfigError(f"--output {output} is a file; pass a folder (it is created if missing)")
+        check_writable(output)
         if not output.exists() or not any(output.iterdir()):
             return
         if self.overwrite:
@@ -141,3 +145,26 @@ class DistillConfig:
             "choose a new or empty folder, or pass --overwrite to write the run into it (files of the same "
             "names, such as config.json, would be replaced)"
         )
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder this process cannot create or write in, before any work and leaving nothing behind.
+
+    Permissions alone do not tell (root passes every permission check, yet cannot write under ``/proc``),
+    so a temporary folder is made in the folder, or in its nearest existing parent, and removed at once.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DistillConfigError(
+            f"--output {folder} cannot be created: {existing} is a file, not a folder; choose another --output"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linfusion-write-test.", dir=existing))
+    except OSError as error:
+        place = "folder" if existing == folder else f"folder's parent {existing}"
+        raise DistillConfigError(
+            f"--output {folder}: cannot write in the {place} ({error.strerror or error}); choose a folder "
+            "you can write to"
+        ) from error
