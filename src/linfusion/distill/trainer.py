@@ -249,7 +249,7 @@ class Distiller:
     def _batches(self):
         """Batches of the current epoch from ``batch_in_epoch`` on, forever across epochs.
 
-        An epoch without one readable image (files that became unreadable during the run) stops the run
+        Once every image has proved unreadable (files that became so during the run), the run stops
         rather than looping forever.
         """
         while True:
@@ -278,10 +278,10 @@ class Distiller:
                     self._report_unreadable(index, why)
                 usable += "caption" in batch
                 yield batch
-            if not usable and batches:
+            if not usable and len(self.reported_unreadable) == len(self.dataset):
                 raise DataError(
-                    f"no image of --data {self.config.data!r} could be read in epoch {self.epoch} "
-                    f"({len(self.reported_unreadable)} unreadable); check the files"
+                    f"none of the {len(self.dataset)} images of --data {self.config.data!r} can be read any "
+                    "more (they were when the run started); check the files"
                 )
             self.epoch += 1
             self.batch_in_epoch = 0
