@@ -253,3 +253,49 @@ def test_captions_that_are_not_utf8_name_the_file_and_the_byte(
     err = refused_message(capsys, distill(teacher, data, tmp_path / "out"))
     assert str(bad) in err and "not UTF-8" in err and f"byte {offset}" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "nan"], "--lr must be a number > 0"),
+        (["--loss-weights", "1,nan,0"], "--loss-weights"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--num-workers", "-1"], "--num-workers must be >= 0"),
+        (["--checkpoints-total-limit", "-1"], "--checkpoints-total-limit must be >= 0"),
+        (["--lr-warmup-steps", "-3"], "--lr-warmup-steps must be >= 0"),
+        (["--lr-scheduler", "bogus"], "--lr-scheduler must be one of"),
+        (["--report-to", "bogus"], "--report-to must be one of"),
+        (
+            ["--validate-every", "1", "--validation-prompts", "x", "--validation-steps", "0"],
+            "--validation-steps",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_any_folder_exists(
+    teacher: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str
+) -> None:
+    err = refused_message(capsys, distill(teacher, images, tmp_path / "out", *flags))
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data", ["org/not-a-dataset", "fake-saved-dataset", "bad-metadata"])
+def test_data_that_is_not_a_dataset_is_one_message(
+    teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture, data: str
+) -> None:
+    if data == "fake-saved-dataset":
+        (tmp_path / data).mkdir()
+        (tmp_path / data / "dataset_info.json").write_text("{")
+    elif data == "bad-metadata":
+        write_image_folder(tmp_path / data, count=2)
+        (tmp_path / data / "metadata.jsonl").write_text('[1, 2]\n{"file_name": 3}\n')
+    source = data if "/" in data else str(tmp_path / data)
+    monkeypatch_offline = pytest.MonkeyPatch.context()
+    with monkeypatch_offline as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        patch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
+        err = refused_message(capsys, distill(teacher, source, tmp_path / "out"))  # type: ignore[arg-type]
+    assert repr(source) in err or source in err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -12,6 +13,21 @@ from typing import Any
 from ..errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# diffusers' get_scheduler names that need nothing more than warmup and total steps.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# accelerate's trackers (``Accelerator(log_with=...)``).
+TRACKERS = (
+    "all",
+    "aim",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+)
 RUN_MARKER = "distill_config.json"  # written first by every run: marks a folder as a distill run's own
 
 
@@ -74,14 +90,34 @@ class DistillConfig:
             problems.append(
                 f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}"
             )
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0; got {self.lr}")
+        for name in ("seed", "num_workers", "lr_warmup_steps", "validate_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            problems.append(
+                f"--checkpoints-total-limit must be >= 0 (0: keep every checkpoint); got {self.checkpoints_total_limit}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a number > 0; got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a number >= 0; got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
+            problems.append(f"max_grad_norm must be a number > 0 or None; got {self.max_grad_norm}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}"
+            )
+        if self.report_to is not None and self.report_to not in TRACKERS:
+            problems.append(f"--report-to must be one of {', '.join(TRACKERS)}; got {self.report_to!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"--caption-dropout must be in [0, 1); got {self.caption_dropout}")
-        if len(self.loss_weights) != 3 or any(w < 0 for w in self.loss_weights) or not any(self.loss_weights):
+        weights = self.loss_weights
+        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
             problems.append(
                 f"--loss-weights takes three non-negative numbers noise,kd,feat; got {self.loss_weights}"
             )

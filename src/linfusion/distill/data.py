@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..hub import load_failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ class ImageCaptionSource(Sequence):
                 continue
             try:
                 entry = json.loads(line)
-                records.append(Record(self.root / entry["file_name"], str(entry[caption_column])))
-            except (json.JSONDecodeError, KeyError) as error:
+                records.append(Record(self.root / str(entry["file_name"]), str(entry[caption_column])))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise DataError(
                     f"{metadata}:{line_number}: each line needs 'file_name' and '{caption_column}' ({error})"
                 ) from error
@@ -117,10 +118,17 @@ class HFDatasetSource(Sequence):
                 f"--data {name_or_path!r} is not a folder of images; reading a datasets dataset needs "
                 "`pip install datasets`"
             ) from error
-        if _is_saved_dataset(Path(name_or_path)):
-            dataset = datasets.load_from_disk(name_or_path)
-        else:
-            dataset = datasets.load_dataset(name_or_path, split="train")
+        try:
+            if _is_saved_dataset(Path(name_or_path)):
+                dataset = datasets.load_from_disk(name_or_path)
+            else:
+                dataset = datasets.load_dataset(name_or_path, split="train")
+        except (OSError, ConnectionError, ValueError) as error:  # not found, offline, not a dataset
+            raise DataError(
+                load_failure_message(
+                    "the --data dataset", name_or_path, error, "dataset_info.json and its data files"
+                )
+            ) from error
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"]
         for column in (image_column, caption_column):

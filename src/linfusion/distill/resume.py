@@ -118,8 +118,11 @@ def read_state(path: Path) -> dict[str, Any]:
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
-        for key in ("step", "epoch", "batch_in_epoch", "skipped_images", "num_processes", "config"):
-            state[key]  # noqa: B018 - each must be there
+        for key in ("step", "epoch", "batch_in_epoch", "skipped_images", "num_processes"):
+            if not isinstance(state[key], int) or state[key] < 0:
+                raise TypeError(f"{key} is {state[key]!r}, not a count")
+        if not isinstance(state["config"], dict):
+            raise TypeError("config is not a JSON object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise _corrupt(path, file, error) from error
     return state
