@@ -371,3 +371,14 @@ def test_ctrl_c_leaves_no_half_written_checkpoint_and_the_resumed_run_is_bit_ide
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     assert [e["loss"] for e in read_log(output)] == [e["loss"] for e in read_log(straight)]
+
+
+def test_a_corrupt_latent_cache_is_rebuilt(teachers, images, tmp_path: Path, caplog) -> None:
+    common = dict(max_steps=2, random_crop=False, cache_latents=True)
+    first = read_log(distill(settings(teachers["sd15"], images, tmp_path / "run", **common)))
+    cache = tmp_path / "run" / "latent_cache.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short
+    again = read_log(distill(settings(teachers["sd15"], images, tmp_path / "run", overwrite=True, **common)))
+    assert "rebuilding the unreadable latent cache" in caplog.text
+    assert [e["loss"] for e in again] == [e["loss"] for e in first]
+    torch.load(cache, weights_only=False)  # whole again

@@ -98,7 +98,8 @@ def _corrupt(path: Path, file: Path, error: BaseException) -> CheckpointError:
     )
 
 
-_LOAD_ERRORS = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, AttributeError)
+# What torch.load and friends raise for a truncated, foreign or corrupt file.
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, AttributeError)
 
 
 def _torch_file(path: Path, name: str, required: bool = True) -> Any:
@@ -109,7 +110,7 @@ def _torch_file(path: Path, name: str, required: bool = True) -> Any:
         raise CheckpointError(f"cannot resume: the checkpoint {path} has no {name}; {_what_to_do(path)}")
     try:
         return torch.load(file, weights_only=False)
-    except _LOAD_ERRORS as error:
+    except LOAD_ERRORS as error:
         raise _corrupt(path, file, error) from error
 
 
@@ -201,7 +202,7 @@ def load_checkpoint_files(path: Path, config: DistillConfig, rank: int) -> Check
         linfusion = LinFusion.from_pretrained(weights).state_dict()
     except UserError as error:
         raise CheckpointError(f"cannot resume: {error}; {_what_to_do(path)}") from error
-    except _LOAD_ERRORS as error:
+    except LOAD_ERRORS as error:
         raise _corrupt(path, weights, error) from error
     return Checkpoint(
         path=path,

@@ -40,6 +40,7 @@ from .data import (
 )
 from .resume import (
     CHECKPOINT_PREFIX,
+    LOAD_ERRORS,
     Checkpoint,
     CheckpointError,
     checked_resume_point,
@@ -205,7 +206,7 @@ class Distiller:
         path = self.config.output_dir / "latent_cache.pt"
         key = {"teacher": self.config.teacher, "resolution": self.config.resolution, "images": len(self.source),
                "random_crop": self.config.random_crop, "seed": self.config.seed}  # fmt: skip
-        cache = torch.load(path, weights_only=False) if path.exists() else None
+        cache = _read_latent_cache(path)
         if cache is None or cache.get("key") != key:
             if self.is_main:
                 cache = self._encode_all(key)
@@ -547,12 +548,24 @@ class Distiller:
         return config.output_dir
 
 
+def _read_latent_cache(path: Path) -> dict[str, Any] | None:
+    """The stored latent cache, or None when there is none or it cannot be read (it is then rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        cache = torch.load(path, weights_only=False)
+    except LOAD_ERRORS as error:
+        logger.warning("rebuilding the unreadable latent cache %s (%s)", path, error)
+        return None
+    return cache if isinstance(cache, dict) else None
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep the training log's lines of steps up to ``step`` (and drop a line a kill cut short)."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # bad lines are dropped
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
