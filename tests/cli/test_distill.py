@@ -299,3 +299,18 @@ def test_data_that_is_not_a_dataset_is_one_message(
         err = refused_message(capsys, distill(teacher, source, tmp_path / "out"))  # type: ignore[arg-type]
     assert repr(source) in err or source in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "broken", ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+)
+def test_a_teacher_folder_with_a_broken_file_is_one_message(
+    teacher: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, broken: str
+) -> None:
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    (copy / broken).write_bytes((copy / broken).read_bytes()[:40])
+    err = refused_message(capsys, distill(copy, images, tmp_path / "out"))
+    assert f"could not load the teacher {str(copy)!r}" in err and "stacktrace" not in err
+    assert "needs model_index.json" not in err
+    assert not (tmp_path / "out").exists()

@@ -60,12 +60,15 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32) -> Any:
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
     except (OSError, ValueError, TypeError) as error:
-        text = _without_unshown_references(str(error))
-        try:
-            cleaned = type(error)(text)
-        except TypeError:  # an exception class with another constructor: keep the text only
-            cleaned = RuntimeError(text)
-        message = load_failure_message("the teacher", name_or_path, cleaned, "model_index.json")
+        text = _without_unshown_references(str(error)).rstrip(".")
+        if looks_like_hub_id(source):
+            try:
+                cleaned = type(error)(text)
+            except TypeError:  # an exception class with another constructor: keep the text only
+                cleaned = RuntimeError(text)
+            message = load_failure_message("the teacher", name_or_path, cleaned, "model_index.json")
+        else:  # an existing pipeline folder (checked above) with a broken file
+            message = f"could not load the teacher {name_or_path!r} as a diffusers pipeline: {text}"
         raise TeacherError(
             f"{message}. Pass a Hub id or a folder written by save_pretrained (with model_index.json)"
         ) from error
