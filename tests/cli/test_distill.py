@@ -314,3 +314,24 @@ def test_a_teacher_folder_with_a_broken_file_is_one_message(
     assert f"could not load the teacher {str(copy)!r}" in err and "stacktrace" not in err
     assert "needs model_index.json" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_the_wrong_content_or_name_is_refused_with_what_to_do(
+    teacher: Path, images: Path, finished_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    moved = finished_run / "my-checkpoint"
+    shutil.move(finished_run / "checkpoints" / "step-000002", moved)
+    torch.save({"not": "a random state"}, moved / "rng-0.pt")
+    resume = ("--resume", str(moved), "--max-steps", "3")
+    err = refused_message(capsys, distill(teacher, images, finished_run, *resume))
+    assert f"cannot resume from {moved}" in err and "random state" in err
+    (moved / "optimizer.pt").write_bytes(b"")
+    err = refused_message(capsys, distill(teacher, images, finished_run, *resume))
+    assert f"delete the checkpoint folder {moved} and resume from another checkpoint" in err
+    shutil.rmtree(finished_run / "checkpoints" / "step-000001")
+    (finished_run / "checkpoints" / "step-000002").mkdir()
+    shutil.copytree(moved, finished_run / "checkpoints" / "step-000002", dirs_exist_ok=True)
+    err = refused_message(capsys, distill(teacher, images, finished_run, "--resume", "--max-steps", "3"))
+    assert "start again (--overwrite instead of --resume)" in err

@@ -83,9 +83,14 @@ def find_checkpoint(config: DistillConfig) -> Path | None:
 
 
 def _what_to_do(path: Path) -> str:
-    earlier = [p for p in complete_checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
+    """Delete the bad checkpoint; resume from the one before it, if any."""
     if path.name.startswith(CHECKPOINT_PREFIX) and path.name.removeprefix(CHECKPOINT_PREFIX).isdigit():
-        alternative = f"resume from an earlier one (--resume {earlier[-1]})" if earlier else "start again"
+        earlier = [p for p in complete_checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
+        alternative = (
+            f"resume from an earlier one (--resume {earlier[-1]})"
+            if earlier
+            else "start again (--overwrite instead of --resume)"
+        )
     else:
         alternative = "resume from another checkpoint"
     return f"delete the checkpoint folder {path} and {alternative}"

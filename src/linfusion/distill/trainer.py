@@ -393,6 +393,14 @@ class Distiller:
         for old in complete_checkpoints(self.config.checkpoint_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _restore_rng(self, rng: dict[str, Any]) -> None:
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint`` (read by :func:`~.resume.load_checkpoint_files`) exactly."""
         path, state = checkpoint.path, checkpoint.state
@@ -406,21 +414,16 @@ class Distiller:
             self.linfusion.load_state_dict(checkpoint.linfusion)
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
-        except (RuntimeError, ValueError, KeyError) as error:
+            if self.accelerator.scaler is not None and checkpoint.scaler is not None:
+                self.accelerator.scaler.load_state_dict(checkpoint.scaler)
+            if checkpoint.rng is not None:
+                self._restore_rng(checkpoint.rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
-                f"cannot resume from {path}: its weights or optimizer state do not fit this model ({error}); "
-                "resume from a checkpoint of this run, or start a new run in another --output folder"
+                f"cannot resume from {path}: its weights, optimizer or random state do not fit this run "
+                f"({type(error).__name__}: {error}); resume from another checkpoint of this run, or start a new "
+                "run in another --output folder"
             ) from error
-        if self.accelerator.scaler is not None and checkpoint.scaler is not None:
-            self.accelerator.scaler.load_state_dict(checkpoint.scaler)
-        rng = checkpoint.rng
-        if rng is not None:
-            self.generator.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
