@@ -382,3 +382,16 @@ def test_a_corrupt_latent_cache_is_rebuilt(teachers, images, tmp_path: Path, cap
     assert "rebuilding the unreadable latent cache" in caplog.text
     assert [e["loss"] for e in again] == [e["loss"] for e in first]
     torch.load(cache, weights_only=False)  # whole again
+
+
+def test_resume_compares_folders_not_spellings(teachers, images, tmp_path: Path, monkeypatch) -> None:
+    from linfusion.distill.config import DistillConfigError
+
+    distill(settings(teachers["sd15"], images, tmp_path / "run", max_steps=1, checkpoint_every=1))
+    monkeypatch.chdir(teachers["sd15"].parent)
+    same = settings(Path(teachers["sd15"].name), images, tmp_path / "run", max_steps=2, resume="latest")
+    distill(same)  # the teacher named relative to another working directory: the same folder
+    assert len(read_log(tmp_path / "run")) == 2
+    other = settings(teachers["sd21"], images, tmp_path / "run", max_steps=3, resume="latest")
+    with pytest.raises(DistillConfigError, match="other model settings .*--teacher"):
+        distill(other)

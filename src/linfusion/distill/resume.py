@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from .config import RUN_MARKER, DistillConfig, DistillConfigError
+from .teacher import resolve_teacher
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
@@ -134,6 +135,15 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _same_place(name: str, recorded: Any, given: Any) -> bool:
+    """Whether two ``--teacher`` (``bundled`` included) or ``--data`` values name the same existing folder."""
+    if not isinstance(recorded, str) or not isinstance(given, str):
+        return False
+    resolve = resolve_teacher if name == "teacher" else str
+    first, second = Path(resolve(recorded)), Path(resolve(given))
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
 def config_changes(saved: dict[str, Any], config: DistillConfig) -> tuple[list[str], list[str]]:
     """``(refused, needs_flag)``: the differences between a checkpoint's settings and ``config``, in words.
 
@@ -150,6 +160,8 @@ def config_changes(saved: dict[str, Any], config: DistillConfig) -> tuple[list[s
         name = setting.name
         if name in free or name not in saved or saved[name] == current[name]:
             continue
+        if name in ("teacher", "data") and _same_place(name, saved[name], current[name]):
+            continue  # the same folder, named from another working directory
         change = f"--{name.replace('_', '-')} {saved[name]!r} -> {current[name]!r}"
         (refused if name in ARCHITECTURE_SETTINGS else needs_flag).append(change)
     return refused, needs_flag
