@@ -258,6 +258,8 @@ def test_captions_that_are_not_utf8_name_the_file_and_the_byte(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--output", " "], "--output is empty"),
+        (["--data", ""], "--data is empty"),
         (["--lr", "nan"], "--lr must be a number > 0"),
         (["--loss-weights", "1,nan,0"], "--loss-weights"),
         (["--seed", "-1"], "--seed must be >= 0"),

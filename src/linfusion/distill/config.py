@@ -86,6 +86,9 @@ class DistillConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` with what to change, before any model or data is loaded."""
         problems = []
+        for name in ("teacher", "data", "output"):
+            if not str(getattr(self, name)).strip():
+                problems.append(f"--{name} is empty; name a folder (or a Hub id for --teacher and --data)")
         if self.resolution <= 0 or self.resolution % 8 != 0:
             problems.append(
                 f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}"
