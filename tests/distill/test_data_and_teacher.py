@@ -55,3 +55,36 @@ def test_epoch_order_is_a_seeded_disjoint_split() -> None:
     assert not set(ranks[0]) & set(ranks[1])
     assert ranks[0] == epoch_order(10, epoch=1, seed=3, rank=0, world_size=2, batch_size=2)
     assert ranks[0] != epoch_order(10, epoch=2, seed=3, rank=0, world_size=2, batch_size=2)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "expected"),
+    [
+        (np.full((32, 32), 30000, dtype=np.uint16), round(30000 / 257)),  # I;16: 16-bit PNG greyscale
+        (np.full((32, 32), 65535, dtype=np.uint16), 255),
+        (np.full((32, 32), 30000, dtype=np.int32), round(30000 / 257)),  # I holding 16-bit data
+        (np.full((32, 32), 200, dtype=np.int32), 200),  # I holding 8-bit data
+        (np.full((32, 32), 0.5, dtype=np.float32), 128),  # F in [0, 1]
+        (np.full((32, 32), 77, dtype=np.uint8), 77),  # L: unchanged
+    ],
+)
+def test_high_bit_depth_images_are_scaled_by_their_range_not_clipped_white(
+    tmp_path, pixels: np.ndarray, expected: int
+) -> None:
+    from linfusion.distill.data import load_image
+
+    image = Image.fromarray(pixels)
+    if pixels.dtype in (np.uint16, np.uint8):  # as read from a PNG file (I and F: in memory, e.g. datasets)
+        image.save(tmp_path / "image.png")
+        image = Image.open(tmp_path / "image.png")
+    rgb = np.asarray(load_image(image))
+    assert rgb.dtype == np.uint8 and rgb.shape == (32, 32, 3)
+    assert (rgb == expected).all(), (image.mode, np.unique(rgb))
+
+
+def test_a_caption_file_that_is_not_utf8_is_a_data_error(tmp_path) -> None:
+    from linfusion.distill.data import DataError, read_caption_text
+
+    (tmp_path / "caption.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(DataError, match=r"caption.txt' is not UTF-8 text: byte 3 \(0xff\)"):
+        read_caption_text(tmp_path / "caption.txt")

@@ -309,3 +309,89 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(teachers, images, tmp_pa
     log = read_log(output)
     assert all(np.isfinite([e["loss"], e["feat"]]).all() for e in log)
     assert {t.dtype for t in final_state(output).values()} == {torch.float32}
+
+
+def test_an_unreadable_image_is_warned_about_once_not_once_per_epoch(
+    teachers, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_image_folder(tmp_path / "data", count=3)
+    (tmp_path / "data" / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "data" / "broken.txt").write_text("a broken image")
+    distill(settings(teachers["sd15"], tmp_path / "data", tmp_path / "out", max_steps=12, batch_size=1))
+    assert read_log(tmp_path / "out")[-1]["skipped_images"] >= 2  # seen in several of the 4 epochs
+    assert caplog.text.count("skipping unreadable image") == 1 and "broken.png" in caplog.text
+
+
+def test_data_that_becomes_unreadable_during_the_run_stops_it_instead_of_looping(
+    teachers, tmp_path: Path
+) -> None:
+    from linfusion.distill import Distiller
+
+    images = write_image_folder(tmp_path / "data", count=2)
+    distiller = Distiller(settings(teachers["sd15"], tmp_path / "data", tmp_path / "out", batch_size=1))
+    for image in images:
+        Path(image).write_bytes(b"gone")
+    with pytest.raises(DataError, match="none of the 2 images .* can be read any more"):
+        distiller.run()
+
+
+@pytest.mark.parametrize("where", ["between steps", "while writing a checkpoint"])
+def test_ctrl_c_leaves_no_half_written_checkpoint_and_the_resumed_run_is_bit_identical(
+    teachers, images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    common = dict(max_steps=4, checkpoint_every=2, caption_dropout=0.5)
+    straight = distill(settings(teachers["sd15"], images, tmp_path / "straight", **common))
+    output = tmp_path / "interrupted"
+
+    def ctrl_c_at_three(step: int, logs: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    callback = None
+    if where == "between steps":
+        callback = ctrl_c_at_three
+    else:  # during the checkpoint of step 4, after its weights are written
+        real_save = torch.save
+
+        def save(obj, target, *args, **kwargs):
+            if str(target).endswith("optimizer.pt") and "step-000004" in str(target):
+                raise KeyboardInterrupt
+            return real_save(obj, target, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        distill(settings(teachers["sd15"], images, output, **common), callback=callback)
+    monkeypatch.undo()
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]  # no .tmp-, no partial step 4
+    assert not (output / "config.json").exists()
+
+    distill(settings(teachers["sd15"], images, output, resume="latest", **common))
+    expected, actual = final_state(straight), final_state(output)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert [e["loss"] for e in read_log(output)] == [e["loss"] for e in read_log(straight)]
+
+
+def test_a_corrupt_latent_cache_is_rebuilt(teachers, images, tmp_path: Path, caplog) -> None:
+    common = dict(max_steps=2, random_crop=False, cache_latents=True)
+    first = read_log(distill(settings(teachers["sd15"], images, tmp_path / "run", **common)))
+    cache = tmp_path / "run" / "latent_cache.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short
+    again = read_log(distill(settings(teachers["sd15"], images, tmp_path / "run", overwrite=True, **common)))
+    assert "rebuilding the unreadable latent cache" in caplog.text
+    assert [e["loss"] for e in again] == [e["loss"] for e in first]
+    torch.load(cache, weights_only=False)  # whole again
+
+
+def test_resume_compares_folders_not_spellings(teachers, images, tmp_path: Path, monkeypatch) -> None:
+    from linfusion.distill.config import DistillConfigError
+
+    distill(settings(teachers["sd15"], images, tmp_path / "run", max_steps=1, checkpoint_every=1))
+    monkeypatch.chdir(teachers["sd15"].parent)
+    same = settings(Path(teachers["sd15"].name), images, tmp_path / "run", max_steps=2, resume="latest")
+    distill(same)  # the teacher named relative to another working directory: the same folder
+    assert len(read_log(tmp_path / "run")) == 2
+    other = settings(teachers["sd21"], images, tmp_path / "run", max_steps=3, resume="latest")
+    with pytest.raises(DistillConfigError, match="other model settings .*--teacher"):
+        distill(other)

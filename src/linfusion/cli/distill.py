@@ -44,7 +44,11 @@ def register(subparsers: Any) -> None:
         "`accelerate launch` for several GPUs or processes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--teacher", required=True, help="diffusers pipeline: Hub id or local folder")
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="diffusers pipeline: Hub id, local folder, or bundled (the bundled model)",
+    )
     parser.add_argument(
         "--data", required=True, help="image folder (.txt captions or metadata.jsonl) or a datasets dataset"
     )
@@ -75,7 +79,17 @@ def register(subparsers: Any) -> None:
         "--checkpoints-total-limit", type=int, default=defaults["checkpoints_total_limit"].default
     )
     parser.add_argument(
-        "--resume", nargs="?", const="latest", default=None, help="latest, or a checkpoint folder"
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="latest, or a checkpoint folder; its settings must match (see --allow-config-change)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue with training settings (lr, batch size, data, ...) other than the "
+        "checkpoint's; model settings (--teacher, --projection-mid-dim) can never change",
     )
     parser.add_argument("--init", choices=("teacher", "random"), default=defaults["init"].default)
     parser.add_argument(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,21 @@ from typing import Any
 from ..errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# diffusers' get_scheduler names that need nothing more than warmup and total steps.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# accelerate's trackers (``Accelerator(log_with=...)``).
+TRACKERS = (
+    "all",
+    "aim",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+)
 RUN_MARKER = "distill_config.json"  # written first by every run: marks a folder as a distill run's own
 
 
@@ -41,6 +59,7 @@ class DistillConfig:
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
     overwrite: bool = False  # write into a non-empty --output that is not this run's own, or start over
+    allow_config_change: bool = False  # resume with other training settings (lr, batch size, data, ...)
     init: str = "teacher"
     projection_mid_dim: int | str | None = "auto"
     caption_dropout: float = 0.1
@@ -67,18 +86,41 @@ class DistillConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` with what to change, before any model or data is loaded."""
         problems = []
+        for name in ("teacher", "data", "output"):
+            if not str(getattr(self, name)).strip():
+                problems.append(f"--{name} is empty; name a folder (or a Hub id for --teacher and --data)")
         if self.resolution <= 0 or self.resolution % 8 != 0:
             problems.append(
                 f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}"
             )
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0; got {self.lr}")
+        for name in ("seed", "num_workers", "lr_warmup_steps", "validate_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            problems.append(
+                f"--checkpoints-total-limit must be >= 0 (0: keep every checkpoint); got {self.checkpoints_total_limit}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a number > 0; got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a number >= 0; got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
+            problems.append(f"max_grad_norm must be a number > 0 or None; got {self.max_grad_norm}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}"
+            )
+        if self.report_to is not None and self.report_to not in TRACKERS:
+            problems.append(f"--report-to must be one of {', '.join(TRACKERS)}; got {self.report_to!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"--caption-dropout must be in [0, 1); got {self.caption_dropout}")
-        if len(self.loss_weights) != 3 or any(w < 0 for w in self.loss_weights) or not any(self.loss_weights):
+        weights = self.loss_weights
+        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
             problems.append(
                 f"--loss-weights takes three non-negative numbers noise,kd,feat; got {self.loss_weights}"
             )
@@ -125,6 +167,7 @@ class DistillConfig:
         output = self.output_dir
         if output.exists() and not output.is_dir():
             raise DistillConfigError(f"--output {output} is a file; pass a folder (it is created if missing)")
+        check_writable(output)
         if not output.exists() or not any(output.iterdir()):
             return
         if self.overwrite:
@@ -141,3 +184,26 @@ class DistillConfig:
             "choose a new or empty folder, or pass --overwrite to write the run into it (files of the same "
             "names, such as config.json, would be replaced)"
         )
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder this process cannot create or write in, before any work and leaving nothing behind.
+
+    Permissions alone do not tell (root passes every permission check, yet cannot write under ``/proc``),
+    so a temporary folder is made in the folder, or in its nearest existing parent, and removed at once.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DistillConfigError(
+            f"--output {folder} cannot be created: {existing} is a file, not a folder; choose another --output"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linfusion-write-test.", dir=existing))
+    except OSError as error:
+        place = "folder" if existing == folder else f"folder's parent {existing}"
+        raise DistillConfigError(
+            f"--output {folder}: cannot write in the {place} ({error.strerror or error}); choose a folder "
+            "you can write to"
+        ) from error

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..hub import load_failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,13 @@ class ImageCaptionSource(Sequence):
 
     def _from_metadata(self, metadata: Path, caption_column: str) -> list[Record]:
         records = []
-        for line_number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        for line_number, line in enumerate(read_caption_text(metadata).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
-                records.append(Record(self.root / entry["file_name"], str(entry[caption_column])))
-            except (json.JSONDecodeError, KeyError) as error:
+                records.append(Record(self.root / str(entry["file_name"]), str(entry[caption_column])))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise DataError(
                     f"{metadata}:{line_number}: each line needs 'file_name' and '{caption_column}' ({error})"
                 ) from error
@@ -84,7 +85,7 @@ class ImageCaptionSource(Sequence):
         for path in images:
             caption_file = path.with_suffix(".txt")
             if caption_file.exists():
-                records.append(Record(path, caption_file.read_text().strip()))
+                records.append(Record(path, read_caption_text(caption_file).strip()))
             else:
                 missing.append(path)
                 records.append(Record(path, ""))
@@ -117,10 +118,17 @@ class HFDatasetSource(Sequence):
                 f"--data {name_or_path!r} is not a folder of images; reading a datasets dataset needs "
                 "`pip install datasets`"
             ) from error
-        if _is_saved_dataset(Path(name_or_path)):
-            dataset = datasets.load_from_disk(name_or_path)
-        else:
-            dataset = datasets.load_dataset(name_or_path, split="train")
+        try:
+            if _is_saved_dataset(Path(name_or_path)):
+                dataset = datasets.load_from_disk(name_or_path)
+            else:
+                dataset = datasets.load_dataset(name_or_path, split="train")
+        except (OSError, ConnectionError, ValueError) as error:  # not found, offline, not a dataset
+            raise DataError(
+                load_failure_message(
+                    "the --data dataset", name_or_path, error, "dataset_info.json and its data files"
+                )
+            ) from error
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"]
         for column in (image_column, caption_column):
@@ -157,18 +165,75 @@ def open_source(data: str, caption_column: str, image_column: str, allow_missing
     return ImageCaptionSource(path, caption_column, allow_missing_captions)
 
 
-def load_image(image: Any) -> Image.Image:
-    """A PIL image from a path, a PIL image, or a datasets image dict (bytes or path)."""
-    if isinstance(image, Image.Image):
+def read_caption_text(path: Path) -> str:
+    """A caption file's text (UTF-8), refused with the file and the first bad byte's offset otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"caption file {str(path)!r} is not UTF-8 text: byte {error.start} (0x{error.object[error.start]:02x}) "
+            "cannot be decoded; save it as UTF-8"
+        ) from error
+    except OSError as error:
+        raise DataError(f"cannot read caption file {str(path)!r}: {error.strerror or error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) scaled by their real range, not clipped.
+
+    PIL's own ``convert("RGB")`` clips such images at 255, so a 16-bit PNG would read as pure white.
+    """
+    # TODO(lead): use the shared image-opening function of the command line for this conversion.
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+    elif image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels / 257.0 if pixels.max(initial=0) > 255 else pixels  # 16-bit data read as I
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels * 255.0 if pixels.max(initial=0) <= 1.0 else pixels  # floats in [0, 1]
+    else:
         return image.convert("RGB")
+    grey = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def load_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image, or a datasets image dict (bytes or path)."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
     if isinstance(image, dict):
         if image.get("bytes"):
             import io
 
-            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return to_rgb(opened)
         image = image.get("path")
     with Image.open(image) as opened:
-        return opened.convert("RGB")
+        return to_rgb(opened)
+
+
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def check_some_image_readable(source: Sequence, data: str) -> None:
+    """Refuse data of which no image can be read, before training (which would then never make a step).
+
+    Images are tried in order until one opens, so a usable data set costs one image.
+    """
+    first_error = None
+    for index in range(len(source)):
+        record = source[index]
+        try:
+            load_image(record.image)
+            return
+        except UNREADABLE_IMAGE_ERRORS as error:
+            first_error = first_error or (record.image, error)
+    where, error = first_error if first_error else ("?", "no images")
+    raise DataError(
+        f"none of the {len(source)} images in --data {data!r} can be read; the first, {where}, failed: {error}. "
+        "Check that the files are PNG, JPEG, WebP or BMP images"
+    )
 
 
 def resize_and_crop(
@@ -195,8 +260,8 @@ def resize_and_crop(
 class DistillDataset(torch.utils.data.Dataset):
     """Cropped training images in [-1, 1] with captions and SD-XL micro-conditioning.
 
-    An unreadable image yields ``None``; :func:`collate` drops it and counts it, so one bad file never
-    stops a run.
+    An unreadable image yields ``{"index", "unreadable"}`` (why); :func:`collate` drops it and lists it,
+    so one bad file never stops a run and the trainer warns about it once (not once per epoch).
     """
 
     def __init__(self, source: Sequence, resolution: int, random_crop: bool = True, seed: int = 0):
@@ -212,13 +277,12 @@ class DistillDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.source[index]
         try:
             image = load_image(record.image)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            logger.warning("skipping unreadable image %s: %s", record.image, error)
-            return None
+        except UNREADABLE_IMAGE_ERRORS as error:
+            return {"index": index, "unreadable": f"{record.image}: {error}"}
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.random_crop else None
         pixels, original_size, crop_top_left = resize_and_crop(image, self.resolution, rng)
         tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
@@ -231,9 +295,12 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack a batch, dropping unreadable images and counting them in ``skipped``."""
-    kept = [item for item in items if item is not None]
-    batch: dict[str, Any] = {"skipped": len(items) - len(kept)}
+    """Stack a batch, dropping unreadable images: counted in ``skipped``, listed in ``unreadable``."""
+    kept = [item for item in items if item is not None and "unreadable" not in item]
+    unreadable = {
+        item["index"]: item["unreadable"] for item in items if item is not None and "unreadable" in item
+    }
+    batch: dict[str, Any] = {"skipped": len(items) - len(kept), "unreadable": unreadable}
     if not kept:
         return batch
     batch["index"] = [item["index"] for item in kept]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..bundled.paths import MODEL_DIR
+from ..choices import BUNDLED_MODEL_NAME
 from ..errors import UserError
+from ..hub import load_failure_message, looks_like_hub_id
 from ..registry import is_sdxl
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -17,16 +22,55 @@ class TeacherError(UserError, ValueError):
     """The teacher cannot be used for distillation; the message says why."""
 
 
+def resolve_teacher(name_or_path: str) -> str:
+    """The folder or Hub id behind ``--teacher`` ("bundled": the bundled model's folder, as for generate)."""
+    return str(MODEL_DIR) if name_or_path == BUNDLED_MODEL_NAME else name_or_path
+
+
+def check_teacher_source(name_or_path: str) -> None:
+    """Refuse a ``--teacher`` that is neither a pipeline folder nor a Hub id, without loading anything."""
+    source = resolve_teacher(name_or_path)
+    if looks_like_hub_id(source):
+        return
+    if not os.path.exists(source):
+        raise TeacherError(
+            f"--teacher {name_or_path!r}: no such folder; pass a diffusers pipeline folder (with "
+            f"model_index.json), a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or "
+            f"{BUNDLED_MODEL_NAME}"
+        )
+    if not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise TeacherError(
+            f"could not load the teacher {name_or_path!r} as a diffusers pipeline: the folder has no "
+            "model_index.json. Pass a Hub id or a folder written by save_pretrained (with model_index.json)"
+        )
+
+
+def _without_unshown_references(message: str) -> str:
+    """A library's error text minus sentences pointing at a traceback the user is not shown."""
+    sentences = re.split(r"(?<=[.!?])\s+", str(message).strip())
+    return " ".join(s for s in sentences if "stacktrace" not in s.lower() and "traceback" not in s.lower())
+
+
 def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a Stable Diffusion pipeline (Hub id or local folder) and check it is one LinFusion can distill."""
+    """Load a Stable Diffusion pipeline (Hub id, local folder or ``bundled``) and check LinFusion can distill it."""
     from diffusers import DiffusionPipeline
 
+    check_teacher_source(name_or_path)
+    source = resolve_teacher(name_or_path)
     try:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
     except (OSError, ValueError, TypeError) as error:
+        text = _without_unshown_references(str(error)).rstrip(".")
+        if looks_like_hub_id(source):
+            try:
+                cleaned = type(error)(text)
+            except TypeError:  # an exception class with another constructor: keep the text only
+                cleaned = RuntimeError(text)
+            message = load_failure_message("the teacher", name_or_path, cleaned, "model_index.json")
+        else:  # an existing pipeline folder (checked above) with a broken file
+            message = f"could not load the teacher {name_or_path!r} as a diffusers pipeline: {text}"
         raise TeacherError(
-            f"could not load the teacher {name_or_path!r} as a diffusers pipeline: {error}. Pass a Hub id or a "
-            "folder written by save_pretrained (with model_index.json)"
+            f"{message}. Pass a Hub id or a folder written by save_pretrained (with model_index.json)"
         ) from error
     check_teacher(pipe, name_or_path)
     return pipe

@@ -29,13 +29,29 @@ from ..io import atomic_write_text, replace_folder, torch_save
 from ..model import LinFusion
 from ..registry import is_sdxl
 from .config import RUN_MARKER, DistillConfig, DistillConfigError
-from .data import CachedLatentDataset, DataError, DistillDataset, collate, epoch_order, open_source
-from .teacher import TextConditioner, frozen, load_teacher
+from .data import (
+    CachedLatentDataset,
+    DataError,
+    DistillDataset,
+    check_some_image_readable,
+    collate,
+    epoch_order,
+    open_source,
+)
+from .resume import (
+    CHECKPOINT_PREFIX,
+    LOAD_ERRORS,
+    Checkpoint,
+    CheckpointError,
+    checked_resume_point,
+    complete_checkpoints,
+    load_checkpoint_files,
+)
+from .teacher import TextConditioner, check_teacher_source, frozen, load_teacher
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
-_CHECKPOINT_PREFIX = "step-"
 
 
 class FeatureRecorder:
@@ -85,26 +101,6 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def find_checkpoint(config: DistillConfig) -> Path | None:
-    """The checkpoint ``--resume`` names: ``latest`` (highest complete step) or a path."""
-    if config.resume in (None, ""):
-        return None
-    if config.resume != "latest":
-        path = Path(config.resume)
-        if not (path / "state.json").exists():
-            raise DistillConfigError(
-                f"--resume {config.resume!r}: no checkpoint there (state.json missing); pass a checkpoint "
-                f"folder such as {config.checkpoint_dir / (_CHECKPOINT_PREFIX + '000500')}, or latest"
-            )
-        return path
-    if not config.checkpoint_dir.exists():
-        return None
-    complete = [
-        p for p in config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*") if (p / "state.json").exists()
-    ]
-    return max(complete, key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)), default=None)
-
-
 class Distiller:
     """Holds the models, data and optimizer of one run; :meth:`run` trains to ``max_steps``."""
 
@@ -115,10 +111,14 @@ class Distiller:
         config.check_output()  # nothing of the user's is clobbered, nothing is mixed with an older run
         if config.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise DistillConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-        # Data problems are reported before the (slow) teacher is loaded.
+        # A wrong --resume, data or teacher is reported before the (slow) teacher is loaded and before
+        # anything is written.
+        resume_from = checked_resume_point(config)
         self.source = open_source(
             config.data, config.caption_column, config.image_column, config.allow_missing_captions
         )
+        check_some_image_readable(self.source, config.data)
+        check_teacher_source(config.teacher)
         if accelerator is None:
             _reset_single_process_state()
             accelerator = Accelerator(
@@ -134,6 +134,9 @@ class Distiller:
                 f"{len(self.source)} training images are fewer than one batch on every process "
                 f"({world} x --batch-size {config.batch_size})"
             )
+        self.checkpoint: Checkpoint | None = None
+        if resume_from is not None:  # every file read (and checked) before the teacher is loaded
+            self.checkpoint = load_checkpoint_files(resume_from, config, self.accelerator.process_index)
         self.device = self.accelerator.device
         self.weight_dtype = _weight_dtype(config.mixed_precision)
 
@@ -179,6 +182,7 @@ class Distiller:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped_images = 0
+        self.reported_unreadable: set[int] = set()  # indices already warned about
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -202,7 +206,7 @@ class Distiller:
         path = self.config.output_dir / "latent_cache.pt"
         key = {"teacher": self.config.teacher, "resolution": self.config.resolution, "images": len(self.source),
                "random_crop": self.config.random_crop, "seed": self.config.seed}  # fmt: skip
-        cache = torch.load(path, weights_only=False) if path.exists() else None
+        cache = _read_latent_cache(path)
         if cache is None or cache.get("key") != key:
             if self.is_main:
                 cache = self._encode_all(key)
@@ -216,7 +220,8 @@ class Distiller:
         means, stds, captions, time_ids, valid = [], [], [], [], []
         for index in tqdm(range(len(self.dataset)), desc="caching latents", disable=not self.is_main):
             item = self.dataset[index]
-            if item is None:
+            if "unreadable" in item:
+                self._report_unreadable(item["index"], item["unreadable"])
                 valid.append(False)
                 captions.append("")
                 time_ids.append(torch.zeros(6, dtype=torch.long))
@@ -237,9 +242,19 @@ class Distiller:
         return {"key": key, "mean": torch.stack(means), "std": torch.stack(stds), "caption": captions,
                 "time_ids": torch.stack(time_ids), "valid": valid}  # fmt: skip
 
+    def _report_unreadable(self, index: int, why: str) -> None:
+        if index not in self.reported_unreadable:
+            self.reported_unreadable.add(index)
+            logger.warning("skipping unreadable image %s", why)
+
     def _batches(self):
-        """Batches of the current epoch from ``batch_in_epoch`` on, forever across epochs."""
+        """Batches of the current epoch from ``batch_in_epoch`` on, forever across epochs.
+
+        Once every image has proved unreadable (files that became so during the run), the run stops
+        rather than looping forever.
+        """
         while True:
+            usable = 0
             self.dataset.set_epoch(self.epoch)
             order = epoch_order(
                 len(self.dataset),
@@ -260,7 +275,15 @@ class Distiller:
             )
             for batch in loader:
                 self.batch_in_epoch += 1
+                for index, why in batch["unreadable"].items():
+                    self._report_unreadable(index, why)
+                usable += "caption" in batch
                 yield batch
+            if not usable and len(self.reported_unreadable) == len(self.dataset):
+                raise DataError(
+                    f"none of the {len(self.dataset)} images of --data {self.config.data!r} can be read any "
+                    "more (they were when the run started); check the files"
+                )
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -314,11 +337,20 @@ class Distiller:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly, written to a temporary folder and renamed."""
-        final = self.config.checkpoint_dir / f"{_CHECKPOINT_PREFIX}{self.step:06d}"
+        final = self.config.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         temporary = final.with_name(f".tmp-{final.name}")  # shared by every rank: each writes its RNG state
         if self.is_main:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
+        try:
+            self._write_checkpoint(temporary, final)
+        except BaseException:  # Ctrl-C or a full disk: no half-written checkpoint stays behind
+            if self.is_main:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return final
+
+    def _write_checkpoint(self, temporary: Path, final: Path) -> None:
         self.accelerator.wait_for_everyone()
         rank = self.accelerator.process_index
         torch.save(
@@ -353,46 +385,45 @@ class Distiller:
             replace_folder(temporary, final)
             self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
-        return final
 
     def _prune_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
         if not limit:
             return
-        complete = sorted(
-            (
-                p
-                for p in self.config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*")
-                if (p / "state.json").exists()
-            ),
-            key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)),
-        )
-        for old in complete[:-limit]:
+        for old in complete_checkpoints(self.config.checkpoint_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
+    def _restore_rng(self, rng: dict[str, Any]) -> None:
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint`` (read by :func:`~.resume.load_checkpoint_files`) exactly."""
+        path, state = checkpoint.path, checkpoint.state
         if state["num_processes"] != self.accelerator.num_processes:
             logger.warning(
                 "resuming a %d-process run on %d processes: data order will differ from an uninterrupted run",
                 state["num_processes"],
                 self.accelerator.num_processes,
             )
-        saved = LinFusion.from_pretrained(path / "linfusion")
-        self.linfusion.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
-        if self.accelerator.scaler is not None and (path / "scaler.pt").exists():
-            self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            self.generator.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        try:
+            self.linfusion.load_state_dict(checkpoint.linfusion)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+            if self.accelerator.scaler is not None and checkpoint.scaler is not None:
+                self.accelerator.scaler.load_state_dict(checkpoint.scaler)
+            if checkpoint.rng is not None:
+                self._restore_rng(checkpoint.rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"cannot resume from {path}: its weights, optimizer or random state do not fit this run "
+                f"({type(error).__name__}: {error}); resume from another checkpoint of this run, or start a new "
+                "run in another --output folder"
+            ) from error
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -414,7 +445,7 @@ class Distiller:
 
     @torch.no_grad()
     def validate(self) -> Path:
-        folder = self.config.output_dir / "validation" / f"{_CHECKPOINT_PREFIX}{self.step:06d}"
+        folder = self.config.output_dir / "validation" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         self.linfusion.eval()
         try:
@@ -436,23 +467,27 @@ class Distiller:
     # ------------------------------------------------------------------ the loop
     def _start_over(self) -> None:
         """``--overwrite`` without ``--resume``: an older run's checkpoints and log must not mix in."""
-        for old in self.config.checkpoint_dir.glob(f"{_CHECKPOINT_PREFIX}*"):
-            if (old / "state.json").exists():
-                shutil.rmtree(old)
+        for old in complete_checkpoints(self.config.checkpoint_dir):
+            shutil.rmtree(old)
 
     def run(self, callback: StepCallback | None = None) -> Path:
         config = self.config
         self.accelerator.wait_for_everyone()  # every rank checked --output before anything is written
         if self.is_main:
-            config.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                config.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise DistillConfigError(
+                    f"cannot create --output {config.output_dir}: {error.strerror or error}"
+                ) from error
             if config.overwrite and not config.resume:
                 self._start_over()
             atomic_write_text(config.output_dir / RUN_MARKER, config.to_json())
         if config.cache_latents:
             self.build_latent_cache()
-        checkpoint = find_checkpoint(config)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+        if self.checkpoint is not None:
+            self.restore(self.checkpoint)
+            self.checkpoint = None  # its tensors are in the model and optimizer now
         log_path = config.log_path
         if self.is_main:
             truncate_log(log_path, self.step)  # a resumed run logs the steps after its checkpoint again
@@ -516,12 +551,24 @@ class Distiller:
         return config.output_dir
 
 
+def _read_latent_cache(path: Path) -> dict[str, Any] | None:
+    """The stored latent cache, or None when there is none or it cannot be read (it is then rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        cache = torch.load(path, weights_only=False)
+    except LOAD_ERRORS as error:
+        logger.warning("rebuilding the unreadable latent cache %s (%s)", path, error)
+        return None
+    return cache if isinstance(cache, dict) else None
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep the training log's lines of steps up to ``step`` (and drop a line a kill cut short)."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # bad lines are dropped
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
