@@ -17,4 +17,19 @@ class UserError(Exception):
     """The request cannot work as given; the message says what to change (shown without a traceback)."""
 
 
-__all__ = ["UserError"]
+EXCERPT_CHARACTERS = 120  # the most of a user's text an error message quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARACTERS) -> str:
+    """``text`` quoted for a one-paragraph error: its first ``limit`` characters and how many more there are.
+
+    A message quoting what the user gave (a PNG's parameters text, a prompt) stays one readable line even
+    when that text is a megabyte.
+    """
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text) - limit:,} more characters)"
+
+
+__all__ = ["EXCERPT_CHARACTERS", "UserError", "excerpt"]

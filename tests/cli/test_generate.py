@@ -90,7 +90,7 @@ def test_size_and_scheduler_options(model: Path, tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--size", "500x512"], "width 500 is not a positive multiple of 8"),
-        (["--model", "/no/such/model"], "could not load the model from '/no/such/model': no such folder"),
+        (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
         (
             ["--model", "someorg/some-model"],
             "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache",

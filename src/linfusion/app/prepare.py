@@ -171,6 +171,28 @@ def choose_vae_attention(
     ]
 
 
+def prompt_length_notes(model: Any, params: GenerationParams) -> list[str]:
+    """One note per prompt longer than the text encoder reads, saying how many tokens it drops.
+
+    diffusers cuts such a prompt with a warning hidden among third-party notices; the user should know.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if not callable(tokenizer):  # a structure on meta carries the length only
+        return []
+    limit = tokenizer.model_max_length
+    notes = []
+    for what, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
+        if not text:
+            continue
+        tokens = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+        if tokens > limit:
+            notes.append(
+                f"note: the {what} is {tokens:,} tokens and the text encoder reads {limit}: "
+                f"its last {tokens - limit:,} tokens are dropped"
+            )
+    return notes
+
+
 def stripe_sizes(model: Any, stages: Sequence[Stage], stripes: int) -> list[tuple[int, int]]:
     """The size one rank plans per stage: the whole stage, or with ``stripes`` > 1 the tallest stripe."""
     if stripes == 1:
@@ -273,6 +295,7 @@ def prepare_steps(
     stages = stages_for(model, params, source)
     planner = planner or MemoryPlanner(model, device=device, dtype=dtype)
     vae_attention, notes = choose_vae_attention(params, model.vae, stages, planner.device, planner.dtype)
+    notes = prompt_length_notes(model, params) + notes
     if vae_attention_mode(model.vae) != vae_attention:  # the planner reads the kernel the VAE runs
         applied = apply_vae_attention(model.vae, vae_attention)
         if patch is not None:
@@ -320,6 +343,7 @@ __all__ = [
     "plan_memory",
     "prepare",
     "prepare_steps",
+    "prompt_length_notes",
     "stages_for",
     "stripe_sizes",
     "upscale_params",
