@@ -32,12 +32,16 @@ def check_folder_writable(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise GenerationError(f"cannot write {what}: cannot create folder {folder} ({error.strerror})") from error
+        raise GenerationError(
+            f"cannot write {what}: cannot create folder {folder} ({error.strerror})"
+        ) from error
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".linfusion-check-"):
             pass
     except OSError as error:
-        raise GenerationError(f"cannot write {what}: folder {folder} is not writable ({error.strerror})") from error
+        raise GenerationError(
+            f"cannot write {what}: folder {folder} is not writable ({error.strerror})"
+        ) from error
 
 
 def check_writable(out: Path) -> None:
