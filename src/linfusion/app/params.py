@@ -83,13 +83,13 @@ class GenerationParams:
             if not isinstance(getattr(self, name), str):
                 raise GenerationError(
                     f"{name} must be text (one str); got {type(getattr(self, name)).__name__} "
-                    f"{excerpt(repr(getattr(self, name)))}"
+                    f"{excerpt(getattr(self, name))}"
                 )
         for name in ("linfusion", "dtype", "mode", "vae_attention", "model", "scheduler"):
             value = getattr(self, name)
             if not isinstance(value, str) and not (value is None and name in ("model", "scheduler")):
                 hint = ' ("none": without LinFusion)' if name == "linfusion" else ""
-                raise GenerationError(f"{name} must be text{hint}; got {excerpt(repr(value))}")
+                raise GenerationError(f"{name} must be text{hint}; got {excerpt(value)}")
         if not self.prompt or not self.prompt.strip():
             raise GenerationError(
                 'the prompt is empty: say what to draw, e.g. linfusion generate "a red circle"'
