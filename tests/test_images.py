@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +10,13 @@ from PIL import Image
 
 from linfusion.errors import UserError
 from linfusion.images import ImageError, open_image, read_png_text
-
-
-def png_header_only(path: Path, width: int, height: int, text: str) -> Path:
-    """A PNG's signature, header, ``parameters`` chunk and a token data chunk: a huge size in a few bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"tEXt", b"parameters\x00" + text.encode("latin-1"))
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
-    return path
+from support.pngs import png_header_only
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
-def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped_to_white(tmp_path: Path, mode: str) -> None:
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped_to_white(
+    tmp_path: Path, mode: str
+) -> None:
     values = np.array([[0, 30000], [65535, 257]], dtype=np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(values.astype(np.int32 if mode == "I" else np.uint16), mode).save(path)

@@ -38,9 +38,7 @@ def test_freed_memory_is_returned_only_for_tight_cpu_plans(monkeypatch: pytest.M
     assert not returns_freed_memory(plan(100, 100, chunked), cpu)
 
 
-def test_a_failed_save_keeps_the_image_and_names_the_copy(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_save_keeps_the_image_and_names_the_copy(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import tempfile
 

@@ -116,5 +116,8 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_noted() -> None:
     assert prompt_length_notes(model, short) == []
     long = GenerationParams("word " * 1000, negative_prompt="blurry")
     (note,) = prompt_length_notes(model, long)
-    assert note == "note: the prompt is 1,002 tokens and the text encoder reads 77: its last 925 tokens are dropped"
+    assert (
+        note
+        == "note: the prompt is 1,002 tokens and the text encoder reads 77: its last 925 tokens are dropped"
+    )
     assert prompt_length_notes(SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77)), long) == []
