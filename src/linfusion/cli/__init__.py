@@ -8,8 +8,11 @@ These modules hold argparse only: the application is imported inside those calla
 :func:`main` is the one place that decides how a command ends: a :class:`~linfusion.errors.UserError`
 (bad numbers, unreadable images, folders that would be clobbered, budgets that cannot fit) is printed as
 one paragraph with exit status 2 (:data:`USER_ERROR`); any other exception is a bug: one "internal error"
-line and exit status 1 (:data:`INTERNAL_ERROR`), its traceback with ``-v``, which shows everything. It also sets the process up as :mod:`linfusion.runtime`
-describes (glibc keeps freed memory; third-party notices silenced unless ``-v``).
+line and exit status 1 (:data:`INTERNAL_ERROR`), its traceback with ``-v``, which shows everything. Ctrl-C
+is one line and status 130 (:data:`INTERRUPTED`); a standard output whose reader went away (``| head``)
+ends quietly with 141 (:data:`BROKEN_PIPE`), one that cannot be written (``> /dev/full``) with one line and
+status 1. It also sets the process up as :mod:`linfusion.runtime` describes (glibc keeps freed memory;
+third-party notices silenced unless ``-v``).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()
-        print(f"linfusion {command}: interrupted (nothing was written)", file=sys.stderr)
+        print(f"linfusion {command}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except StdoutError as error:
         stdout_gone()
