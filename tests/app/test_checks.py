@@ -99,7 +99,7 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
 def test_preflight_refuses_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = GenerationParams("a cat", width=64, height=64)
     out = tmp_path / "x.png"
-    with pytest.raises(GenerationError, match="--steps must be a whole number >= 1 and at most 500"):
+    with pytest.raises(GenerationError, match="--steps 1001: at most 500"):
         preflight(params.replace(steps=1001), out, "cpu", Budgets())
     with pytest.raises(GenerationError, match="is more than the"):
         preflight(params, out, "cpu", Budgets(device=machine_memory() * 2))

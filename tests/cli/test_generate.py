@@ -382,7 +382,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> list:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--steps", "1001", "--scheduler", "euler"], "--steps must be a whole number >= 1 and at most 500"),
+        (["--steps", "1001", "--scheduler", "euler"], "--steps 1001: at most 500"),
         (["--no-linfusion", "--linfusion", "org/x"], "--no-linfusion and --linfusion org/x contradict"),
         (["--device", "meta"], "device meta holds shapes without values"),
         (["--model", "./nope_dir"], "--model ./nope_dir: no such folder"),

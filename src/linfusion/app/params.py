@@ -111,10 +111,12 @@ class GenerationParams:
                 )
             if minimum_side is not None and value < minimum_side:
                 raise GenerationError(minimum_side_message(f"{name} {value}", minimum_side))
-        if not _is_whole(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+        if not _is_whole(self.steps) or self.steps < 1:
+            raise GenerationError(f"--steps must be a whole number >= 1; got {self.steps}")
+        if self.steps > MAX_STEPS:
             raise GenerationError(
-                f"--steps must be a whole number >= 1 and at most {MAX_STEPS} (a sampler cannot take as many "
-                f"steps as the model's training schedule); got {self.steps}"
+                f"--steps {self.steps}: at most {MAX_STEPS} (a sampler cannot take as many steps as the "
+                "model's training schedule)"
             )
         if not _is_number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
             raise GenerationError(
