@@ -41,6 +41,17 @@ def test_a_device_this_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(GenerationError, match="has 2 CUDA GPU"):
         resolve_device("cuda:2")
     assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(GenerationError, match="this machine has no mps device"):
+        resolve_device("mps")
+
+
+def test_an_upscale_scale_that_is_not_a_number_is_refused() -> None:
+    from linfusion.app.prepare import upscale_params
+
+    for scale in ("2", None, True):
+        with pytest.raises(GenerationError, match="--scale must be a number > 1"):
+            upscale_params(GenerationParams("a cat"), (64, 64), scale)
 
 
 def test_outputs_in_places_that_cannot_be_written_are_refused(tmp_path: Path) -> None:

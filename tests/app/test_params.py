@@ -102,6 +102,7 @@ def test_text_without_settings_is_refused() -> None:
         ({"model": 5}, "model must be text"),
         ({"width": 32.0}, "width 32.0 is not a whole number and a multiple of 8 .*try 32$"),
         ({"height": 100.5}, "try 104$"),
+        ({"scheduler": "x" * 100_000}, "unknown scheduler 'x+'... \\(99,880 more characters\\); choose"),
     ],
 )
 def test_python_api_values_of_the_wrong_kind_are_user_errors(changes: dict, message: str) -> None:

@@ -91,7 +91,7 @@ def test_size_and_scheduler_options(model: Path, tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--size", "500x512"], "width 500 is not a positive multiple of 8"),
-        (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+        (["--model", "/no/such/model"], "--model '/no/such/model': no such folder"),
         (
             ["--model", "someorg/some-model"],
             "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache",
@@ -385,7 +385,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> list:
         (["--steps", "1001", "--scheduler", "euler"], "--steps 1001: at most 500"),
         (["--no-linfusion", "--linfusion", "org/x"], "--no-linfusion and --linfusion org/x contradict"),
         (["--device", "meta"], "device meta holds shapes without values"),
-        (["--model", "./nope_dir"], "--model ./nope_dir: no such folder"),
+        (["--model", "./nope_dir"], "--model './nope_dir': no such folder"),
         (["--max-memory", "1000TB"], "--max-memory 1024000GB is more than the"),
         (["--out", "/proc/x.png"], "cannot write /proc/x.png"),
     ],

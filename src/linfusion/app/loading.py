@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..choices import BUNDLED_MODEL_NAME, SCHEDULERS
+from ..errors import excerpt
 from ..hub import load_failure_message, looks_like_hub_id
 from ..model import LinFusion
 from ..patches.base import Patch
@@ -66,7 +67,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:1, ... or auto") from error
+        raise GenerationError(
+            f"unknown device {excerpt(device)}; use cpu, cuda, cuda:1, ... or auto"
+        ) from error
     if resolved.type == "meta":
         raise GenerationError(
             "device meta holds shapes without values, so it cannot make an image; use cpu, cuda or auto "
@@ -82,7 +85,19 @@ def resolve_device(device: str) -> torch.device:
             raise GenerationError(
                 f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
             )
+    elif resolved.type != "cpu" and not device_available(resolved.type):
+        raise GenerationError(
+            f"--device {device}: this machine has no {resolved.type} device; use cpu or auto"
+        )
     return resolved
+
+
+def device_available(kind: str) -> bool:
+    """Whether torch can use a device of type ``kind`` (mps, xpu, ...) on this machine."""
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    is_available = getattr(getattr(torch, kind, None), "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
 
 
 def check_model_exists(model: str) -> None:
@@ -91,7 +106,7 @@ def check_model_exists(model: str) -> None:
         return
     if not Path(model).exists():
         raise GenerationError(
-            f"--model {model}: no such folder; pass a diffusers pipeline folder, a Hub id such as "
+            f"--model {excerpt(model)}: no such folder; pass a diffusers pipeline folder, a Hub id such as "
             "org/name, or bundled"
         )
 

@@ -129,15 +129,19 @@ class GenerationParams:
             )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise GenerationError(
-                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+                f"unknown scheduler {excerpt(self.scheduler)}; choose one of {', '.join(SCHEDULERS)}"
             )
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise GenerationError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+            raise GenerationError(
+                f"unknown dtype {excerpt(self.dtype)}; choose auto, {', '.join(DTYPE_NAMES)}"
+            )
         if self.mode not in GENERATION_MODES:
-            raise GenerationError(f"unknown mode {self.mode!r}; choose one of {', '.join(GENERATION_MODES)}")
+            raise GenerationError(
+                f"unknown mode {excerpt(self.mode)}; choose one of {', '.join(GENERATION_MODES)}"
+            )
         if self.vae_attention not in VAE_ATTENTION_CHOICES:
             raise GenerationError(
-                f"unknown VAE attention {self.vae_attention!r}; choose one of {', '.join(VAE_ATTENTION_CHOICES)}"
+                f"unknown VAE attention {excerpt(self.vae_attention)}; choose one of {', '.join(VAE_ATTENTION_CHOICES)}"
             )
 
     # ------------------------------------------------------------------ the PNG text chunk

@@ -101,6 +101,8 @@ class StageProgress:
 
 def upscale_params(params: GenerationParams, size: tuple[int, int], scale: float) -> GenerationParams:
     """``params`` for enlarging an image of ``size`` by ``scale``: its target size, a chain mode, a prompt."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise GenerationError(f"--scale must be a number > 1; got {scale!r}")
     try:
         width, height = upscale_target(size, scale)
     except ValueError as error:
