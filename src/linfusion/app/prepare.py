@@ -285,8 +285,10 @@ def prepare_steps(
     A caller that stops iterating stops the planning between two stages.
     """
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
+    native = native_long_side(model)  # only a missing size means the native one (0 is refused)
     params = params.replace(
-        width=params.width or native_long_side(model), height=params.height or native_long_side(model)
+        width=native if params.width is None else params.width,
+        height=native if params.height is None else params.height,
     )
     smallest = minimum_side(model)
     params.validate(minimum_side=smallest)
