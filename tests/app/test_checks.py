@@ -118,3 +118,22 @@ def test_preflight_refuses_before_loading(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(OSError):  # preflight does run the disk check
         preflight(params, out, "cpu", Budgets())
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_the_python_api_refuses_a_request_that_is_not_generation_params(tmp_path: Path) -> None:
+    import linfusion
+
+    for request in ("a cat", ["a cat"], None):
+        with pytest.raises(GenerationError, match="the request must be a GenerationParams"):
+            linfusion.generate(request, tmp_path / "x.png")
+    with pytest.raises(GenerationError, match="prompt must be text"):
+        linfusion.generate(GenerationParams(123), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpu_budget_above_the_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    properties = SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    with pytest.raises(GenerationError, match="--max-memory 81GB is more than the 80.00 GiB of this cuda"):
+        check_device_budget(81 * 2**30, torch.device("cuda", 0))
+    check_device_budget(80 * 2**30, torch.device("cuda", 0))

@@ -153,6 +153,11 @@ def preflight(
     save_stages: Path | None = None,
 ) -> GenerationParams:
     """The checks that need no model, before anything loads; ``params`` with the model named."""
+    if not isinstance(params, GenerationParams):
+        raise GenerationError(
+            f"the request must be a GenerationParams, such as GenerationParams(prompt='a red circle'); "
+            f"got {type(params).__name__}"
+        )
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
     params.validate()
     check_model_exists(str(params.model))
