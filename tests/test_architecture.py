@@ -31,6 +31,7 @@ LAYERS = {
     "linfusion.tracing": 0,
     "linfusion.hub": 0,
     "linfusion.errors": 0,
+    "linfusion.images": 1,
     "linfusion.runtime": 0,
     "linfusion.patches.base": 0,
     "linfusion.attention": 1,

@@ -94,3 +94,8 @@ def test_files_a_private_writer_creates_or_replaces_get_the_umask_mode(tmp_path:
     assert mode_of(tmp_path / "weights.safetensors") == 0o644
     assert mode_of(tmp_path / "sub" / "more.safetensors") == 0o644
     assert mode_of(untouched) == 0o600  # not written in the block: left alone
+
+
+def test_size_flags_are_plain_numbers_even_for_huge_sizes() -> None:
+    assert size_flag(1000 * 2**40) == "1024000GB" and size_flag(24 * 2**30) == "24GB"
+    assert parse_size(size_flag(1000 * 2**40)) == 1000 * 2**40

@@ -110,3 +110,22 @@ def test_mount_on_something_that_is_not_a_model() -> None:
         linfusion.mount(object())
     with pytest.raises(ValueError, match="no `controlnet` component"):
         linfusion.mount(tiny_pipeline("sd15"), controlnet=True)
+
+
+@pytest.mark.parametrize("unet", [None, "runwayml/stable-diffusion-v1-5", 3])
+def test_from_unet_without_a_unet_is_a_user_error(unet: object) -> None:
+    from linfusion.errors import UserError
+    from linfusion.model import NotAUNetError
+
+    with pytest.raises(NotAUNetError, match="LinFusion.from_unet needs the UNet module; got") as raised:
+        LinFusion.from_unet(unet)
+    assert isinstance(raised.value, UserError) and isinstance(raised.value, TypeError)
+
+
+def test_from_unet_given_a_pipeline_points_at_its_unet() -> None:
+    from types import SimpleNamespace
+
+    from linfusion.model import NotAUNetError
+
+    with pytest.raises(NotAUNetError, match=r"a pipeline's is pipe.unet"):
+        LinFusion.default_config(SimpleNamespace(unet=None))

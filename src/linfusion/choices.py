@@ -24,12 +24,16 @@ SCHEDULERS = {  # command-line name -> diffusers class
     "lms": "LMSDiscreteScheduler",
 }
 SIZE_MULTIPLE = 8  # widths and heights: multiples of 8 pixels (the VAE works in blocks of 8)
+# Denoising steps a request may ask for: a sampler cannot take as many steps as the model's training
+# schedule (1000); the command line, the Python API and the web page refuse more.
+MAX_STEPS = 500
 BUNDLED_MODEL_NAME = "bundled"  # --model bundled (the default), recorded as "Model: bundled" in PNGs
 
 __all__ = [
     "BUNDLED_MODEL_NAME",
     "DTYPE_NAMES",
     "GENERATION_MODES",
+    "MAX_STEPS",
     "SCHEDULERS",
     "SIZE_MULTIPLE",
     "CHAIN_MODES",

@@ -17,4 +17,21 @@ class UserError(Exception):
     """The request cannot work as given; the message says what to change (shown without a traceback)."""
 
 
-__all__ = ["UserError"]
+EXCERPT_CHARACTERS = 120  # the most of a user's text an error message quotes
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARACTERS) -> str:
+    """``value`` quoted for a one-paragraph error (``repr``): its first ``limit`` characters and how many more.
+
+    A message quoting what the user gave (a PNG's parameters text, a prompt) stays one readable line even
+    when that text is a megabyte.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value) - limit:,} more characters)"
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown) - limit:,} more characters)"
+
+
+__all__ = ["EXCERPT_CHARACTERS", "UserError", "excerpt"]

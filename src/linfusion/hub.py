@@ -14,7 +14,8 @@ def hub_offline() -> bool:
 
 def looks_like_hub_id(source: str) -> bool:
     """``org/name`` that is not an existing local path."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
+    # a Hub name never starts with "." or "-", so ./models/x and ../x are paths
+    return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*", source) is not None and not os.path.exists(source)
 
 
 def load_failure_message(what: str, source: str, error: Exception, folder_needs: str) -> str:

@@ -46,7 +46,7 @@ def size_flag(size: int) -> str:
     """A ``--max-memory`` value of at least ``size`` bytes: whole MB below 1 GiB, tenths of GB above."""
     if size < GIB:
         return f"{-(-size // MIB)}MB"
-    return f"{-(-size * 10 // GIB) / 10:g}GB"
+    return f"{-(-size * 10 // GIB) / 10:.1f}".removesuffix(".0") + "GB"  # no exponent, even for petabytes
 
 
 # ---------------------------------------------------------------------- files

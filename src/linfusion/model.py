@@ -52,6 +52,17 @@ class LinFusionCheckpointError(UserError, ValueError):
     """A LinFusion checkpoint is missing, unreadable, or does not fit the model it is mounted on."""
 
 
+class NotAUNetError(UserError, TypeError):
+    """A LinFusion method was given something other than a UNet module (``None``, a pipeline, a path)."""
+
+
+def require_module(unet: Any, method: str) -> None:
+    """Raise :class:`NotAUNetError` naming ``method`` unless ``unet`` is a torch module."""
+    if not isinstance(unet, nn.Module):
+        hint = " (a pipeline's is pipe.unet)" if hasattr(unet, "unet") else ""
+        raise NotAUNetError(f"LinFusion.{method} needs the UNet module{hint}; got {type(unet).__name__}")
+
+
 @dataclass
 class _Mount:
     root: nn.Module
@@ -193,6 +204,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         cls, unet: nn.Module, projection_mid_dim: int | str | None = "auto"
     ) -> dict[str, list[dict[str, Any]]]:
         """The ``modules_list`` for every ``attn1`` of ``unet`` (published conventions for the MLP width)."""
+        require_module(unet, "default_config")
         modules_list = []
         for path, width, heads in attention_signature(unet):
             mid = _default_mid_dim(unet, width, projection_mid_dim)
@@ -217,6 +229,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         ``init="random"`` is the reference behaviour; ``init="teacher"`` copies each original ``attn1``'s
         q/k/v/out projections and zeroes the MLPs' last Linear, so training starts from the teacher.
         """
+        require_module(unet, "from_unet")
         if init not in ("random", "teacher"):
             raise ValueError(f"init must be 'random' or 'teacher'; got {init!r}")
         config = cls.default_config(unet, projection_mid_dim)

@@ -89,3 +89,47 @@ def test_text_without_settings_is_refused() -> None:
         GenerationParams.from_text("just a caption")
     with pytest.raises(GenerationError, match="cannot read the parameters"):
         GenerationParams.from_text("x\nSteps: many, Size: 64x64")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": 1001}, "at most 500"),
+        ({"prompt": 123}, "prompt must be text .*got int 123"),
+        ({"prompt": ["a cat", "a dog"]}, "prompt must be text .*got list"),
+        ({"negative_prompt": None}, "negative_prompt must be text"),
+        ({"linfusion": None}, 'linfusion must be text \\("none": without LinFusion\\); got None'),
+        ({"model": 5}, "model must be text"),
+        ({"width": 32.0}, "width 32.0 is not a whole number and a multiple of 8 .*try 32$"),
+        ({"height": 100.5}, "try 104$"),
+        ({"scheduler": "x" * 100_000}, "unknown scheduler 'x+'... \\(99,880 more characters\\); choose"),
+    ],
+)
+def test_python_api_values_of_the_wrong_kind_are_user_errors(changes: dict, message: str) -> None:
+    with pytest.raises(GenerationError, match=message):
+        GenerationParams("a cat").replace(**changes).validate()
+
+
+def test_a_huge_parameters_text_is_quoted_short_in_its_error() -> None:
+    settings = "Steps: x, Size: " + "9" * 1_000_000
+    with pytest.raises(GenerationError) as raised:
+        GenerationParams.from_text("a cat\n" + settings)
+    assert len(str(raised.value)) < 600
+    assert "more characters)" in str(raised.value)
+
+
+def test_an_unknown_recorded_sampler_is_noted() -> None:
+    from linfusion.app.params import ignored_settings
+
+    text = GenerationParams("a cat", scheduler="euler").to_text()
+    assert ignored_settings(text) == []
+    assert ignored_settings(text.replace("Sampler: euler", "Sampler: None")) == []
+    (note,) = ignored_settings(text.replace("Sampler: euler", "Sampler: garbage"))
+    assert "sampler 'garbage' is not one of ddim" in note and "model's own scheduler runs instead" in note
+
+
+def test_excerpt_keeps_short_text_and_cuts_long_text() -> None:
+    from linfusion.errors import excerpt
+
+    assert excerpt("short") == "'short'"
+    assert excerpt("x" * 200, limit=10) == "'xxxxxxxxxx'... (190 more characters)"

@@ -98,3 +98,26 @@ def test_the_command_line_the_web_ui_and_plan_prepare_the_same_plan(
     assert summary(ui.stages, ui.memory, ui.vae_attention) == expected
     assert summary(planned.stages, planned.plan, planned.vae_attention) == expected
     assert cli.unet_calls == ui.unet_calls == planned.unet_calls
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_noted() -> None:
+    from types import SimpleNamespace
+
+    from linfusion.app.prepare import prompt_length_notes
+
+    class Tokenizer:  # one token per word, plus the start and end tokens, as CLIP counts
+        model_max_length = 77
+
+        def __call__(self, text: str, **kwargs: object) -> SimpleNamespace:
+            return SimpleNamespace(input_ids=[0] * (len(text.split()) + 2))
+
+    model = SimpleNamespace(tokenizer=Tokenizer())
+    short = GenerationParams("a cat " * 30)
+    assert prompt_length_notes(model, short) == []
+    long = GenerationParams("word " * 1000, negative_prompt="blurry")
+    (note,) = prompt_length_notes(model, long)
+    assert (
+        note
+        == "note: the prompt is 1,002 tokens and the text encoder reads 77: its last 925 tokens are dropped"
+    )
+    assert prompt_length_notes(SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77)), long) == []

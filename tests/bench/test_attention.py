@@ -62,3 +62,24 @@ def test_sdpa_agreement_detects_mismatch() -> None:
     good = sdpa_agreement(torch.device("cpu"), tokens=64)
     assert good["linfusion_vs_sdpa_rel_err"] < 1e-3
     assert good["linfusion_vs_mean_rel_err"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "0"], "--tokens needs whole numbers >= 1"),
+        (["--tokens", "abc"], "--tokens 'abc': expected comma-separated whole numbers"),
+        (["--head-dims", "40,x"], "--head-dims '40,x'"),
+        (["--backends", "bogus"], "unknown backend(s) ['bogus']"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--batch", "-1"], "--batch must be >= 1"),
+    ],
+)
+def test_bad_lists_and_counts_are_one_line_errors(
+    capsys: pytest.CaptureFixture, tmp_path, argv: list[str], message: str
+) -> None:
+    from linfusion.cli import main
+
+    assert main(["bench", "attention", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and list(tmp_path.iterdir()) == []

@@ -67,3 +67,19 @@ def test_a_timed_out_child_keeps_the_stages_it_finished() -> None:
 
     stderr = 'plan...\n{"stage_done": {"stage": 1, "seconds": 2.5}}\nnoise\n{"stage_done": {"stage": 2, "seconds": 9}}\n'
     assert _finished_stages(stderr) == [{"stage": 1, "seconds": 2.5}, {"stage": 2, "seconds": 9}]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+    ],
+)
+def test_bad_counts_are_refused_before_loading(
+    capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    from linfusion.cli import main
+
+    assert main(["bench", "highres", "--size", "64x64", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from linfusion import LinFusion
-from linfusion.app.params import read_png_parameters
+from linfusion.app.params import GenerationParams, read_png_parameters
 from linfusion.cli import main
 from linfusion.testing import tiny_pipeline
+from support.pngs import png_header_only
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_size_and_scheduler_options(model: Path, tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--size", "500x512"], "width 500 is not a positive multiple of 8"),
-        (["--model", "/no/such/model"], "could not load the model from '/no/such/model': no such folder"),
+        (["--model", "/no/such/model"], "--model '/no/such/model': no such folder"),
         (
             ["--model", "someorg/some-model"],
             "the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache",
@@ -360,3 +361,112 @@ def test_an_impossible_size_is_refused_before_any_trace(
     error = capsys.readouterr().err
     assert "whatever the savers" in error and "Traceback" not in error
     assert not out.exists()
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Runs stop where the model would load; the list receives what would have run (params, out, source)."""
+    from linfusion.app import run as app_run
+
+    calls: list = []
+
+    def run_loaded(params, device, budgets, out, progress, callbacks, source=None, save_stages=None):
+        calls.append((params, out, source))
+        return out
+
+    monkeypatch.setattr(app_run, "run_loaded", run_loaded)
+    monkeypatch.setattr(app_run, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "1001", "--scheduler", "euler"], "--steps 1001: at most 500"),
+        (["--no-linfusion", "--linfusion", "org/x"], "--no-linfusion and --linfusion org/x contradict"),
+        (["--device", "meta"], "device meta holds shapes without values"),
+        (["--model", "./nope_dir"], "--model './nope_dir': no such folder"),
+        (["--max-memory", "1000TB"], "--max-memory 1024000GB is more than the"),
+        (["--out", "/proc/x.png"], "cannot write /proc/x.png"),
+    ],
+)
+def test_hostile_generate_options_are_refused_before_loading(
+    no_loading: list, tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    command = ["generate", "a red circle", "--out", str(tmp_path / "x.png"), *argv]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert no_loading == [] and not (tmp_path / "x.png").exists()
+
+
+def test_save_stages_naming_an_existing_file_is_refused_before_loading(
+    no_loading: list, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    stages = tmp_path / "stages"
+    stages.write_text("keep")
+    assert (
+        main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--save-stages", str(stages)])
+        == 2
+    )
+    assert "is a file, not a folder" in capsys.readouterr().err and stages.read_text() == "keep"
+
+
+def test_from_png_replays_a_16k_png_and_refuses_too_many_steps(
+    no_loading: list, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from linfusion.app import checks
+
+    monkeypatch.setattr(checks, "check_image_fits", lambda *a: None)  # this machine may be small
+    monkeypatch.setattr(checks, "check_free_space", lambda *a: None)
+    text = GenerationParams("a cat", width=16384, height=16384, steps=3, scheduler="euler").to_text()
+    huge = png_header_only(tmp_path / "huge.png", 16384, 16384, text)
+    assert main(["generate", "--from-png", str(huge), "--out", str(tmp_path / "again.png")]) == 0
+    ((params, _, _),) = no_loading
+    assert (params.width, params.height, params.steps) == (16384, 16384, 3)
+
+    garbage = png_header_only(
+        tmp_path / "garbage.png", 64, 64, text.replace("Sampler: euler", "Sampler: garbage")
+    )
+    assert main(["generate", "--from-png", str(garbage), "--out", str(tmp_path / "g.png")]) == 0
+    assert "the PNG's sampler 'garbage' is not one of" in capsys.readouterr().err
+    assert no_loading[-1][0].scheduler is None
+
+    many = png_header_only(tmp_path / "many.png", 64, 64, text.replace("Steps: 3", "Steps: 1001"))
+    assert main(["generate", "--from-png", str(many), "--out", str(tmp_path / "m.png")]) == 2
+    assert "at most 500" in capsys.readouterr().err and len(no_loading) == 2
+
+
+def test_a_huge_parameters_text_is_cut_in_the_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    png = png_header_only(tmp_path / "big.png", 64, 64, "a cat\nSteps: x, Seed: " + "7" * 1_000_000)
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 1000 and "more characters" in err
+
+
+def test_upscale_refuses_to_overwrite_its_source_under_any_path(
+    no_loading: list, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(source)
+    before = source.read_bytes()
+    (tmp_path / "link.png").symlink_to(source)
+    for out in (source, tmp_path / "sub" / ".." / "a.png", tmp_path / "link.png"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert main(["upscale", str(source), "--scale", "2", "--out", str(out)]) == 2
+        assert "would replace the original" in capsys.readouterr().err
+    assert source.read_bytes() == before and no_loading == []
+
+
+def test_upscale_reads_16_bit_pngs_and_refuses_images_beyond_the_planner(
+    no_loading: list, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((64, 64), 30000, dtype=np.uint16), "I;16").save(deep)
+    assert main(["upscale", str(deep), "--scale", "2", "--out", str(tmp_path / "x.png")]) == 0
+    ((_, _, source),) = no_loading
+    assert source.getpixel((0, 0)) == (117, 117, 117)  # 30000 / 257, not white
+
+    huge = png_header_only(tmp_path / "huge.png", 40000, 40000, "x")
+    assert main(["upscale", str(huge), "--scale", "2", "--out", str(tmp_path / "y.png")]) == 2
+    assert "40000x40000 pixels, more than the 268,435,456" in capsys.readouterr().err

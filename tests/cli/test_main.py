@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -46,3 +47,71 @@ def test_quiet_prints_the_path_only_the_default_no_third_party_notices_and_verbo
     shown = [notice for notice in THIRD_PARTY_NOTICES if notice in verbose.stderr]
     assert shown, verbose.stderr  # whichever of them this environment's libraries emit
     assert len(verbose.stderr.splitlines()) > len(default.stderr.splitlines())
+
+
+class FailingStream:
+    """A standard output whose reader went away (EPIPE) or whose disk is full (ENOSPC)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def write(self, text: str) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def flush(self) -> None:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+def plan_in_process(monkeypatch: pytest.MonkeyPatch, make_plan) -> None:
+    from linfusion.app import plan as app_plan
+
+    monkeypatch.setattr(app_plan, "make_plan", make_plan)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from linfusion.cli import main
+
+    def interrupted(request):
+        raise KeyboardInterrupt
+
+    plan_in_process(monkeypatch, interrupted)
+    assert main(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB"]) == 130
+    err = capsys.readouterr().err
+    assert err == "linfusion plan: interrupted\n"
+
+
+@pytest.mark.parametrize(("code", "status", "message"), [
+    (errno.EPIPE, 141, ""),
+    (errno.ENOSPC, 1, "linfusion plan: cannot write to standard output: No space left on device\n"),
+])  # fmt: skip
+def test_a_closed_or_full_stdout_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, code: int, status: int, message: str
+) -> None:
+    from types import SimpleNamespace
+
+    from linfusion.cli import main
+
+    planned = SimpleNamespace(describe=lambda: "the plan", plan=SimpleNamespace(fits=True))
+    plan_in_process(monkeypatch, lambda request: planned)
+    monkeypatch.setattr(sys, "stdout", FailingStream(code))
+    assert main(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB"]) == status
+    assert capsys.readouterr().err == message
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_plan_into_a_closed_pipe_or_dev_full_in_a_shell(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    plan = f"{sys.executable} -m linfusion plan --size 64x64 --device cpu --max-memory 12GB --json"
+    piped = subprocess.run(
+        ["bash", "-c", f"{plan} | true; echo status=${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert "Traceback" not in piped.stderr and piped.stdout.strip() in ("status=141", "status=0"), piped
+    full = subprocess.run(["bash", "-c", f"{plan} > /dev/full"], capture_output=True, text=True, env=env)
+    assert full.returncode == 1
+    assert full.stderr == "linfusion plan: cannot write to standard output: No space left on device\n"

@@ -154,3 +154,18 @@ def test_budgets_are_parsed_where_they_are_typed(capsys: pytest.CaptureFixture) 
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "cannot read memory size 'lots'" in err and "Traceback" not in err
+
+
+def test_a_zero_size_is_refused_not_replaced_by_the_native_one(capsys: pytest.CaptureFixture) -> None:
+    assert linfusion(["plan", "--size", "0x0", "--device", "cpu", "--max-memory", "1GB"]) == 2
+    assert "width 0 is not a positive multiple of 8" in capsys.readouterr().err
+
+
+def test_a_cpu_plan_is_float32_and_predicts_this_cpu(capsys: pytest.CaptureFixture) -> None:
+    assert linfusion(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "float32" and result["prediction"]["cpu"] == "this machine"
+    assert "gpu" not in result["prediction"] and all(s["transfer_seconds"] == 0 for s in result["stages"])
+    assert linfusion(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB"]) == 0
+    text = capsys.readouterr().out
+    assert "float32 on cpu" in text and "on this machine's CPU" in text and "H100" not in text

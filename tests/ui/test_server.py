@@ -50,3 +50,48 @@ def test_bad_port_busy_port_and_missing_gradio_are_refused(
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the ui extra were not installed
     assert main(["ui", "--outputs", str(tmp_path / "out")]) == 2
     assert "the page needs Gradio: pip install 'linfusion[ui]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "-1"], "--threads -1: pass a number of CPU threads >= 1"),
+        (["--threads", "0"], "--threads 0: pass a number of CPU threads >= 1"),
+        (["--max-upload-mb", "-5"], "--max-upload-mb -5.0: pass a size in MB > 0"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb nan: pass a size in MB > 0"),
+        (["--max-upload-mb", "inf"], "--max-upload-mb inf: pass a size in MB > 0"),
+    ],
+)
+def test_bad_counts_are_refused_before_anything_loads(
+    capsys: pytest.CaptureFixture, tmp_path, argv: list[str], message: str
+) -> None:
+    assert main(["ui", "--outputs", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_naming_a_file_says_so(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["ui", "--outputs", str(afile)]) == 2
+    assert f"--outputs {afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_gradios_files_stay_under_the_outputs_folder_and_go_at_exit(tmp_path, monkeypatch) -> None:
+    import os
+
+    from linfusion.ui.server import gradio_temporary_folder
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "/somewhere/else")
+    with gradio_temporary_folder(tmp_path) as folder:
+        assert folder.parent == tmp_path and os.environ["GRADIO_TEMP_DIR"] == str(folder)
+        import gradio.utils
+
+        assert gradio.utils.get_upload_folder() == str(folder)  # where Gradio puts uploads and results
+        (folder / "upload.png").write_bytes(b"x")
+    assert not folder.exists() and os.environ["GRADIO_TEMP_DIR"] == "/somewhere/else"
+    with pytest.raises(RuntimeError), gradio_temporary_folder(tmp_path) as second:
+        raise RuntimeError("the server failed")
+    assert not second.exists()

@@ -8,6 +8,8 @@ names one. Nothing here decides anything about the request.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from ..pipelines.sdedit import sdedit
 from ..planner import MemoryPlan
 from ..runtime import freed_memory_returned, keeps_freed_memory
 from .loading import LoadedPipeline
-from .params import RANDOM_SEED, GenerationParams
+from .params import RANDOM_SEED, GenerationError, GenerationParams
 from .prepare import RunPlan
 
 # A CPU run's resident peak above the weights over its plan's activations while glibc keeps freed memory,
@@ -54,6 +56,27 @@ def save_png(image: Image.Image, params: GenerationParams, out: Path) -> Path:
     with atomic_file(out) as handle:
         image.save(handle, format="PNG", pnginfo=info)
     return out
+
+
+def save_png_or_keep(image: Image.Image, params: GenerationParams, out: Path) -> Path:
+    """:func:`save_png`; when that fails (a full disk, a folder gone), the image is written to the system's
+    temporary folder instead and the error names that copy, so a long render is never lost."""
+    try:
+        return save_png(image, params, out)
+    except OSError as error:
+        why = error.strerror or str(error)
+        try:
+            descriptor, kept = tempfile.mkstemp(prefix=f"linfusion-{out.stem}-", suffix=".png")
+            os.close(descriptor)
+            save_png(image, params, Path(kept))
+        except OSError as again:
+            raise GenerationError(
+                f"cannot write {out} ({why}), nor a copy in {tempfile.gettempdir()} "
+                f"({again.strerror or again}): the image is lost; free some space and run again"
+            ) from error
+        raise GenerationError(
+            f"cannot write {out} ({why}); the image is kept at {kept} (move it where you want it)"
+        ) from error
 
 
 def returns_freed_memory(plan: MemoryPlan | None, device: torch.device) -> bool:
@@ -124,7 +147,7 @@ def execute(
     """Run ``run`` on ``loaded``; writes the PNG when ``run.out`` names one (the parameters at the final size)."""
     image = render(loaded, run, callback_on_step_end, on_stage_end)
     params = run.params.replace(width=image.width, height=image.height)
-    path = save_png(image, params, run.out) if run.out is not None else None
+    path = save_png_or_keep(image, params, run.out) if run.out is not None else None
     return RunResult(image, params, path)
 
 
@@ -136,4 +159,5 @@ __all__ = [
     "render",
     "returns_freed_memory",
     "save_png",
+    "save_png_or_keep",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..choices import BUNDLED_MODEL_NAME, SCHEDULERS
+from ..errors import excerpt
 from ..hub import load_failure_message, looks_like_hub_id
 from ..model import LinFusion
 from ..patches.base import Patch
@@ -60,13 +61,54 @@ def is_bundled(model: str | None) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``: CUDA when there is one, else the CPU."""
+    """``auto``: CUDA when there is one, else the CPU; a device this machine lacks is refused here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:1, ... or auto") from error
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise GenerationError(
+            f"unknown device {excerpt(device)}; use cpu, cuda, cuda:1, ... or auto"
+        ) from error
+    if resolved.type == "meta":
+        raise GenerationError(
+            "device meta holds shapes without values, so it cannot make an image; use cpu, cuda or auto "
+            "(linfusion plan plans a run without running it)"
+        )
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise GenerationError(
+                f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu or auto"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise GenerationError(
+                f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif resolved.type != "cpu" and not device_available(resolved.type):
+        raise GenerationError(
+            f"--device {device}: this machine has no {resolved.type} device; use cpu or auto"
+        )
+    return resolved
+
+
+def device_available(kind: str) -> bool:
+    """Whether torch can use a device of type ``kind`` (mps, xpu, ...) on this machine."""
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    is_available = getattr(getattr(torch, kind, None), "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
+def check_model_exists(model: str) -> None:
+    """Refuse, before loading, a ``--model`` that is neither a known name, an existing path nor a Hub id."""
+    if model in RANDOM_MODELS or model == BUNDLED_MODEL_NAME or looks_like_hub_id(model):
+        return
+    if not Path(model).exists():
+        raise GenerationError(
+            f"--model {excerpt(model)}: no such folder; pass a diffusers pipeline folder, a Hub id such as "
+            "org/name, or bundled"
+        )
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -274,6 +316,7 @@ __all__ = [
     "LoadedPipeline",
     "attach_linfusion",
     "auto_vae_attention",
+    "check_model_exists",
     "is_bundled",
     "load",
     "load_pipeline",

@@ -19,8 +19,15 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import DTYPE_NAMES, GENERATION_MODES, SCHEDULERS, SIZE_MULTIPLE, VAE_ATTENTION_CHOICES
-from ..errors import UserError
+from ..choices import (
+    DTYPE_NAMES,
+    GENERATION_MODES,
+    MAX_STEPS,
+    SCHEDULERS,
+    SIZE_MULTIPLE,
+    VAE_ATTENTION_CHOICES,
+)
+from ..errors import UserError, excerpt
 
 RANDOM_SEED = -1  # --seed -1: draw one (the SD web UIs' convention); the PNG records the one drawn
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
@@ -72,6 +79,17 @@ class GenerationParams:
         ``minimum_side``: the smallest width and height the loaded model works at (see
         :func:`minimum_side_message`); known once the model is loaded, so checked again then.
         """
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise GenerationError(
+                    f"{name} must be text (one str); got {type(getattr(self, name)).__name__} "
+                    f"{excerpt(getattr(self, name))}"
+                )
+        for name in ("linfusion", "dtype", "mode", "vae_attention", "model", "scheduler"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name in ("model", "scheduler")):
+                hint = ' ("none": without LinFusion)' if name == "linfusion" else ""
+                raise GenerationError(f"{name} must be text{hint}; got {excerpt(value)}")
         if not self.prompt or not self.prompt.strip():
             raise GenerationError(
                 'the prompt is empty: say what to draw, e.g. linfusion generate "a red circle"'
@@ -83,17 +101,23 @@ class GenerationParams:
             if not _is_whole(value) or value <= 0 or value % SIZE_MULTIPLE:
                 nearest = (
                     max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-                    if _is_whole(value)
+                    if _is_number(value) and math.isfinite(value) and value > 0
                     else 512
                 )
+                what = "a positive multiple" if _is_whole(value) else "a whole number and a multiple"
                 raise GenerationError(
-                    f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE} (the VAE works in blocks of "
+                    f"{name} {value!r} is not {what} of {SIZE_MULTIPLE} (the VAE works in blocks of "
                     f"{SIZE_MULTIPLE} pixels); try {nearest}"
                 )
             if minimum_side is not None and value < minimum_side:
                 raise GenerationError(minimum_side_message(f"{name} {value}", minimum_side))
         if not _is_whole(self.steps) or self.steps < 1:
             raise GenerationError(f"--steps must be a whole number >= 1; got {self.steps}")
+        if self.steps > MAX_STEPS:
+            raise GenerationError(
+                f"--steps {self.steps}: at most {MAX_STEPS} (a sampler cannot take as many steps as the "
+                "model's training schedule)"
+            )
         if not _is_number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
             raise GenerationError(
                 f"--guidance must be a finite number >= 0 (1 or less means no guidance; 7.5 is usual); "
@@ -105,15 +129,19 @@ class GenerationParams:
             )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise GenerationError(
-                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+                f"unknown scheduler {excerpt(self.scheduler)}; choose one of {', '.join(SCHEDULERS)}"
             )
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise GenerationError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+            raise GenerationError(
+                f"unknown dtype {excerpt(self.dtype)}; choose auto, {', '.join(DTYPE_NAMES)}"
+            )
         if self.mode not in GENERATION_MODES:
-            raise GenerationError(f"unknown mode {self.mode!r}; choose one of {', '.join(GENERATION_MODES)}")
+            raise GenerationError(
+                f"unknown mode {excerpt(self.mode)}; choose one of {', '.join(GENERATION_MODES)}"
+            )
         if self.vae_attention not in VAE_ATTENTION_CHOICES:
             raise GenerationError(
-                f"unknown VAE attention {self.vae_attention!r}; choose one of {', '.join(VAE_ATTENTION_CHOICES)}"
+                f"unknown VAE attention {excerpt(self.vae_attention)}; choose one of {', '.join(VAE_ATTENTION_CHOICES)}"
             )
 
     # ------------------------------------------------------------------ the PNG text chunk
@@ -167,7 +195,9 @@ class GenerationParams:
                     name = labels[label]
                     params[name] = convert.get(name, str)(raw)
         except ValueError as error:
-            raise GenerationError(f"cannot read the parameters text ({error}): {settings_line!r}") from error
+            raise GenerationError(
+                f"cannot read the parameters text ({excerpt(str(error))}): {excerpt(settings_line)}"
+            ) from error
         if params.get("scheduler") not in SCHEDULERS:
             params["scheduler"] = None  # the model's own scheduler, which is what made the image
         if params.get("model") == "None":
@@ -184,30 +214,43 @@ def minimum_side_message(what: str, minimum_side: int) -> str:
     )
 
 
-def read_png_parameters(path: str | os.PathLike) -> GenerationParams:
-    """The parameters recorded in a PNG written by ``linfusion generate`` (or a SD web UI)."""
-    from PIL import Image
+def png_parameters_text(path: str | os.PathLike) -> str:
+    """The ``parameters`` text chunk of the PNG at ``path``, read from its header (any size, no pixels decoded)."""
+    from ..images import ImageError, read_png_text
 
     try:
-        with Image.open(path) as image:
-            text = image.info.get("parameters")
-    except FileNotFoundError as error:
-        raise GenerationError(f"{path}: no such file") from error
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-        raise GenerationError(
-            f"cannot read {path} as an image ({error}); pass a PNG written by linfusion generate or a SD web UI"
-        ) from error
+        text = read_png_text(path, "parameters")
+    except ImageError as error:
+        raise GenerationError(f"{error}; pass a PNG written by linfusion generate or a SD web UI") from error
     if not text:
         raise GenerationError(
             f"{path} has no 'parameters' text chunk (was it written by linfusion generate?)"
         )
-    return GenerationParams.from_text(text)
+    return text
+
+
+def read_png_parameters(path: str | os.PathLike) -> GenerationParams:
+    """The parameters recorded in a PNG written by ``linfusion generate`` (or a SD web UI)."""
+    return GenerationParams.from_text(png_parameters_text(path))
+
+
+def ignored_settings(text: str) -> list[str]:
+    """Notes on what a ``parameters`` text records that a replay cannot use (an unknown sampler)."""
+    sampler = re.search(r"(?:^|, )Sampler: ((?:(?!, [A-Za-z ]+: ).)*)", text.strip().split("\n")[-1])
+    if sampler and sampler.group(1) not in SCHEDULERS and sampler.group(1) != "None":
+        return [
+            f"note: the PNG's sampler {excerpt(sampler.group(1))} is not one of {', '.join(SCHEDULERS)}: "
+            "the model's own scheduler runs instead, so the image may differ"
+        ]
+    return []
 
 
 __all__ = [
     "RANDOM_SEED",
     "GenerationError",
     "GenerationParams",
+    "ignored_settings",
     "minimum_side_message",
+    "png_parameters_text",
     "read_png_parameters",
 ]

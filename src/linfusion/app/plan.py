@@ -18,7 +18,7 @@ from ..io import format_size
 from ..pipelines.chain import Stage
 from ..planner import MemoryPlan
 from .params import GenerationError, GenerationParams
-from .timing import EFFICIENCY, GPU_LINKS, GPUS, LINK_EFFICIENCY, LINKS
+from .timing import CPU_EFFICIENCY, EFFICIENCY, GPU_LINKS, GPUS, LINK_EFFICIENCY, LINKS
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float32": "float32", "fp32": "float32"}  # fmt: skip
@@ -34,7 +34,7 @@ class PlanRequest:
     height: int = 1024
     mode: str = "sdedit"  # plain, sdedit or demofusion
     device: str = "cuda"
-    dtype: str = "float16"
+    dtype: str = "auto"  # auto: float16 on a GPU, float32 on the CPU (as linfusion generate runs)
     max_memory: int | None = None
     host_memory: int | None = None
     steps: int = 25
@@ -44,6 +44,18 @@ class PlanRequest:
     linfusion: bool = True
     vae_attention: str = "auto"  # exact, linear, or auto: what ``linfusion generate`` would pick
     link: str | None = None  # the host<->device link of the predicted transfers (None: the GPU's own)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype planned, ``auto`` settled: float16 on a GPU, float32 on the CPU."""
+        if self.dtype == "auto":
+            return "float32" if self.on_cpu else "float16"
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def on_cpu(self) -> bool:
+        """A plan for the CPU: its time is predicted for this machine's CPU, not for a GPU."""
+        return self.device == "cpu"
 
 
 @dataclass(frozen=True)
@@ -62,15 +74,40 @@ class PlannedRun:
         return self.request.link or GPU_LINKS[self.request.gpu]
 
     def transfer_seconds(self) -> list[float]:
-        """Each stage's predicted host<->device copy time (transfer bytes / (link x LINK_EFFICIENCY))."""
+        """Each stage's predicted host<->device copy time (transfer bytes / (link x LINK_EFFICIENCY)); none
+        on the CPU, where nothing crosses a link."""
+        if self.request.on_cpu:
+            return [0.0 for _ in self.plan.stages]
         rate = LINKS[self.link] * LINK_EFFICIENCY
         return [stage.transfer_bytes / rate for stage in self.plan.stages]
 
-    def predicted_seconds(self) -> list[float]:
-        """Each stage's predicted time on ``request.gpu``: FLOPs / (peak x EFFICIENCY) plus its transfer
-        seconds (no overlap assumed)."""
+    def throughput(self) -> float:
+        """FLOP/s predicted: ``request.gpu``'s peak x EFFICIENCY, or on the CPU this machine's measured rate."""
+        if self.request.on_cpu:
+            import torch
+
+            from .timing import sustained_rate
+
+            rate = sustained_rate(torch.device("cpu"), torch.float32)
+            assert rate is not None  # the CPU's rate is always measured
+            return rate
+        return GPUS[self.request.gpu].peak[self.request.dtype_name] * EFFICIENCY
+
+    def predicted_on(self) -> str:
+        """Where the time is predicted, for people."""
+        if self.request.on_cpu:
+            return f"this machine's CPU at {CPU_EFFICIENCY:.0%} of its measured matrix-multiply rate"
         gpu = GPUS[self.request.gpu]
-        throughput = gpu.peak[DTYPE_NAMES[self.request.dtype]] * EFFICIENCY
+        return (
+            f"one {gpu.name} at {EFFICIENCY:.0%} of its {gpu.peak[self.request.dtype_name] / 1e12:.0f} TFLOP/s "
+            f"peak, host<->device transfers over {self.link} at {LINK_EFFICIENCY:.0%} of "
+            f"{LINKS[self.link] / 1e9:.0f} GB/s, not overlapped"
+        )
+
+    def predicted_seconds(self) -> list[float]:
+        """Each stage's predicted time on ``request.gpu`` (or this CPU): FLOPs / throughput plus its transfer
+        seconds (no overlap assumed)."""
+        throughput = self.throughput()
         transfers = self.transfer_seconds()
         return [stage.flops / throughput + moved for stage, moved in zip(self.plan.stages, transfers)]
 
@@ -86,17 +123,21 @@ class PlannedRun:
         data.update(
             model=self.request.model,
             mode=self.request.mode,
-            dtype=DTYPE_NAMES[self.request.dtype],
+            dtype=self.request.dtype_name,
             nproc=self.stripes,
             vae_attention=self.vae_attention,
-            prediction={
-                "gpu": GPUS[self.request.gpu].name,
-                "efficiency": EFFICIENCY,
-                "link": self.link,
-                "link_bytes_per_second": LINKS[self.link],
-                "link_efficiency": LINK_EFFICIENCY,
-                "predicted": True,
-            },
+            prediction=(
+                {"cpu": "this machine", "efficiency": CPU_EFFICIENCY, "predicted": True}
+                if self.request.on_cpu
+                else {
+                    "gpu": GPUS[self.request.gpu].name,
+                    "efficiency": EFFICIENCY,
+                    "link": self.link,
+                    "link_bytes_per_second": LINKS[self.link],
+                    "link_efficiency": LINK_EFFICIENCY,
+                    "predicted": True,
+                }
+            ),
         )
         if not self.plan.fits:
             data["smallest_device_budget_bytes"] = self.plan.peak
@@ -105,12 +146,11 @@ class PlannedRun:
 
     def describe(self) -> str:
         request, plan = self.request, self.plan
-        gpu = GPUS[request.gpu]
         rank = f", one rank of {self.stripes} (its stripe of every stage)" if self.stripes > 1 else ""
         host = "" if plan.host_budget is None else f", host {format_size(plan.host_budget)}"
         lines = [
             f"plan: {request.model}, {request.mode} to {request.width}x{request.height}, "
-            f"{DTYPE_NAMES[request.dtype]} on {request.device}, LinFusion {'on' if request.linfusion else 'off'}, "
+            f"{request.dtype_name} on {request.device}, LinFusion {'on' if request.linfusion else 'off'}, "
             f"VAE attention {self.vae_attention}{rank}",
             f"budgets: device {format_size(plan.budget)}{host}",
         ]
@@ -130,10 +170,8 @@ class PlannedRun:
         total = sum(self.predicted_seconds())
         lines.append(
             f"{'fits' if plan.fits else 'does NOT fit'}: device peak {format_size(plan.peak)}, host peak "
-            f"{format_size(plan.host_peak)}; {plan.flops:.3g} FLOPs in all, predicted {total:.0f} s on one "
-            f"{gpu.name} at {EFFICIENCY:.0%} of its {gpu.peak[DTYPE_NAMES[request.dtype]] / 1e12:.0f} TFLOP/s "
-            f"peak, host<->device transfers over {self.link} at {LINK_EFFICIENCY:.0%} of "
-            f"{LINKS[self.link] / 1e9:.0f} GB/s, not overlapped (a prediction, not a measurement)"
+            f"{format_size(plan.host_peak)}; {plan.flops:.3g} FLOPs in all, predicted {total:.0f} s on "
+            f"{self.predicted_on()} (a prediction, not a measurement)"
         )
         if not plan.fits:
             lines.append(
@@ -155,7 +193,7 @@ def validate(request: PlanRequest) -> None:
         raise GenerationError(f"unknown GPU {request.gpu!r}; choose one of {', '.join(GPUS)}")
     if request.link is not None and request.link not in LINKS:
         raise GenerationError(f"unknown link {request.link!r}; choose one of {', '.join(LINKS)}")
-    if request.dtype not in DTYPE_NAMES:
+    if request.dtype != "auto" and request.dtype not in DTYPE_NAMES:
         raise GenerationError(f"unknown dtype {request.dtype!r}; choose float16, bfloat16 or float32")
     if request.vae_attention not in VAE_ATTENTION_CHOICES:
         raise GenerationError(
@@ -175,7 +213,7 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     from .prepare import Budgets, prepare
 
     validate(request)
-    dtype = getattr(torch, DTYPE_NAMES[request.dtype])
+    dtype = getattr(torch, request.dtype_name)
     if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
     structure = load_structure(request.model, dtype)

@@ -101,6 +101,8 @@ class StageProgress:
 
 def upscale_params(params: GenerationParams, size: tuple[int, int], scale: float) -> GenerationParams:
     """``params`` for enlarging an image of ``size`` by ``scale``: its target size, a chain mode, a prompt."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise GenerationError(f"--scale must be a number > 1; got {scale!r}")
     try:
         width, height = upscale_target(size, scale)
     except ValueError as error:
@@ -169,6 +171,28 @@ def choose_vae_attention(
         f"({flops:.2g} FLOPs{when}); --vae-attention linear makes it linear, a close approximation whose "
         "fidelity on this VAE is not measured (measure it with linfusion.patches.vae_attention.measure_vae_attention)"
     ]
+
+
+def prompt_length_notes(model: Any, params: GenerationParams) -> list[str]:
+    """One note per prompt longer than the text encoder reads, saying how many tokens it drops.
+
+    diffusers cuts such a prompt with a warning hidden among third-party notices; the user should know.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if not callable(tokenizer):  # a structure on meta carries the length only
+        return []
+    limit = tokenizer.model_max_length
+    notes = []
+    for what, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
+        if not text:
+            continue
+        tokens = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+        if tokens > limit:
+            notes.append(
+                f"note: the {what} is {tokens:,} tokens and the text encoder reads {limit}: "
+                f"its last {tokens - limit:,} tokens are dropped"
+            )
+    return notes
 
 
 def stripe_sizes(model: Any, stages: Sequence[Stage], stripes: int) -> list[tuple[int, int]]:
@@ -261,8 +285,10 @@ def prepare_steps(
     A caller that stops iterating stops the planning between two stages.
     """
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
+    native = native_long_side(model)  # only a missing size means the native one (0 is refused)
     params = params.replace(
-        width=params.width or native_long_side(model), height=params.height or native_long_side(model)
+        width=native if params.width is None else params.width,
+        height=native if params.height is None else params.height,
     )
     smallest = minimum_side(model)
     params.validate(minimum_side=smallest)
@@ -273,6 +299,7 @@ def prepare_steps(
     stages = stages_for(model, params, source)
     planner = planner or MemoryPlanner(model, device=device, dtype=dtype)
     vae_attention, notes = choose_vae_attention(params, model.vae, stages, planner.device, planner.dtype)
+    notes = prompt_length_notes(model, params) + notes
     if vae_attention_mode(model.vae) != vae_attention:  # the planner reads the kernel the VAE runs
         applied = apply_vae_attention(model.vae, vae_attention)
         if patch is not None:
@@ -320,6 +347,7 @@ __all__ = [
     "plan_memory",
     "prepare",
     "prepare_steps",
+    "prompt_length_notes",
     "stages_for",
     "stripe_sizes",
     "upscale_params",

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ..bundled.shapes import vocabulary_warning
-from ..choices import BUNDLED_MODEL_NAME
-from ..io import format_size, size_flag
+from ..images import ImageError, open_image
+from ..io import format_size
 from ..pipelines.chain import Stage, StageCallback
+from ..planner import MAX_PLANNED_PIXELS
+from .checks import check_not_source, preflight
 from .execute import execute, returns_freed_memory
 from .loading import LoadedPipeline, is_bundled, load
 from .params import GenerationError, GenerationParams
@@ -34,23 +35,6 @@ def note_unknown_words(params: GenerationParams, show: bool = True) -> None:
         warning = vocabulary_warning(params.prompt)
         if warning:
             print(f"note: {warning}", file=sys.stderr)
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be written (its folder is created when missing)."""
-    if out.suffix.lower() != ".png":
-        raise GenerationError(f"--out {out}: the image is written as PNG, so the name must end in .png")
-    if out.is_dir():
-        raise GenerationError(f"cannot write {out}: it is a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise GenerationError(
-            f"cannot write {out}: cannot create folder {parent} ({error.strerror})"
-        ) from error
-    if not os.access(parent, os.W_OK):
-        raise GenerationError(f"cannot write {out}: folder {parent} is not writable")
 
 
 def stage_timer(
@@ -72,42 +56,6 @@ def stage_timer(
         started[0] = time.perf_counter()
 
     return report
-
-
-def machine_memory() -> int:
-    """Bytes of physical memory of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_host_budget(host_memory: int | None) -> None:
-    """Refuse a host budget this machine does not have (a plan for another machine: ``linfusion plan``)."""
-    total = machine_memory()
-    if host_memory is not None and host_memory > total:
-        raise GenerationError(
-            f"--host-memory {size_flag(host_memory)} is more than this machine's {format_size(total)} of memory; "
-            f"pass at most --host-memory {size_flag(total)} (to plan for another machine: linfusion plan)"
-        )
-
-
-def check_image_fits(width: int | None, height: int | None, device: str) -> None:
-    """Refuse, before anything loads, an image that alone outgrows this machine (as floats, then 8-bit).
-
-    The memory planner refuses precisely once the model is loaded; this only spares loading a model for a
-    size such as 100000x100000 that no saver can bring within this machine's memory.
-    """
-    if not width or not height:
-        return
-    needed = 3 * width * height * (4 + 1)
-    available = machine_memory()
-    if device != "cpu" and torch.cuda.is_available():
-        available += torch.cuda.get_device_properties(
-            torch.device(device if device != "auto" else "cuda")
-        ).total_memory
-    if needed > available:
-        raise GenerationError(
-            f"a {width}x{height} image alone needs {format_size(needed)} (as floats, then 8-bit), more than this "
-            f"machine's {format_size(available)} of memory: choose a smaller size (linfusion plan shows what fits)"
-        )
 
 
 def announce(run: RunPlan, loaded: LoadedPipeline) -> None:
@@ -161,14 +109,8 @@ def run_loaded(
     return result.path
 
 
-def preflight(params: GenerationParams, out: Path, device: str, budgets: Budgets) -> GenerationParams:
-    """The checks that need no model, before anything loads; ``params`` with the model named."""
-    params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
-    params.validate()
-    check_writable(out)
-    check_host_budget(budgets.host)
-    check_image_fits(params.width, params.height, device)
-    return params
+def stages_folder(save_stages: str | os.PathLike | None) -> Path | None:
+    return Path(save_stages) if save_stages is not None else None
 
 
 def generate(
@@ -192,7 +134,7 @@ def generate(
     """
     out_path = Path(out)
     budgets = Budgets(max_memory, host_memory)
-    params = preflight(params, out_path, device, budgets)
+    params = preflight(params, out_path, device, budgets, stages_folder(save_stages))
     note_unknown_words(params, show=progress)
     return run_loaded(
         params, device, budgets, out_path, progress, (callback_on_step_end, on_stage_end), None, save_stages
@@ -214,16 +156,16 @@ def upscale_file(
 ) -> Path:
     """Enlarge the image at ``source`` by ``scale`` with SDEdit (or, with ``params.mode`` "demofusion",
     DemoFusion) stages guided by ``params.prompt``."""
-    try:
-        with Image.open(source) as opened:
-            image = opened.convert("RGB")
-    except FileNotFoundError as error:
-        raise GenerationError(f"{source}: no such file") from error
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-        raise GenerationError(f"cannot read the image {source}: {error}") from error
     out_path = Path(out)
+    check_not_source(out_path, Path(source))
+    try:  # an image beyond the planner's reach could not be enlarged anyway
+        image = open_image(source, max_pixels=MAX_PLANNED_PIXELS)
+    except ImageError as error:
+        raise GenerationError(str(error)) from error
     budgets = Budgets(max_memory, host_memory)
-    params = preflight(upscale_params(params, image.size, scale), out_path, device, budgets)
+    params = preflight(
+        upscale_params(params, image.size, scale), out_path, device, budgets, stages_folder(save_stages)
+    )
     note_unknown_words(params, show=progress and params.prompt != UPSCALE_PROMPT)
     return run_loaded(
         params, device, budgets, out_path, progress, (callback_on_step_end, on_stage_end), image, save_stages
@@ -231,9 +173,6 @@ def upscale_file(
 
 
 __all__ = [
-    "check_host_budget",
-    "check_image_fits",
-    "check_writable",
     "generate",
     "note_unknown_words",
     "stage_timer",

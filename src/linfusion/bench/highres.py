@@ -246,6 +246,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     width, height = args.size
     try:
         check_size(width, height)
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1; got {args.steps}")
+        if not 0 <= args.guidance < float("inf"):
+            raise ValueError(f"--guidance must be a finite number >= 0; got {args.guidance}")
         if args.max_memory:
             parse_size(args.max_memory)
     except ValueError as error:

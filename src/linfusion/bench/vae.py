@@ -30,7 +30,7 @@ import torch
 from ..io import format_size
 from ..registry import SD_VAE_CONFIG as SD_VAE
 from ..tiled_vae import ExactTiler, tiled_vae_cost
-from .harness import environment, loadavg, read_status_kib, reset_peak, write_results
+from .harness import BenchmarkInputError, environment, loadavg, read_status_kib, reset_peak, write_results
 
 POLICIES = ("plain", "full", "half", "level-inputs")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -292,16 +292,41 @@ def cost_table_16k(
     return "\n".join(lines) + "\n"
 
 
+def checked_sizes(text: str) -> list[int]:
+    """``--sizes``: comma-separated image sides, positive multiples of 8 (:class:`BenchmarkInputError` if not)."""
+    try:
+        sizes = [int(size) for size in text.split(",") if size.strip()]
+    except ValueError as error:
+        raise BenchmarkInputError(
+            f"--sizes {text!r}: expected comma-separated sides such as 256,512"
+        ) from error
+    if not sizes or any(size < 8 or size % 8 for size in sizes):
+        raise BenchmarkInputError(
+            f"--sizes {text!r}: each side must be a positive multiple of 8, such as 256"
+        )
+    return sizes
+
+
+def checked_policies(text: str) -> list[str]:
+    """``--policies``: known store policies, ``plain`` (the reference) first."""
+    policies = [policy.strip() for policy in text.split(",") if policy.strip()]
+    unknown = [policy for policy in policies if policy not in POLICIES]
+    if unknown:
+        raise BenchmarkInputError(f"unknown store policy {unknown}; choose from {', '.join(POLICIES)}")
+    if not policies or policies[0] != "plain":
+        raise BenchmarkInputError("the policies must start with plain (the reference)")
+    return policies
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """``linfusion bench vae``: the measurements, or with ``--cost-16k`` the cost model's 16K table."""
     if args.cost_16k:
         print(cost_table_16k(), end="")
         return 0
-    args.sizes = [int(size) for size in args.sizes.split(",")]
-    args.policies = args.policies.split(",")
-    if args.policies[0] != "plain":
-        print("linfusion bench vae: the policies must start with plain (the reference)", file=sys.stderr)
-        return 2
+    args.sizes, args.policies = checked_sizes(args.sizes), checked_policies(args.policies)
+    for option, value in (("--repeats", args.repeats), ("--band-mib", args.band_mib)):
+        if value < 1:
+            raise BenchmarkInputError(f"{option} must be >= 1; got {value}")
     args.command = "linfusion bench vae " + " ".join(sys.argv[3:])
     result = run_benchmark(args)
     report = markdown_report(result)

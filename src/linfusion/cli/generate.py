@@ -92,8 +92,12 @@ def register(subparsers: Any) -> None:
 
 
 def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None, mode: str) -> Any:
-    from ..app.params import GenerationParams
+    from ..app.params import GenerationError, GenerationParams
 
+    if args.no_linfusion and args.linfusion != "auto":
+        raise GenerationError(
+            f"--no-linfusion and --linfusion {args.linfusion} contradict each other; pass one of them"
+        )
     width, height = size or (None, None)
     return GenerationParams(
         prompt=prompt,
@@ -114,11 +118,16 @@ def _params(args: argparse.Namespace, prompt: str, size: tuple[int, int] | None,
 
 @parallel_command  # torchrun --nproc_per_node=N: spatial-parallel (linfusion.parallel)
 def run(args: argparse.Namespace) -> int:
-    from ..app.params import read_png_parameters
+    import sys
+
+    from ..app.params import GenerationParams, ignored_settings, png_parameters_text
     from ..app.run import generate
 
     if args.from_png:
-        params = read_png_parameters(args.from_png)
+        text = png_parameters_text(args.from_png)
+        params = GenerationParams.from_text(text)
+        for note in ignored_settings(text):
+            print(note, file=sys.stderr)
     else:
         params = _params(args, args.prompt or "", args.size, args.mode)
     out = generate(

@@ -15,9 +15,9 @@ FITS, DOES_NOT_FIT = 0, 3
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="plan a run without running it: memory per stage, savers, FLOPs, predicted GPU time",
+        help="plan a run without running it: memory per stage, savers, FLOPs, predicted time",
         description="Plan a generation for any machine: each stage's device and host peak, the savers that "
-        "make it fit, its FLOPs and a predicted time on a named GPU. Needs neither a GPU nor weights (the "
+        "make it fit, its FLOPs and a predicted time on a named GPU (on --device cpu: on this machine's CPU). Needs neither a GPU nor weights (the "
         "model is built on the meta device from its configs). Exit 0 when it fits, 3 when it does not.",
     )
     parser.add_argument(
@@ -29,7 +29,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--size", type=parse_size, required=True, help="WIDTHxHEIGHT of the final image")
     parser.add_argument("--mode", default="sdedit", choices=GENERATION_MODES)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device planned for")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        help="auto: float16 on cuda, float32 on cpu (as linfusion generate runs)",
+    )
     parser.add_argument(
         "--max-memory",
         type=parse_budget,
@@ -46,7 +51,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (> 1: two UNet branches)")
     parser.add_argument("--nproc", type=int, default=1, help="plan one rank of an N-process torchrun run")
     parser.add_argument(
-        "--gpu", default="h100", choices=("h100", "a100", "4090"), help="GPU of the predicted time"
+        "--gpu", default="h100", choices=("h100", "a100", "4090"), help="GPU of the predicted time (cuda)"
     )
     parser.add_argument(
         "--link",

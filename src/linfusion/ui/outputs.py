@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from ..app.execute import save_png
 from ..app.params import GenerationError, GenerationParams
 from ..choices import GENERATION_MODES, VAE_ATTENTION_MODES
-from ..errors import UserError
+from ..errors import UserError, excerpt
 
 MAX_UPLOAD_PIXELS = 64 * 2**20  # an upload to enlarge: up to 64 megapixels
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -83,7 +83,7 @@ def read_parameters(path: str | os.PathLike, model_names: Sequence[str]) -> tupl
     try:
         params = GenerationParams.from_text(text)
     except (GenerationError, ValueError, TypeError) as error:
-        raise UserError(f"{name}: cannot read its parameters ({error})") from error
+        raise UserError(f"{name}: cannot read its parameters: {excerpt(str(error), 300)}") from error
     fields: dict[str, Any] = {
         "prompt": params.prompt,
         "negative_prompt": params.negative_prompt,

@@ -15,13 +15,12 @@ from typing import Any
 
 from ..app.params import GenerationError, GenerationParams
 from ..app.prepare import UPSCALE_PROMPT, upscale_params
-from ..choices import BUNDLED_MODEL_NAME, CHAIN_MODES, SCHEDULERS, VAE_ATTENTION_MODES
+from ..choices import BUNDLED_MODEL_NAME, CHAIN_MODES, MAX_STEPS, SCHEDULERS, VAE_ATTENTION_MODES
 from ..errors import UserError
 from ..io import parse_size
 from .models import ModelSlot
 
 MAX_SIDE = 32768  # pixels per side the page accepts (the presets stop at 16K)
-MAX_STEPS = 500  # a sampler cannot take as many steps as the model's training schedule (1000)
 MODE_LABELS = {"plain": "plain", "sdedit": "SDEdit chain", "demofusion": "DemoFusion"}
 UPSCALE_MODES = CHAIN_MODES
 
@@ -161,7 +160,6 @@ def upscale_request_params(
 
 __all__ = [
     "MAX_SIDE",
-    "MAX_STEPS",
     "MODE_LABELS",
     "UPSCALE_MODES",
     "JobSettings",

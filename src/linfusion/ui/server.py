@@ -7,10 +7,13 @@ cannot load) is a :class:`~linfusion.errors.UserError`, which the command line p
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,60 @@ def serve(
             "no login).",
             file=sys.stderr,
         )
+    if threads is not None and threads < 1:
+        raise ServerError(f"--threads {threads}: pass a number of CPU threads >= 1 (or leave it out)")
+    if not max_upload_mb > 0 or max_upload_mb == float("inf"):
+        raise ServerError(f"--max-upload-mb {max_upload_mb}: pass a size in MB > 0, such as 50")
     _quiet_environment()
+    folder = outputs_folder(outputs)
+    with gradio_temporary_folder(folder):
+        return _serve(models, host, port, folder, device, threads, max_upload_mb)
+
+
+def outputs_folder(outputs: str | os.PathLike) -> Path:
+    """The outputs folder, created when missing; :class:`ServerError` when it cannot be written."""
+    folder = Path(outputs).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ServerError(f"--outputs {folder} is a file, not a folder; name a folder for the images")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ServerError(f"cannot create the outputs folder {folder}: {error.strerror}") from error
+    if not os.access(folder, os.W_OK):
+        raise ServerError(f"the outputs folder {folder} is not writable")
+    return folder
+
+
+@contextlib.contextmanager
+def gradio_temporary_folder(folder: Path) -> Iterator[Path]:
+    """Gradio's uploads and cached results in a hidden folder of ``folder``, removed when the server stops.
+
+    Gradio keeps them in the system's temporary folder unless ``GRADIO_TEMP_DIR`` names another, read when
+    Gradio is imported and when the page is built, so it is set before both.
+    """
+    temporary = Path(tempfile.mkdtemp(prefix=".gradio-", dir=folder))
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(temporary)
+    try:
+        yield temporary
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _serve(
+    models: Sequence[str],
+    host: str,
+    port: int,
+    folder: Path,
+    device: str,
+    threads: int | None,
+    max_upload_mb: float,
+) -> int:
+    """Load the models and serve the page until stopped (the checked arguments of :func:`serve`)."""
     try:
         import gradio  # noqa: F401
     except ImportError as error:
@@ -70,13 +126,6 @@ def serve(
     from .jobs import JobRunner
     from .page import CSS, HEAD, build_page, theme
 
-    folder = Path(outputs).resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ServerError(f"cannot create the outputs folder {folder}: {error.strerror}") from error
-    if not os.access(folder, os.W_OK):
-        raise ServerError(f"the outputs folder {folder} is not writable")
     backend = Backend(models, folder, device=device)
     backend.load_all()
     runner = JobRunner()

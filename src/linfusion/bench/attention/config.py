@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..harness import BenchmarkInputError
+
 # Head layouts by head dim: SD-1.5 attention blocks have 8 heads at 320/640/1280 channels; SD-XL uses
 # 64-dim heads (10 heads at 640 channels, 20 at 1280).
 LAYOUTS: dict[int, tuple[str, int]] = {
@@ -52,16 +54,47 @@ class BenchConfig:
     seed: int = 0
 
 
-def _csv(text: str, cast: Callable[[str], Any] = str) -> list[Any]:
-    return [cast(part.strip()) for part in text.split(",") if part.strip()]
+def _csv(text: str, cast: Callable[[str], Any] = str, option: str = "") -> list[Any]:
+    try:
+        return [cast(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise BenchmarkInputError(
+            f"{option} {text!r}: expected comma-separated whole numbers such as 1024,4096"
+        ) from error
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Refuse, before anything runs, lists and counts that cannot be benchmarked (:class:`BenchmarkInputError`)."""
+    from ...ops import BACKENDS
+
+    for option, values in (("--tokens", cfg.tokens), ("--head-dims", cfg.head_dims)):
+        if not values or min(values) < 1:
+            raise BenchmarkInputError(f"{option} needs whole numbers >= 1; got {values}")
+    counts = {
+        "--wide-max-tokens": cfg.wide_max_tokens,
+        "--reference-max-tokens": cfg.reference_max_tokens,
+        "--batch": cfg.batch,
+        "--repeats": cfg.repeats,
+        "--heads": cfg.heads,
+        "--accuracy-tokens": cfg.accuracy_tokens,
+        "--threads": cfg.threads,
+    }
+    for option, value in counts.items():
+        if value is not None and value < 1:
+            raise BenchmarkInputError(f"{option} must be >= 1; got {value}")
+    if cfg.warmup < 0:
+        raise BenchmarkInputError(f"--warmup must be >= 0; got {cfg.warmup}")
+    unknown = [name for name in cfg.backends if name not in BACKENDS]
+    if unknown:
+        raise BenchmarkInputError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Translate parsed CLI options (see :mod:`linfusion.cli.bench`) into a config."""
     return BenchConfig(
-        tokens=_csv(args.tokens, int),
+        tokens=_csv(args.tokens, int, "--tokens"),
         wide_max_tokens=args.wide_max_tokens,
-        head_dims=_csv(args.head_dims, int),
+        head_dims=_csv(args.head_dims, int, "--head-dims"),
         heads=args.heads,
         batch=args.batch,
         dtypes=_csv(args.dtypes),

@@ -21,6 +21,7 @@ from .config import (
     MODES,
     SLOW_WARMUP_SECONDS,
     BenchConfig,
+    check_config,
     config_from_args,
     effective_command,
     head_layout,
@@ -270,9 +271,10 @@ def _attach_memory(cases: list[dict[str, Any]], measured: list[dict[str, Any]]) 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``linfusion bench attention``."""
+    cfg = config_from_args(args)
+    check_config(cfg)
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle, args.idle_load)
-    cfg = config_from_args(args)
     unknown = [d for d in cfg.dtypes + cfg.accuracy_dtypes if d not in DTYPES]
     if unknown:
         raise BenchmarkInputError(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
