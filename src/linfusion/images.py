@@ -61,17 +61,22 @@ def _header(path: str | os.PathLike, max_pixels: int | None) -> Iterator[Image.I
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB: 16-bit greyscale scaled (65535 -> 255), palettes and alpha dropped as PIL does.
+    """``image`` as 8-bit RGB: greyscale of more than 8 bits scaled by its range, palettes and alpha dropped
+    as PIL does.
 
-    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns almost every such image white.
+    PIL's own ``convert("RGB")`` clips such values at 255, which turns almost every 16-bit image white.
+    16-bit modes (``I;16*``) scale 65535 -> 255; ``I`` (32-bit integers) scales so when its values exceed
+    255 (16-bit data) and keeps 8-bit data; ``F`` (floats) in [0, 1] scales 1 -> 255 and keeps larger
+    ranges, clipped to 0..255.
     """
-    if image.mode in SIXTEEN_BIT_MODES:
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        raise ImageError(
-            "the image holds floating-point pixels (a 32-bit float TIFF?); save it as an 8- or 16-bit image"
-        )
+        largest = values.max(initial=0)
+        if image.mode == "F":
+            values = values * 255.0 if largest <= 1.0 else values
+        elif image.mode != "I" or largest > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 from ..hub import load_failure_message
+from ..images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -176,26 +177,6 @@ def read_caption_text(path: Path) -> str:
         ) from error
     except OSError as error:
         raise DataError(f"cannot read caption file {str(path)!r}: {error.strerror or error}") from error
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) scaled by their real range, not clipped.
-
-    PIL's own ``convert("RGB")`` clips such images at 255, so a 16-bit PNG would read as pure white.
-    """
-    # TODO(lead): use the shared image-opening function of the command line for this conversion.
-    if image.mode.startswith("I;16"):
-        pixels = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
-    elif image.mode == "I":
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels / 257.0 if pixels.max(initial=0) > 255 else pixels  # 16-bit data read as I
-    elif image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels * 255.0 if pixels.max(initial=0) <= 1.0 else pixels  # floats in [0, 1]
-    else:
-        return image.convert("RGB")
-    grey = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def load_image(image: Any) -> Image.Image:
