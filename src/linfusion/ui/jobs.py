@@ -202,6 +202,13 @@ class JobRunner:
                 return 0
             return position - 1 + (1 if self._running is not None else 0)
 
+    def pending(self, owner: str, label: str) -> list[Job]:
+        """The unfinished jobs of ``owner`` with ``label`` (the running one first, then the queue's order)."""
+        with self.lock:
+            jobs = [self._running] if self._running is not None else []
+            jobs += self._waiting
+            return [job for job in jobs if job.owner == owner and job.label == label]
+
     def cancel(self, owner: str) -> int:
         """Cancel every job of ``owner``: waiting ones leave the queue, a running one stops at its next step."""
         count = 0

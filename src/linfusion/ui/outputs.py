@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ..app.execute import save_png
 from ..app.params import GenerationError, GenerationParams
 from ..choices import GENERATION_MODES, VAE_ATTENTION_MODES
 from ..errors import UserError
+from ..io import atomic_file
 
 MAX_UPLOAD_PIXELS = 64 * 2**20  # an upload to enlarge: up to 64 megapixels
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -44,23 +44,40 @@ class OutputFolder:
         self.folder = Path(folder).resolve()
         self._written: list[Result] = []
 
-    def save(self, image: Image.Image, params: GenerationParams, started: float) -> Result:
-        """Write ``image`` as a new ``NNNNN-<seed>.png`` with its parameters (nothing left on failure)."""
+    def save(
+        self,
+        image: Image.Image,
+        params: GenerationParams,
+        started: float,
+        extra: dict[str, str] | None = None,
+    ) -> Result:
+        """Write ``image`` as a new ``NNNNN-<seed>.png`` with its parameters (nothing left on failure).
+
+        ``extra``: more ``Key: value`` pairs for the parameters text (an upscale's source and scale), which
+        readers of the text that do not know them pass over.
+        """
         path = reserve_output(self.folder, str(params.seed))
+        text = params.to_text() + "".join(f", {key}: {value}" for key, value in (extra or {}).items())
         try:
-            save_png(image, params, path)
+            write_png(image, text, path)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        result = Result(
-            path, params.to_text(), params.seed, image.width, image.height, time.monotonic() - started
-        )
+        result = Result(path, text, params.seed, image.width, image.height, time.monotonic() - started)
         self._written.append(result)
         return result
 
     def recent(self, limit: int = 48) -> list[Result]:
         """Images written since this server started, newest first."""
         return list(reversed(self._written[-limit:]))
+
+
+def write_png(image: Image.Image, parameters: str, path: Path) -> None:
+    """Write ``image`` to ``path`` through a temporary file, with its ``parameters`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
 
 
 def read_parameters(path: str | os.PathLike, model_names: Sequence[str]) -> tuple[dict[str, Any], str]:
@@ -185,4 +202,5 @@ __all__ = [
     "read_parameters",
     "reserve_output",
     "upload_header",
+    "write_png",
 ]

@@ -110,7 +110,10 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
     upscaling = isinstance(request, UpscaleRequest)
     if not upscaling and not (request.prompt or "").strip():
         raise UserError("the prompt is empty: say what to draw, e.g. a red circle on a gray background")
-    guidance = float(request.guidance if request.guidance is not None else 7.5)
+    for name, example in (("steps", "25"), ("guidance", "7.5"), ("seed", "-1 for a random one")):
+        if getattr(request, name) in (None, ""):  # an emptied field is a mistake, never a silent default
+            raise UserError(f"{name} is empty: enter a number (e.g. {example})")
+    guidance = float(request.guidance)
     if not math.isfinite(guidance) or not 0 <= guidance <= 100:
         raise UserError(f"guidance {request.guidance}: use a number from 0 to 100 (e.g. 7.5)")
     params = GenerationParams(
@@ -120,7 +123,7 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
         height=None if upscaling else whole(request.height, "height"),
         steps=whole(request.steps, "steps") or 0,
         guidance=guidance,
-        seed=whole(request.seed, "seed") if request.seed is not None else -1,
+        seed=whole(request.seed, "seed") or 0,
         scheduler=request.sampler or slot.scheduler_name,
         model=slot.name,
         linfusion="auto" if request.linfusion else "none",
