@@ -51,7 +51,7 @@ ASPECT_RATIOS = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"]
 
 def sampler_choices(model_default: str) -> list[tuple[str, str]]:
     """The Sampler menu: the model's own scheduler (named, as the Parameters text names it), then the rest."""
-    return [(f"model default ({model_default})", ""), *((name, name) for name in SCHEDULERS)]
+    return [(f"{model_default} (default)", ""), *((name, name) for name in SCHEDULERS)]
 
 
 STATUS_EVERY = 0.5  # seconds between progress lines while nothing else changes
@@ -139,6 +139,8 @@ CSS = """
 #t2i-status, #up-status { min-height: 2.5em; }
 .plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
+#t2i-preset .options[style*="bottom"], #t2i-ratio .options[style*="bottom"] {
+  margin-bottom: 3.4rem; max-height: calc(50vh - 4rem) !important; }
 .error-line, .error-line * { color: var(--error-text-color, #b91c1c) !important; }
 """
 
@@ -314,12 +316,8 @@ def _settings(tab: str, backend: Backend, modes: list[str], default_mode: str, m
         vae = gr.Radio(["exact", "linear"], value="exact", label="VAE attention", info="linear: fast decodes "
                        "at 4K and more (a close approximation)", elem_id=f"{tab}-vae")  # fmt: skip
     with gr.Row():
-        budget = gr.Textbox(
-            label="Memory budget",
-            placeholder="e.g. 8GB",
-            info="empty: the free memory",
-            elem_id=f"{tab}-budget",
-        )
+        budget = gr.Textbox(label="Memory budget", placeholder="free memory (e.g. 8GB)", scale=2,
+                            elem_id=f"{tab}-budget")  # fmt: skip
         default_sampler = backend.slot(backend.model_names[0]).scheduler_name
         sampler = gr.Dropdown(
             sampler_choices(default_sampler), value="", label="Sampler", elem_id=f"{tab}-sampler"
@@ -420,7 +418,8 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
             with gr.Row():
                 preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
                                      f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
-                ratio = gr.Dropdown(ASPECT_RATIOS, value="1:1", label="Aspect ratio", elem_id="t2i-ratio")
+                ratio = gr.Dropdown(ASPECT_RATIOS, value="1:1", label="Aspect ratio", info="width:height",
+                                    elem_id="t2i-ratio")  # fmt: skip
             settings = _settings("t2i", backend, list(MODE_LABELS), "plain", "plain: one pass at the size; "
                                  "SDEdit chain / DemoFusion: the native size, then enlargement stages "
                                  "(for 2K-16K)")  # fmt: skip
@@ -428,7 +427,7 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
-                              height=120, elem_id="t2i-restore")  # fmt: skip
+                              height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, preset, ratio, settings, reuse, send,
@@ -438,7 +437,7 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
 def _upscale_tab(backend: Backend) -> UpscaleTab:
     with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale"), gr.Row():
         with gr.Column(scale=5):
-            source = gr.File(label="Image to enlarge", type="filepath", height=120, elem_id="up-file")
+            source = gr.File(label="Image to enlarge", type="filepath", height=150, elem_id="up-file")
             preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview",
                                elem_classes="pixel-view")  # fmt: skip
             scale = gr.Number(2, label="Scale", info="e.g. 2 or 4 (width and height)", elem_id="up-scale")
@@ -592,7 +591,7 @@ def _wire_jobs(
             yield {**cleared, out.status: f"Error: {error}"}
             return
         if busy:
-            gr.Info(f"Queued behind your running job: {job_line(job, runner)}")
+            gr.Info(f"Queued after your running job. {job_line(job, runner)}")
         else:
             yield {**cleared, out.status: status_line(job, runner)}
         yield from _watch(job, out, backend, runner)
