@@ -502,7 +502,9 @@ def test_a_second_click_queues_and_ctrl_enter_generates(new_page, server: UiServ
     before = server.pngs()
     fill(page, prompt=RED, width=64, height=64, steps=60, seed=1)
     page.get_by_role("button", name="Generate", exact=True).click()
-    expect_status(page, re.compile(r"step [1-9]\d* of 60"))
+    expect_status(page, re.compile(r"\[#*\.*\] \d+% Stage 1 of 1 \(64x64\) · step [1-9]\d* of 60"))
+    expect(page.locator("#t2i-result img")).to_be_visible()  # the live preview, before the result
+    assert "Done in" not in status_of(page).inner_text()
     page.locator("#tab-generate").get_by_label("Prompt", exact=True).press("Control+Enter")
     expect_status(page, re.compile(r"step \d+ of 60 .*\(1 more of yours queued\)"))
     expect(page.locator("#t2i-gallery")).to_contain_text(f"{len(before) + 2:05d}-1.png")
@@ -511,6 +513,12 @@ def test_a_second_click_queues_and_ctrl_enter_generates(new_page, server: UiServ
     fill(page, width=32, height=32, steps=3, seed=2)
     page.locator("#tab-generate").get_by_label("Seed", exact=True).press("Enter")
     expect_status(page, re.compile(r"Done in .* 32x32, seed 2,"))
+    fill(page, seed=7)
+    page.locator("#tab-generate").get_by_label("Batch count", exact=True).fill("2")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, re.compile(r"Done in .* seed 8,"))  # seeds 7 and 8, one after the other
+    names = [path.name for path in server.pngs()][-2:]
+    assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
     rendering = page.locator("#t2i-result img").evaluate("e => getComputedStyle(e).imageRendering")
     assert rendering == "pixelated"  # a 32 px result shown larger stays sharp
 

@@ -71,6 +71,7 @@ class Job:
     step: int = 0  # steps finished in that stage
     stage_steps: int = 0  # steps of that stage (the pipeline's own count once it runs)
     stage_images: list[tuple[Any, str]] = field(default_factory=list)
+    preview: Any = None  # the image as it denoises (a cheap preview), None before the first step
     note: str = ""  # what the job does before its first step (planning the memory...)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -104,6 +105,11 @@ class Job:
             self._changed()
         self.check_cancelled()
 
+    def show_preview(self, image: Any) -> None:
+        with self._lock():
+            self.preview = image
+            self._changed()
+
     def stage_done(self, stage: int, image: Any, caption: str) -> None:
         with self._lock():
             self.stage_images.append((image, caption))
@@ -126,6 +132,16 @@ class Job:
         if self.started is None:
             return 0.0
         return (self.ended or now or time.monotonic()) - self.started
+
+    def fraction_done(self) -> float:
+        """The share of the job's work (pixels x steps over its stages) done so far, 0 to 1."""
+        total = sum(stage.work for stage in self.stages)
+        if not total:
+            return 0.0
+        done = sum(stage.work for stage in self.stages[: self.stage])
+        current = self.stages[min(self.stage, len(self.stages) - 1)]
+        done += current.width * current.height * min(self.step, current.steps)
+        return min(1.0, done / total)
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left, from the time per unit of work (pixels x steps) so far; None before any step."""

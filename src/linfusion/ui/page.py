@@ -8,6 +8,7 @@ job works as before.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -23,10 +24,10 @@ import gradio as gr
 from ..choices import SCHEDULERS
 from ..errors import UserError
 from .backend import Backend
-from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
+from .jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
-from .requests import MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest
+from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ def job_line(job: Job, runner: JobRunner) -> str:
         index = min(job.stage, len(job.stages) - 1)
         stage = job.stages[index]
         line = (
-            f"Stage {index + 1} of {len(job.stages)} ({stage.width}x{stage.height}) · "
+            f"{progress_bar(job.fraction_done())} Stage {index + 1} of {len(job.stages)} "
+            f"({stage.width}x{stage.height}) · "
             f"step {job.step} of {job.stage_steps or stage.steps} · {_seconds(job.elapsed())} elapsed"
         )
         remaining = job.remaining()
@@ -220,6 +222,12 @@ def job_line(job: Job, runner: JobRunner) -> str:
         )
         return f"Cancelled ({where}); nothing was saved."
     return f"Error: {job.error}"
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar with its percentage, e.g. ``[#####...............] 25%``."""
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {fraction:.0%}"
 
 
 class PlanOrder:
@@ -359,6 +367,7 @@ class GenerateTab:
     cancel: gr.Button
     width: gr.Number
     height: gr.Number
+    batch: gr.Number
     preset: gr.Dropdown
     ratio: gr.Dropdown
     settings: Settings
@@ -369,7 +378,7 @@ class GenerateTab:
 
     @property
     def fields(self) -> list:
-        return [self.prompt, self.negative, self.width, self.height, *self.settings.components()]
+        return [self.prompt, self.negative, self.width, self.height, self.batch, *self.settings.components()]
 
     def request(self, values: dict) -> TextToImageRequest:
         return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
@@ -415,6 +424,8 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                                   elem_id="t2i-width")  # fmt: skip
                 height = gr.Number(native, label="Height", precision=0, info="a multiple of 8",
                                    elem_id="t2i-height")  # fmt: skip
+                batch = gr.Number(1, label="Batch count", precision=0, info=f"1 to {MAX_BATCH}; seeds +1",
+                                  elem_id="t2i-batch")  # fmt: skip
             with gr.Row():
                 preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
                                      f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
@@ -430,7 +441,7 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                               height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
-    return GenerateTab(prompt, negative, generate, cancel, width, height, preset, ratio, settings, reuse, send,
+    return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
                        restore, out)  # fmt: skip
 
 
@@ -537,12 +548,12 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Itera
     While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
     (its status line counts this one as queued): this one stays quiet until its turn.
     """
-    seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
+    seen, shown_stages, last_line, last_time, shown_preview = -1, 0, None, 0.0, None
     while True:
         runner.wait(job, seen, STATUS_EVERY)
         with runner.lock:  # one consistent reading: the job may end while this update is sent
             seen, state, line = job.version, job.state, status_line(job, runner)
-            stage_images = list(job.stage_images)
+            stage_images, preview = list(job.stage_images), job.preview
             pending = runner.pending(job.owner, job.label)
             behind_another = job in pending and pending.index(job) > 0
         if behind_another:
@@ -552,6 +563,11 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Itera
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
             last_line, last_time = line, now
+        if preview is not None and preview is not shown_preview and state == RUNNING:
+            update[out.result] = preview  # the image as it denoises, until the result replaces it
+            shown_preview = preview
+        if state in (CANCELLED, FAILED) and shown_preview is not None:
+            update[out.result] = None  # nothing was saved: no preview of it stays
         if state == CANCELLED and shown_stages:
             update[out.stages] = []  # nothing was saved: no stage of it stays on the page
         elif len(stage_images) != shown_stages:
@@ -577,13 +593,23 @@ def _wire_jobs(
 ) -> None:
     """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
 
-    def submit(kind: str, request_value: Any, session: str, out: Outputs) -> Iterator[dict]:
+    def submit(kind: str, request_value: Any, session: str, out: Outputs, count: Any = 1) -> Iterator[dict]:
         busy = bool(runner.pending(session, kind))  # a job of this tab runs: its outputs stay
         cleared = {} if busy else {out.stages: [], out.download: gr.DownloadButton(visible=False)}
         try:
             backend.params_for(request_value)  # refuse a bad request at once, without queueing it
+            batch = [
+                dataclasses.replace(request_value, seed=seed)
+                for seed in batch_seeds(request_value.seed, count)
+            ]
+            for item in batch[1:]:
+                backend.params_for(item)  # the batch's last seeds too
             work = backend.text_to_image if kind == "generate" else backend.upscale
-            job = runner.submit(session, kind, partial(work, request_value))
+            if len(batch) > runner.max_waiting:
+                raise UserError(
+                    f"batch count {len(batch)}: the queue holds at most {runner.max_waiting} jobs"
+                )
+            jobs = [runner.submit(session, kind, partial(work, item)) for item in batch]
         except UserError as error:
             if busy:  # the status line is the running job's: say it aside
                 gr.Warning(f"Error: {error}")
@@ -591,13 +617,14 @@ def _wire_jobs(
             yield {**cleared, out.status: f"Error: {error}"}
             return
         if busy:
-            gr.Info(f"Queued after your running job. {job_line(job, runner)}")
+            gr.Info(f"Queued after your running job. {job_line(jobs[0], runner)}")
         else:
-            yield {**cleared, out.status: status_line(job, runner)}
-        yield from _watch(job, out, backend, runner)
+            yield {**cleared, out.status: status_line(jobs[0], runner)}
+        for job in jobs:  # one after the other: each takes the status line in its turn
+            yield from _watch(job, out, backend, runner)
 
     def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
-        yield from submit("generate", t2i.request(values), _session(request), t2i.out)
+        yield from submit("generate", t2i.request(values), _session(request), t2i.out, values[t2i.batch])
 
     def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("upscale", up.request(values), _session(request), up.out)

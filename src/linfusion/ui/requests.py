@@ -22,6 +22,7 @@ from .models import ModelSlot
 
 MAX_SIDE = 32768  # pixels per side the page accepts (the presets stop at 16K)
 MAX_STEPS = 500  # a sampler cannot take as many steps as the model's training schedule (1000)
+MAX_BATCH = 16  # images one click of Generate may queue
 MODE_LABELS = {"plain": "plain", "sdedit": "SDEdit chain", "demofusion": "DemoFusion"}
 UPSCALE_MODES = CHAIN_MODES
 
@@ -145,6 +146,19 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
     return params
 
 
+def batch_seeds(seed: Any, count: Any) -> list[int]:
+    """The seeds of a batch of ``count`` images: ``seed``, ``seed`` + 1 ... (-1: a random seed for each)."""
+    number = whole(count, "batch count")
+    if number is None:
+        raise UserError(f"batch count is empty: enter a number from 1 to {MAX_BATCH}")
+    if not 1 <= number <= MAX_BATCH:
+        raise UserError(f"batch count {number}: enter a number from 1 to {MAX_BATCH}")
+    first = whole(seed, "seed")
+    if first is None or first == -1:
+        return [-1] * number
+    return [first + index for index in range(number)]
+
+
 def upscale_request_params(
     request: UpscaleRequest, params: GenerationParams, size: tuple[int, int]
 ) -> GenerationParams:
@@ -163,6 +177,7 @@ def upscale_request_params(
 
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_SIDE",
     "MAX_STEPS",
     "MODE_LABELS",
@@ -171,6 +186,7 @@ __all__ = [
     "Request",
     "TextToImageRequest",
     "UpscaleRequest",
+    "batch_seeds",
     "budget_bytes",
     "request_params",
     "upscale_request_params",
