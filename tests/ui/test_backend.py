@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def pixels(path: Path) -> np.ndarray:
         ({"prompt": "  "}, "the prompt is empty: say what to draw"),
         ({"guidance": float("nan")}, "guidance nan: use a number from 0 to 100"),
         ({"steps": 0}, "steps must be a whole number >= 1"),
+        ({"steps": None}, "steps is empty: enter a number (e.g. 25)"),
+        ({"guidance": None}, "guidance is empty: enter a number (e.g. 7.5)"),
+        ({"guidance": ""}, "guidance is empty"),
+        ({"seed": None}, "seed is empty: enter a number (e.g. -1 for a random one)"),
         ({"steps": 1000}, "steps 1000: at most 500"),
         ({"width": 65536}, "width 65536 is larger than this page accepts (32768 px)"),
         ({"model": "/etc"}, "model '/etc' is not one this server was started with (bundled)"),
@@ -290,7 +295,11 @@ def test_upscale_enlarges_an_upload_and_records_it(backend: Backend, tmp_path: P
     dilated, reported, job = run(
         backend.upscale, UpscaleRequest(str(source), scale=1.5, mode="demofusion", steps=8)
     )
+    assert "Upscaled from: source.png, Upscale factor: 2" in result.parameters  # the source and the scale
+    with Image.open(result.path) as written:
+        assert written.info["parameters"] == result.parameters
     assert (dilated.width, dilated.height) == (48, 48) and "Mode: demofusion" in dilated.parameters
+    assert "Upscale factor: 1.5" in dilated.parameters
     assert [(stage.width, stage.height, stage.steps) for stage in job.stages] == [(48, 48, 2)]  # SD-XL's 0.32
     assert {stage: (step, steps) for stage, step, steps in reported} == {0: (2, 2)}
     for scale, message in (
@@ -299,3 +308,29 @@ def test_upscale_enlarges_an_upload_and_records_it(backend: Backend, tmp_path: P
         (2048, "32x32 x 2048 is larger than this page accepts (32768 px)"),
     ):
         assert backend.plan(UpscaleRequest(str(source), scale=scale)).text == f"Cannot plan: {message}"
+
+
+@pytest.mark.slow
+def test_a_budget_beyond_the_device_is_refused_and_never_advised(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    total = backend.models.device_memory()
+    over = TextToImageRequest(PROMPT, width=32, height=32, budget=size_flag(2 * total))
+    with pytest.raises(UserError, match=r"more than this cpu device has \(.*\): enter at most"):
+        list(backend._plan(over, None))
+    assert backend.plan(over).text.startswith("Cannot plan: memory budget")
+    monkeypatch.setattr(backend.models, "device_memory", lambda: 2 * 2**20)  # a device of 2 MiB
+    refused = backend.plan(TextToImageRequest(PROMPT, width=64, height=64, budget="1MB"))
+    assert not refused.fits and "enter " not in refused.text
+    assert "more than all the memory of this cpu device (2 MiB): choose a smaller size" in refused.text
+
+
+@pytest.mark.slow
+def test_the_plan_counts_the_steps_asked(backend: Backend) -> None:
+    for steps, expected in ((12, ["12", "4"]), (60, ["60", "24"])):
+        request = TextToImageRequest(PROMPT, width=64, height=64, mode="sdedit", steps=steps)
+        lines = backend.plan(request).text.splitlines()[1:]
+        assert [line.split(", ")[1].split(" ")[0] for line in lines] == expected
+        _, reported, _ = run(backend.text_to_image, dataclasses.replace(request, seed=1, steps=steps))
+        ran = {stage: steps for stage, _, steps in reported}
+        assert [str(ran[0]), str(ran[1])] == expected  # the run counts what the plan said

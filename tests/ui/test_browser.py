@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from linfusion.app.params import read_png_parameters
+from linfusion.app.run import machine_memory
 from linfusion.bundled import classifier
 from linfusion.bundled.shapes import parse_caption
 from support.browser import ConnectionRecorder, UiServer, find_chromium, running_ui
@@ -164,6 +165,15 @@ def drop_file(page, target: str, data: bytes, name: str, mime: str = "image/png"
         zone.dispatch_event(event, {"dataTransfer": transfer})
 
 
+def read_png_parameters_text(path: Path) -> str:
+    with Image.open(path) as image:
+        return image.info["parameters"]
+
+
+def combobox(page, name: str):
+    return page.locator("#tab-generate").get_by_role("combobox", name=name)
+
+
 def reads_as(path: Path, caption: str) -> bool:
     """The bundled classifier finds the caption's shape, colour and background in the image."""
     with Image.open(path) as image:
@@ -265,7 +275,7 @@ def test_stages_appear_as_they_finish_and_cancel_stops_the_chain_between_steps(
     status = expect_status(page, "Cancelled", timeout=15_000)
     assert time.monotonic() - asked < 10  # a step of the 128 px stage takes a fraction of a second here
     assert re.fullmatch(r"Cancelled \(stage 3 of 3, step [1-8]\); nothing was saved\.", status), status
-    expect(page.locator("#t2i-stages")).not_to_contain_text("3: 128x128")
+    expect(page.locator("#t2i-stages")).not_to_contain_text("1: 32x32")  # nothing of it stays on the page
     assert server.pngs() == before
     choose_mode(page, "plain")
     assert "32x32" in generate(page, width=32, height=32, steps=4)  # the device is free for the next job
@@ -345,6 +355,12 @@ def test_the_upscale_tab_enlarges_an_upload_with_plan_progress_and_result(new_pa
     page.get_by_role("button", name="Send result to Upscale", exact=True).click()
     expect_status(page, f"{made}: 32x32. Ready.", tab="up")
     expect(tab).to_be_visible()
+    expect(tab.get_by_label("Prompt", exact=True)).to_have_value(YELLOW)  # the result's prompt and seed
+    expect(tab.get_by_label("Seed", exact=True)).to_have_value("9")
+    status = click_and_wait(page, "Upscale", tab="up")
+    text = read_png_parameters_text(download_png(page, tab="up"))
+    assert "seed 9" in status and f"Upscaled from: {made}, Upscale factor: 2" in text
+    assert read_png_parameters(server.outputs / saved_name(status)).prompt == YELLOW
 
 
 def test_uploads_over_the_cap_and_files_outside_the_outputs_are_refused(
@@ -391,8 +407,8 @@ def test_the_plan_names_the_smallest_budget_and_a_job_over_it_is_refused(new_pag
     fill(page, width=128, height=128)
     expect(plan).to_have_value(re.compile(r"^Fits(.|\n)*stage 3 128x128, 1 steps"))
     assert server.pngs() == before
-    choose_mode(page, "plain")  # a 4K UHD preset, planned in one pass (for a budget any machine can name)
-    budget.fill("100GB")
+    choose_mode(page, "plain")  # a 4K UHD preset, planned in one pass, with all of this machine's memory
+    budget.fill(f"{machine_memory() * 10 // 2**30 / 10:g}GB")
     scope = page.locator("#tab-generate")
     scope.get_by_role("combobox", name="Aspect ratio").click()
     page.get_by_role("option", name="16:9", exact=True).click()
@@ -400,7 +416,109 @@ def test_the_plan_names_the_smallest_budget_and_a_job_over_it_is_refused(new_pag
     page.get_by_role("option", name="4K UHD (3840)", exact=True).click()
     expect(scope.get_by_label("Width", exact=True)).to_have_value("3840")
     expect(scope.get_by_label("Height", exact=True)).to_have_value("2160")
-    expect(plan).to_have_value(re.compile(r"^Fits: .* within the budget of 100.00 GiB\.\nstage 1 3840x2160"))
+    expect(plan).to_have_value(re.compile(r"^Fits: .* within the budget of .* GiB\.\nstage 1 3840x2160"))
+    budget.fill(f"{2 * machine_memory() // 2**30}GB")  # more than the machine has: refused, never advised
+    expect(plan).to_have_value(re.compile(r"^Cannot plan: memory budget .* is more than this cpu device has"))
+    page.get_by_role("button", name="Generate", exact=True).click()
+    status = expect_status(page, "Error: memory budget")
+    assert "enter at most" in status and server.pngs() == before
+
+
+def test_a_preset_applies_only_when_chosen_and_reads_custom_otherwise(new_page, server: UiServer) -> None:
+    page = new_page()
+    scope = page.locator("#tab-generate")
+    fill(page, prompt=RED, width=64, height=64, steps=3)
+    expect(combobox(page, "Size preset")).to_have_value("custom")
+    for name in ("Size preset", "Aspect ratio"):  # tabbing past a menu changes nothing
+        combobox(page, name).focus()
+        page.keyboard.press("Tab")
+    page.wait_for_timeout(500)
+    assert "64x64" in click_and_wait(page, "Generate")
+    expect(scope.get_by_label("Width", exact=True)).to_have_value("64")
+    combobox(page, "Size preset").click()
+    label = scope.locator("#t2i-preset").get_by_text("Size preset", exact=True).bounding_box()
+    options = page.locator("#t2i-preset .options").bounding_box()
+    assert label["y"] + label["height"] <= options["y"] or options["y"] + options["height"] <= label["y"]
+    page.get_by_role("option", name="512", exact=True).click()
+    expect(scope.get_by_label("Width", exact=True)).to_have_value("512")
+    expect(scope.get_by_label("Height", exact=True)).to_have_value("512")
+    expect(combobox(page, "Size preset")).to_have_value("512")
+    combobox(page, "Aspect ratio").click()
+    page.get_by_role("option", name="16:9", exact=True).click()
+    expect(scope.get_by_label("Height", exact=True)).to_have_value("288")
+    expect(combobox(page, "Size preset")).to_have_value("512")
+    fill(page, width=200)
+    expect(combobox(page, "Size preset")).to_have_value("custom")
+
+
+def test_a_bad_field_is_named_in_the_status_line_and_the_plan_follows_the_steps(
+    new_page, server: UiServer
+) -> None:
+    page = new_page()
+    before, log_lines = server.pngs(), len(server.log)
+    plan = page.locator("#t2i-plan textarea")
+    fill(page, prompt=RED, steps=0)
+    expect(plan).to_have_value("Cannot plan: steps must be a whole number >= 1; got 0")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, "Error: steps must be a whole number >= 1; got 0")
+    assert page.locator(".toast-body").count() == 0  # no popup naming no field
+    expect(page.locator("#t2i-status")).to_have_class(re.compile("error-line"))
+    color = page.locator("#t2i-status [data-testid='markdown']").evaluate("e => getComputedStyle(e).color")
+    assert color != page.locator("#t2i-plan").evaluate("e => getComputedStyle(e).color")
+    fill(page, steps=12, guidance="")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, "Error: guidance is empty: enter a number (e.g. 7.5)")
+    fill(page, guidance=4)
+    choose_mode(page, "SDEdit chain")
+    fill(page, width=128, height=128)
+    expect(plan).to_have_value(re.compile(r"^Fits.*\nstage 1 32x32, 12 steps.*\nstage 2 64x64, 4 steps"))
+    fill(page, steps=60)
+    expect(plan).to_have_value(re.compile(r"^Fits.*\nstage 1 32x32, 60 steps.*\nstage 2 64x64, 24 steps"))
+    assert server.pngs() == before
+    assert not [line for line in server.log[log_lines:] if "Traceback" in line]
+    choose_mode(page, "plain")
+    generate(page, width=32, height=32, steps=2)
+    expect(page.locator("#t2i-status")).not_to_have_class(re.compile("error-line"))  # a line that is no error
+    assert combobox(page, "Sampler").input_value() == "ddim (default)"  # as the Parameters text names it
+    placeholder_fits = page.locator("#t2i-budget textarea").evaluate(
+        "e => { const s = document.createElement('span'); s.style.font = getComputedStyle(e).font;"
+        " s.style.position = 'absolute'; s.style.whiteSpace = 'pre'; s.textContent = e.placeholder;"
+        " document.body.append(s); const w = s.offsetWidth; s.remove(); const style = getComputedStyle(e);"
+        " return w <= e.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight); }"
+    )
+    assert placeholder_fits
+    upload_fits = page.locator("#t2i-restore").evaluate(  # the words themselves, not their centred box
+        "e => { const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT); let node;"
+        " while ((node = walk.nextNode()) && !node.textContent.includes('Click to Upload')) {}"
+        " const range = document.createRange(); range.selectNodeContents(node);"
+        " const text = range.getBoundingClientRect(), box = e.getBoundingClientRect();"
+        " return box.top <= text.top && text.bottom <= box.bottom; }"
+    )
+    assert upload_fits
+
+
+def test_a_second_click_queues_and_ctrl_enter_generates(new_page, server: UiServer) -> None:
+    page = new_page()
+    before = server.pngs()
+    fill(page, prompt=RED, width=64, height=64, steps=60, seed=1)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, re.compile(r"\[#*\.*\] \d+% Stage 1 of 1 \(64x64\) · step [1-9]\d* of 60"))
+    page.locator("#tab-generate").get_by_label("Prompt", exact=True).press("Control+Enter")
+    expect_status(page, re.compile(r"step \d+ of 60 .*\(1 more of yours queued\)"))
+    expect(page.locator("#t2i-gallery")).to_contain_text(f"{len(before) + 2:05d}-1.png")
+    expect_status(page, "Done in")
+    assert len(server.pngs()) == len(before) + 2  # both clicks made an image
+    fill(page, width=32, height=32, steps=3, seed=2)
+    page.locator("#tab-generate").get_by_label("Seed", exact=True).press("Enter")
+    expect_status(page, re.compile(r"Done in .* 32x32, seed 2,"))
+    fill(page, seed=7)
+    page.locator("#tab-generate").get_by_label("Batch count", exact=True).fill("2")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, re.compile(r"Done in .* seed 8,"))  # seeds 7 and 8, one after the other
+    names = [path.name for path in server.pngs()][-2:]
+    assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
+    rendering = page.locator("#t2i-result img").evaluate("e => getComputedStyle(e).imageRendering")
+    assert rendering == "pixelated"  # a 32 px result shown larger stays sharp
 
 
 def test_readme_screenshot(new_page) -> None:

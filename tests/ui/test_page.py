@@ -39,7 +39,9 @@ def test_the_status_line_follows_a_job_from_the_queue_to_its_end() -> None:
         blocker.step_done(0, 10, 10)
         blocker.stage_done(0, None, "1: 32x32")
         blocker.step_done(1, 2, 4)
-        assert status_line(blocker, runner).startswith("Stage 2 of 2 (64x64) · step 2 of 4 · ")
+        assert status_line(blocker, runner).startswith(
+            "[##############......] 69% Stage 2 of 2 (64x64) · step 2 of 4 · "
+        )  # 32x32x10 + 64x64x2 of 32x32x10 + 64x64x4 pixel-steps
         assert " elapsed · about " in status_line(blocker, runner) and status_line(blocker, runner).endswith(
             " left"
         )
@@ -64,3 +66,15 @@ def test_only_the_newest_plan_request_of_a_page_is_shown() -> None:
     assert order.newest("page", "t2i", 2)
     assert order.offer("page", "t2i", 3) and not order.newest("page", "t2i", 2)  # 2 stops tracing
     assert order.offer("other page", "t2i", 1) and order.offer("page", "up", 1)  # each page and tab apart
+
+
+def test_a_batch_counts_its_seeds_up_or_draws_each_and_refuses_a_bad_count() -> None:
+    from linfusion.errors import UserError
+    from linfusion.ui.requests import batch_seeds
+
+    assert batch_seeds(5, 3) == [5, 6, 7]
+    assert batch_seeds(-1, 2.0) == [-1, -1]  # a random seed for each image
+    for count, message in ((0, "batch count 0: enter a number from 1 to 16"), (None, "batch count is empty"),
+                           (17, "batch count 17"), (1.5, "batch count must be a whole number")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            batch_seeds(1, count)

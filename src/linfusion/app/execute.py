@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,11 @@ class RunResult:
     path: Path | None
 
 
-def save_png(image: Image.Image, params: GenerationParams, out: Path) -> Path:
-    """Write the PNG with its ``parameters`` chunk, atomically (no partial files); rank 0 only."""
+def save_png(
+    image: Image.Image, params: GenerationParams, out: Path, extra: Mapping[str, str] | None = None
+) -> Path:
+    """Write the PNG with its ``parameters`` chunk (``extra`` pairs appended, see
+    :meth:`GenerationParams.to_text`), atomically (no partial files); rank 0 only."""
     from PIL import PngImagePlugin
 
     from ..parallel.launch import is_main_process
@@ -52,7 +55,7 @@ def save_png(image: Image.Image, params: GenerationParams, out: Path) -> Path:
     if not is_main_process():
         return out  # a spatial-parallel run: only rank 0 writes the file
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", params.to_text())
+    info.add_text("parameters", params.to_text(extra))
     with atomic_file(out) as handle:
         image.save(handle, format="PNG", pnginfo=info)
     return out

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,11 +158,16 @@ class GenerationParams:
         "vae_attention": "VAE attention",
     }
 
-    def to_text(self) -> str:
-        """``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs (web-UI convention)."""
+    def to_text(self, extra: Mapping[str, str] | None = None) -> str:
+        """``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs (web-UI convention).
+
+        ``extra``: more pairs after the settings (an upscale's source and scale), which :meth:`from_text`
+        and other readers pass over.
+        """
         pairs = [f"{label}: {getattr(self, name)}" for name, label in self._KEYS.items() if name != "model"]
         pairs.insert(3, f"Size: {self.width}x{self.height}")
         pairs.append(f"Model: {self.model}")
+        pairs += [f"{key}: {value}" for key, value in (extra or {}).items()]
         text = self.prompt
         if self.negative_prompt:
             text += f"\nNegative prompt: {self.negative_prompt}"

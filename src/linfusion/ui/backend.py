@@ -15,6 +15,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -23,6 +24,7 @@ from ..app.execute import execute
 from ..app.params import GenerationParams
 from ..choices import SCHEDULERS
 from ..errors import UserError
+from ..io import GIB, format_size
 from ..pipelines.chain import Stage, denoising_steps
 from .jobs import Job, StageWork
 from .models import ModelShelf, ModelSlot
@@ -99,9 +101,16 @@ class Backend:
             assert source is not None
             params = upscale_request_params(request, params, source.size)
         budget = budget_bytes(request.budget)
+        device_memory = self.models.device_memory()
+        if budget is not None and budget > device_memory:
+            raise UserError(
+                f"memory budget {format_size(budget)} is more than this {self.device.type} device has "
+                f"({format_size(device_memory)}): enter at most {device_memory * 10 // GIB / 10:g}GB, or leave it empty "
+                "for the free memory"
+            )
         slot = self.models.slot(request.model)
         planning = self.models.planning(slot, bool(request.linfusion), request.vae_attention)
-        yield from plan_progress(planning, params, budget, source)
+        yield from plan_progress(planning, params, budget, source, device_memory)
 
     # ------------------------------------------------------------------ jobs (run on the device worker)
     def text_to_image(self, request: TextToImageRequest, job: Job) -> Result:
@@ -109,11 +118,21 @@ class Backend:
         return self._run(request, None, job, time.monotonic())
 
     def upscale(self, request: UpscaleRequest, job: Job) -> Result:
-        """The Upscale tab's job: enlarge the uploaded image, save a new PNG."""
+        """The Upscale tab's job: enlarge the uploaded image, save a new PNG that names its source and scale."""
         started = time.monotonic()
-        return self._run(request, open_upload(request.image_path), job, started)
+        source = open_upload(request.image_path)
+        name = " ".join(Path(request.image_path or "").name.replace(",", " ").split())  # one pair
+        recorded = {"Upscaled from": name, "Upscale factor": f"{float(request.scale):g}"}
+        return self._run(request, source, job, started, recorded)
 
-    def _run(self, request: Request, source: Image.Image | None, job: Job, started: float) -> Result:
+    def _run(
+        self,
+        request: Request,
+        source: Image.Image | None,
+        job: Job,
+        started: float,
+        extra: dict[str, str] | None = None,
+    ) -> Result:
         """Prepare (refused before any step when it cannot fit), execute, save."""
         view = None
         for item in self._plan(request, source):
@@ -132,7 +151,7 @@ class Backend:
         with self.models.prepared(self.models.slot(request.model), run.params) as loaded:
             result = execute(run, loaded, _step_callback(job), _stage_callback(job))
         job.check_cancelled()
-        return self.files.save(result.image, result.params, started)
+        return self.files.save(result.image, result.params, started, extra)
 
 
 def _step_callback(job: Job) -> Callable[..., dict[str, Any]]:

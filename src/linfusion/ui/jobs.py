@@ -127,6 +127,16 @@ class Job:
             return 0.0
         return (self.ended or now or time.monotonic()) - self.started
 
+    def fraction_done(self) -> float:
+        """The share of the job's work (pixels x steps over its stages) done so far, 0 to 1."""
+        total = sum(stage.work for stage in self.stages)
+        if not total:
+            return 0.0
+        done = sum(stage.work for stage in self.stages[: self.stage])
+        current = self.stages[min(self.stage, len(self.stages) - 1)]
+        done += current.width * current.height * min(self.step, current.steps)
+        return min(1.0, done / total)
+
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left, from the time per unit of work (pixels x steps) so far; None before any step."""
         if not self.stages or self.work_started is None:
@@ -201,6 +211,13 @@ class JobRunner:
             if not position:
                 return 0
             return position - 1 + (1 if self._running is not None else 0)
+
+    def pending(self, owner: str, label: str) -> list[Job]:
+        """The unfinished jobs of ``owner`` with ``label`` (the running one first, then the queue's order)."""
+        with self.lock:
+            jobs = [self._running] if self._running is not None else []
+            jobs += self._waiting
+            return [job for job in jobs if job.owner == owner and job.label == label]
 
     def cancel(self, owner: str) -> int:
         """Cancel every job of ``owner``: waiting ones leave the queue, a running one stops at its next step."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..app.checks import machine_memory
 from ..app.loading import (
     LoadedPipeline,
     attach_linfusion,
@@ -88,6 +89,12 @@ class ModelShelf:
         self._slots: dict[str, ModelSlot] = {}
         self._load_lock = threading.Lock()
         self._planning_lock = threading.Lock()  # guards the planners of every slot
+
+    def device_memory(self) -> int:
+        """All the memory of the device (bytes): the GPU's, or this machine's on the CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        return machine_memory()
 
     def load_all(self) -> None:
         """Load every model named at start (so a bad name fails at start, not on the first job)."""

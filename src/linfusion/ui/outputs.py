@@ -44,16 +44,26 @@ class OutputFolder:
         self.folder = Path(folder).resolve()
         self._written: list[Result] = []
 
-    def save(self, image: Image.Image, params: GenerationParams, started: float) -> Result:
-        """Write ``image`` as a new ``NNNNN-<seed>.png`` with its parameters (nothing left on failure)."""
+    def save(
+        self,
+        image: Image.Image,
+        params: GenerationParams,
+        started: float,
+        extra: dict[str, str] | None = None,
+    ) -> Result:
+        """Write ``image`` as a new ``NNNNN-<seed>.png`` with its parameters (nothing left on failure).
+
+        ``extra``: more ``Key: value`` pairs for the parameters text (an upscale's source and scale), which
+        readers of the text that do not know them pass over.
+        """
         path = reserve_output(self.folder, str(params.seed))
         try:
-            save_png(image, params, path)
+            save_png(image, params, path, extra)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         result = Result(
-            path, params.to_text(), params.seed, image.width, image.height, time.monotonic() - started
+            path, params.to_text(extra), params.seed, image.width, image.height, time.monotonic() - started
         )
         self._written.append(result)
         return result

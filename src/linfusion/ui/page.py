@@ -8,6 +8,7 @@ job works as before.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -26,11 +27,13 @@ from .backend import Backend
 from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
-from .requests import MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest
+from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
 
+CUSTOM = -1  # the Size preset's value when Width and Height are not one of the presets
 SIZE_PRESETS = [
+    ("custom", CUSTOM),
     ("native", 0),
     ("512", 512),
     ("768", 768),
@@ -45,7 +48,13 @@ SIZE_PRESETS = [
     ("16K (16384)", 16384),
 ]
 ASPECT_RATIOS = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"]
-SAMPLER_CHOICES = [("model default", ""), *((name, name) for name in SCHEDULERS)]
+
+
+def sampler_choices(model_default: str) -> list[tuple[str, str]]:
+    """The Sampler menu: the model's own scheduler (named, as the Parameters text names it), then the rest."""
+    return [(f"{model_default} (default)", ""), *((name, name) for name in SCHEDULERS)]
+
+
 STATUS_EVERY = 0.5  # seconds between progress lines while nothing else changes
 GALLERY = {
     "fit_columns": False,
@@ -88,6 +97,17 @@ document.addEventListener("drop", (event) => {
   input.dispatchEvent(new Event("change", {bubbles: true}));
 }, true);
 })();</script>"""
+# Ctrl+Enter anywhere on a tab (Enter in one of its number fields) runs it, as in the common SD web UIs.
+KEYS_SCRIPT = """<script>(() => {
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || event.isComposing || !(event.target instanceof Element)) return;
+  const tab = event.target.closest("#tab-generate, #tab-upscale");
+  const number = event.target.matches("input[type=number]");
+  if (!tab || !(event.ctrlKey || event.metaKey || number)) return;
+  event.preventDefault(); event.stopPropagation();
+  document.getElementById(tab.id === "tab-generate" ? "t2i-generate" : "up-run")?.click();
+}, true);
+})();</script>"""
 HEAD = (
     "<script>(() => {const names = "
     + json.dumps({key: list(value) for key, value in ACCESSIBLE_NAMES.items()})
@@ -97,15 +117,32 @@ const apply = () => { for (const [id, [role, name]] of Object.entries(names)) {
   if (element && element.getAttribute("aria-label") !== name) {
     element.setAttribute("role", role); element.setAttribute("aria-label", name);
     if (role === "status") element.setAttribute("aria-live", "polite");
-  } } };
-new MutationObserver(apply).observe(document.documentElement, {childList: true, subtree: true});
+  }
+  if (element && role === "status") {
+    element.classList.toggle("error-line", element.textContent.trim().startsWith("Error"));
+  } }
+  for (const image of document.querySelectorAll(".pixel-view img")) {
+    if (!image.dataset.linfusionSized) {
+      image.dataset.linfusionSized = "1";
+      image.addEventListener("load", () => { image.dataset.linfusionSized = ""; apply(); });
+    }
+    const small = image.naturalWidth > 0 && image.naturalWidth < image.clientWidth;
+    const rendering = small ? "pixelated" : "auto";
+    if (image.style.imageRendering !== rendering) image.style.imageRendering = rendering;
+  } };
+new MutationObserver(apply).observe(document.documentElement,
+  {childList: true, subtree: true, characterData: true, attributes: true, attributeFilter: ["src"]});
 })();</script>"""
     + DROP_SCRIPT
+    + KEYS_SCRIPT
 )
 CSS = """
 #t2i-status, #up-status { min-height: 2.5em; }
 .plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
+#t2i-preset .options[style*="bottom"], #t2i-ratio .options[style*="bottom"] {
+  margin-bottom: 3.4rem; max-height: calc(50vh - 4rem) !important; }
+.error-line, .error-line * { color: var(--error-text-color, #b91c1c) !important; }
 """
 
 
@@ -140,6 +177,16 @@ def _seconds(value: float) -> str:
 
 
 def status_line(job: Job, runner: JobRunner) -> str:
+    """What the page says about ``job`` now, and how many more of this page's jobs wait behind it."""
+    line = job_line(job, runner)
+    if job.state in FINISHED:
+        return line
+    pending = runner.pending(job.owner, job.label)
+    behind = len(pending) - 1 - pending.index(job) if job in pending else 0
+    return f"{line} ({behind} more of yours queued)" if behind else line
+
+
+def job_line(job: Job, runner: JobRunner) -> str:
     """What the page says about ``job`` now: its place in the queue, its progress, or how it ended."""
     if job.state == WAITING:
         position, ahead = runner.position(job) or 1, runner.ahead(job)
@@ -155,7 +202,8 @@ def status_line(job: Job, runner: JobRunner) -> str:
         index = min(job.stage, len(job.stages) - 1)
         stage = job.stages[index]
         line = (
-            f"Stage {index + 1} of {len(job.stages)} ({stage.width}x{stage.height}) · "
+            f"{progress_bar(job.fraction_done())} Stage {index + 1} of {len(job.stages)} "
+            f"({stage.width}x{stage.height}) · "
             f"step {job.step} of {job.stage_steps or stage.steps} · {_seconds(job.elapsed())} elapsed"
         )
         remaining = job.remaining()
@@ -174,6 +222,12 @@ def status_line(job: Job, runner: JobRunner) -> str:
         )
         return f"Cancelled ({where}); nothing was saved."
     return f"Error: {job.error}"
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar with its percentage, e.g. ``[#####...............] 25%``."""
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {fraction:.0%}"
 
 
 class PlanOrder:
@@ -261,7 +315,7 @@ def _settings(tab: str, backend: Backend, modes: list[str], default_mode: str, m
     mode = gr.Radio([(MODE_LABELS[m], m) for m in modes], value=default_mode, label="Mode", info=mode_info,
                     elem_id=f"{tab}-mode")  # fmt: skip
     with gr.Row():
-        steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id=f"{tab}-steps")
+        steps = gr.Number(25, label="Steps", precision=0, elem_id=f"{tab}-steps")  # checked with the request
         guidance = gr.Number(7.5, label="Guidance", info="CFG scale", elem_id=f"{tab}-guidance")
         seed = gr.Number(-1, label="Seed", precision=0, info="-1: random", elem_id=f"{tab}-seed")
     with gr.Row():
@@ -270,10 +324,12 @@ def _settings(tab: str, backend: Backend, modes: list[str], default_mode: str, m
         vae = gr.Radio(["exact", "linear"], value="exact", label="VAE attention", info="linear: fast decodes "
                        "at 4K and more (a close approximation)", elem_id=f"{tab}-vae")  # fmt: skip
     with gr.Row():
-        budget = gr.Textbox(
-            label="Memory budget", placeholder="free memory (e.g. 8GB)", elem_id=f"{tab}-budget"
+        budget = gr.Textbox(label="Memory budget", placeholder="free memory (e.g. 8GB)", scale=2,
+                            elem_id=f"{tab}-budget")  # fmt: skip
+        default_sampler = backend.slot(backend.model_names[0]).scheduler_name
+        sampler = gr.Dropdown(
+            sampler_choices(default_sampler), value="", label="Sampler", elem_id=f"{tab}-sampler"
         )
-        sampler = gr.Dropdown(SAMPLER_CHOICES, value="", label="Sampler", elem_id=f"{tab}-sampler")
         model = gr.Dropdown(
             backend.model_names, value=backend.model_names[0], label="Model", elem_id=f"{tab}-model"
         )
@@ -286,10 +342,13 @@ def _outputs(tab: str, generate_tab: bool) -> Outputs:
     plan = gr.Textbox(label="Memory plan", lines=3, max_lines=16, interactive=False, elem_id=f"{tab}-plan",
                       elem_classes="plan")  # fmt: skip
     result = gr.Image(label="Result", type="filepath", format="png", interactive=False, alt_text="Result",
-                      buttons=["download", "fullscreen"], height=360, elem_id=f"{tab}-result")  # fmt: skip
+                      buttons=["download", "fullscreen"], height=360, elem_id=f"{tab}-result",
+                      elem_classes="pixel-view")  # fmt: skip
     stages = gr.Gallery(label="Stages", columns=6, height=150, elem_id=f"{tab}-stages", **GALLERY)
     download = gr.DownloadButton("Download PNG", visible=False, elem_id=f"{tab}-download")
-    parameters = gr.Textbox(label="Parameters", interactive=False, lines=3, elem_id=f"{tab}-parameters")
+    parameters = gr.Textbox(label="Parameters", interactive=False, lines=3, elem_id=f"{tab}-parameters",
+                            info="as written into the PNG: LinFusion auto = on, none = off; Sampler: the "
+                            "one that ran")  # fmt: skip
     if not generate_tab:
         return Outputs(status, plan, result, download, parameters, stages)
     run_gallery = gr.Gallery(label="Images of this run", columns=6, height=240, elem_id=f"{tab}-gallery",
@@ -308,6 +367,7 @@ class GenerateTab:
     cancel: gr.Button
     width: gr.Number
     height: gr.Number
+    batch: gr.Number
     preset: gr.Dropdown
     ratio: gr.Dropdown
     settings: Settings
@@ -318,7 +378,7 @@ class GenerateTab:
 
     @property
     def fields(self) -> list:
-        return [self.prompt, self.negative, self.width, self.height, *self.settings.components()]
+        return [self.prompt, self.negative, self.width, self.height, self.batch, *self.settings.components()]
 
     def request(self, values: dict) -> TextToImageRequest:
         return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
@@ -364,10 +424,13 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                                   elem_id="t2i-width")  # fmt: skip
                 height = gr.Number(native, label="Height", precision=0, info="a multiple of 8",
                                    elem_id="t2i-height")  # fmt: skip
+                batch = gr.Number(1, label="Batch count", precision=0, info=f"1 to {MAX_BATCH}; seeds +1",
+                                  elem_id="t2i-batch")  # fmt: skip
             with gr.Row():
                 preset = gr.Dropdown(SIZE_PRESETS, value=0, label="Size preset", info="long side; "
                                      f"native: {native} px", elem_id="t2i-preset")  # fmt: skip
-                ratio = gr.Dropdown(ASPECT_RATIOS, value="1:1", label="Aspect ratio", elem_id="t2i-ratio")
+                ratio = gr.Dropdown(ASPECT_RATIOS, value="1:1", label="Aspect ratio", info="width:height",
+                                    elem_id="t2i-ratio")  # fmt: skip
             settings = _settings("t2i", backend, list(MODE_LABELS), "plain", "plain: one pass at the size; "
                                  "SDEdit chain / DemoFusion: the native size, then enlargement stages "
                                  "(for 2K-16K)")  # fmt: skip
@@ -375,18 +438,19 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
-                              height=90, elem_id="t2i-restore")  # fmt: skip
+                              height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
-    return GenerateTab(prompt, negative, generate, cancel, width, height, preset, ratio, settings, reuse, send,
+    return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
                        restore, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
     with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale"), gr.Row():
         with gr.Column(scale=5):
-            source = gr.File(label="Image to enlarge", type="filepath", height=90, elem_id="up-file")
-            preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview")
+            source = gr.File(label="Image to enlarge", type="filepath", height=150, elem_id="up-file")
+            preview = gr.Image(label="Input", interactive=False, height=200, elem_id="up-preview",
+                               elem_classes="pixel-view")  # fmt: skip
             scale = gr.Number(2, label="Scale", info="e.g. 2 or 4 (width and height)", elem_id="up-scale")
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what the image shows (guides "
                                 "the new detail)", elem_id="up-prompt")  # fmt: skip
@@ -430,33 +494,78 @@ def _wire_plans(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: Upscale
     planning = {"js": PLAN_NUMBERING_JS, "trigger_mode": "multiple", **QUIET}
     one, other = t2i.settings, up.settings
     plan_triggers = [t2i.width.change, t2i.height.change, one.mode.change, one.model.change, one.budget.change,
-                     one.linfusion.change, one.vae_attention.change, one.guidance.change, page.load]  # fmt: skip
+                     one.linfusion.change, one.vae_attention.change, one.guidance.change, one.steps.change,
+                     one.sampler.change, one.seed.change, page.load]  # fmt: skip
     gr.on(plan_triggers, t2i_plan, [plan_number, *t2i.fields], t2i.out.plan, **planning)
     up_triggers = [up.source.change, up.scale.change, other.mode.change, other.model.change, other.budget.change,
-                   other.linfusion.change, other.vae_attention.change, other.guidance.change]  # fmt: skip
+                   other.linfusion.change, other.vae_attention.change, other.guidance.change, other.steps.change,
+                   other.sampler.change, other.seed.change]  # fmt: skip
     gr.on(up_triggers, up_plan, [plan_number, *up.fields], up.out.plan, **planning)
 
-    def apply_preset(long_side: int | None, aspect: str, model_name: str) -> tuple[int, int]:
+    _wire_presets(backend, t2i)
+    _wire_samplers(backend, one, other)
+
+
+def _wire_presets(backend: Backend, t2i: GenerateTab) -> None:
+    """Size preset and Aspect ratio set Width and Height when one is chosen (never when merely left);
+    the preset reads "custom" while Width and Height are not what it would give."""
+    model = t2i.settings.model
+
+    def apply_preset(long_side: int | None, aspect: str, model_name: str, width: Any, height: Any) -> tuple:
+        if long_side is None or long_side == CUSTOM:  # a ratio chosen for a custom size: keep its long side
+            try:
+                long_side = max(int(width or 0), int(height or 0))
+            except (TypeError, ValueError):
+                long_side = 0
         return size_for(long_side or backend.native_size(model_name), aspect or "1:1")
 
-    gr.on([t2i.preset.input, t2i.ratio.input], apply_preset, [t2i.preset, t2i.ratio, one.model],
-          [t2i.width, t2i.height], **QUIET)  # fmt: skip
+    def preset_of(width: Any, height: Any, long_side: int | None, aspect: str, model_name: str) -> int:
+        if long_side is None or long_side == CUSTOM:
+            return CUSTOM
+        expected = size_for(long_side or backend.native_size(model_name), aspect or "1:1")
+        return long_side if (width, height) == expected else CUSTOM
+
+    sizes = [t2i.preset, t2i.ratio, model, t2i.width, t2i.height]
+    gr.on([t2i.preset.select, t2i.ratio.select], apply_preset, sizes, [t2i.width, t2i.height], **QUIET)
+    gr.on([t2i.width.change, t2i.height.change], preset_of, [t2i.width, t2i.height, t2i.preset, t2i.ratio, model],
+          t2i.preset, **QUIET)  # fmt: skip
+
+
+def _wire_samplers(backend: Backend, *all_settings: Settings) -> None:
+    """The Sampler menu names the chosen model's own scheduler."""
+    for settings in all_settings:
+        settings.model.change(
+            lambda name: gr.Dropdown(choices=sampler_choices(backend.slot(name).scheduler_name)),
+            settings.model,
+            settings.sampler,
+            **QUIET,
+        )
 
 
 def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Iterator[dict]:
-    """Page updates while ``job`` waits and runs, then its result or its error."""
+    """Page updates while ``job`` waits and runs, then its result or its error.
+
+    While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
+    (its status line counts this one as queued): this one stays quiet until its turn.
+    """
     seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
     while True:
         runner.wait(job, seen, STATUS_EVERY)
         with runner.lock:  # one consistent reading: the job may end while this update is sent
             seen, state, line = job.version, job.state, status_line(job, runner)
             stage_images = list(job.stage_images)
+            pending = runner.pending(job.owner, job.label)
+            behind_another = job in pending and pending.index(job) > 0
+        if behind_another:
+            continue
         update: dict = {}
         now = time.monotonic()
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
             last_line, last_time = line, now
-        if len(stage_images) != shown_stages:
+        if state == CANCELLED and shown_stages:
+            update[out.stages] = []  # nothing was saved: no stage of it stays on the page
+        elif len(stage_images) != shown_stages:
             shown_stages = len(stage_images)
             update[out.stages] = stage_images
         if state == DONE:
@@ -479,20 +588,38 @@ def _wire_jobs(
 ) -> None:
     """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
 
-    def submit(kind: str, request_value: Any, session: str, out: Outputs) -> Iterator[dict]:
-        cleared = {out.stages: [], out.download: gr.DownloadButton(visible=False)}
+    def submit(kind: str, request_value: Any, session: str, out: Outputs, count: Any = 1) -> Iterator[dict]:
+        busy = bool(runner.pending(session, kind))  # a job of this tab runs: its outputs stay
+        cleared = {} if busy else {out.stages: [], out.download: gr.DownloadButton(visible=False)}
         try:
             backend.params_for(request_value)  # refuse a bad request at once, without queueing it
+            batch = [
+                dataclasses.replace(request_value, seed=seed)
+                for seed in batch_seeds(request_value.seed, count)
+            ]
+            for item in batch[1:]:
+                backend.params_for(item)  # the batch's last seeds too
             work = backend.text_to_image if kind == "generate" else backend.upscale
-            job = runner.submit(session, kind, partial(work, request_value))
+            if len(batch) > runner.max_waiting:
+                raise UserError(
+                    f"batch count {len(batch)}: the queue holds at most {runner.max_waiting} jobs"
+                )
+            jobs = [runner.submit(session, kind, partial(work, item)) for item in batch]
         except UserError as error:
+            if busy:  # the status line is the running job's: say it aside
+                gr.Warning(f"Error: {error}")
+                return
             yield {**cleared, out.status: f"Error: {error}"}
             return
-        yield {**cleared, out.status: status_line(job, runner)}
-        yield from _watch(job, out, backend, runner)
+        if busy:
+            gr.Info(f"Queued after your running job. {job_line(jobs[0], runner)}")
+        else:
+            yield {**cleared, out.status: status_line(jobs[0], runner)}
+        for job in jobs:  # one after the other: each takes the status line in its turn
+            yield from _watch(job, out, backend, runner)
 
     def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
-        yield from submit("generate", t2i.request(values), _session(request), t2i.out)
+        yield from submit("generate", t2i.request(values), _session(request), t2i.out, values[t2i.batch])
 
     def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("upscale", up.request(values), _session(request), up.out)
@@ -503,8 +630,9 @@ def _wire_jobs(
 
     t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan}
     up_outputs = set(vars(up.out).values()) - {up.out.plan, None}
-    gr.on([t2i.run.click, t2i.prompt.submit], run_generate, set(t2i.fields), t2i_outputs, **QUIET)
-    up.run.click(run_upscale, set(up.fields), up_outputs, **QUIET)
+    queueing = {"trigger_mode": "multiple", **QUIET}  # a click while a job runs queues another (docs/ui.md)
+    gr.on([t2i.run.click, t2i.prompt.submit], run_generate, set(t2i.fields), t2i_outputs, **queueing)
+    up.run.click(run_upscale, set(up.fields), up_outputs, **queueing)
     gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, None, **QUIET)
 
     def page_closed(request: gr.Request) -> None:
@@ -525,13 +653,23 @@ def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTa
             return {up.source: None, up.preview: None, up.out.status: f"Error: {error}"}
         return {up.preview: path, up.out.status: f"{Path(path).name}: {image.width}x{image.height}. Ready."}
 
+    carried = {"prompt": up.prompt, "negative_prompt": up.negative, "seed": up.settings.seed,
+               "guidance": up.settings.guidance, "linfusion": up.settings.linfusion,
+               "vae_attention": up.settings.vae_attention, "sampler": up.settings.sampler,
+               "model": up.settings.model}  # fmt: skip
+
     def send_to_upscale(image: str | None) -> dict:
         if not image:
             return {t2i.out.status: "Generate an image first."}
-        return {**check_upload(image), up.source: image, tabs: gr.Tabs(selected="upscale")}
+        update = {**check_upload(image), up.source: image, tabs: gr.Tabs(selected="upscale")}
+        try:  # the result's own prompt, seed and settings guide its enlargement
+            fields, _ = backend.read_parameters(image)
+        except UserError:
+            return update
+        return {**update, **{carried[name]: value for name, value in fields.items() if name in carried}}
 
-    t2i.send.click(send_to_upscale, t2i.out.result,
-                   {t2i.out.status, up.source, up.preview, up.out.status, tabs}, **QUIET)  # fmt: skip
+    t2i.send.click(send_to_upscale, t2i.out.result, {t2i.out.status, up.source, up.preview, up.out.status, tabs,
+                   *carried.values()}, **QUIET)  # fmt: skip
     settings = t2i.settings
     restorable = {"prompt": t2i.prompt, "negative_prompt": t2i.negative, "width": t2i.width, "height": t2i.height,
                   "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed,

@@ -39,8 +39,11 @@ def stage_line(index: int, stage: Stage, planned: StagePlan, steps: int) -> str:
     )
 
 
-def plan_view(run: RunPlan, budget_given: bool) -> PlanView:
-    """The plan box of ``run``: fits (its peak) or not (the smallest budget to enter), then one line a stage."""
+def plan_view(run: RunPlan, budget_given: bool, device_memory: int | None = None) -> PlanView:
+    """The plan box of ``run``: fits (its peak) or not (the smallest budget to enter), then one line a stage.
+
+    ``device_memory`` (bytes): all the memory of the device; a smallest budget above it is not advised.
+    """
     plan = run.memory
     budget_words = format_size(plan.budget)
     if not budget_given:
@@ -55,14 +58,27 @@ def plan_view(run: RunPlan, budget_given: bool) -> PlanView:
         return PlanView(True, "\n".join([head, *lines]), run=run)
     head = (
         f"Does not fit the budget of {budget_words}: even with every saver on, the estimated peak is "
-        f"{format_size(plan.peak)}. The smallest budget that fits is about {format_size(plan.peak)}: "
-        f"enter {size_flag(plan.peak)} as the memory budget, or choose a smaller size."
+        f"{format_size(plan.peak)}. "
     )
+    if device_memory is not None and plan.peak > device_memory:
+        head += (
+            f"That is more than all the memory of this {plan.device.type} device ({format_size(device_memory)}): "
+            "choose a smaller size."
+        )
+    else:
+        head += (
+            f"The smallest budget that fits is about {format_size(plan.peak)}: "
+            f"enter {size_flag(plan.peak)} as the memory budget, or choose a smaller size."
+        )
     return PlanView(False, "\n".join([head, *lines]), smallest_budget=plan.peak, run=run)
 
 
 def plan_progress(
-    model: PlanningModel, params: GenerationParams, budget: int | None, source: Image.Image | None = None
+    model: PlanningModel,
+    params: GenerationParams,
+    budget: int | None,
+    source: Image.Image | None = None,
+    device_memory: int | None = None,
 ) -> Iterator[str | PlanView]:
     """Progress lines while the stages are traced (seconds each at first), then the :class:`PlanView`.
 
@@ -80,7 +96,7 @@ def plan_progress(
             stage = item.stage
             yield f"Planning the memory: stage {item.index + 1} of {item.count} ({stage.width}x{stage.height})..."
         else:
-            yield plan_view(item, budget is not None)
+            yield plan_view(item, budget is not None, device_memory)
 
 
 __all__ = ["PlanView", "plan_progress", "plan_view", "stage_line"]

@@ -21,6 +21,7 @@ from ..io import parse_size
 from .models import ModelSlot
 
 MAX_SIDE = 32768  # pixels per side the page accepts (the presets stop at 16K)
+MAX_BATCH = 16  # images one click of Generate may queue
 MODE_LABELS = {"plain": "plain", "sdedit": "SDEdit chain", "demofusion": "DemoFusion"}
 UPSCALE_MODES = CHAIN_MODES
 
@@ -109,7 +110,10 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
     upscaling = isinstance(request, UpscaleRequest)
     if not upscaling and not (request.prompt or "").strip():
         raise UserError("the prompt is empty: say what to draw, e.g. a red circle on a gray background")
-    guidance = float(request.guidance if request.guidance is not None else 7.5)
+    for name, example in (("steps", "25"), ("guidance", "7.5"), ("seed", "-1 for a random one")):
+        if getattr(request, name) in (None, ""):  # an emptied field is a mistake, never a silent default
+            raise UserError(f"{name} is empty: enter a number (e.g. {example})")
+    guidance = float(request.guidance)
     if not math.isfinite(guidance) or not 0 <= guidance <= 100:
         raise UserError(f"guidance {request.guidance}: use a number from 0 to 100 (e.g. 7.5)")
     params = GenerationParams(
@@ -119,7 +123,7 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
         height=None if upscaling else whole(request.height, "height"),
         steps=whole(request.steps, "steps") or 0,
         guidance=guidance,
-        seed=whole(request.seed, "seed") if request.seed is not None else -1,
+        seed=whole(request.seed, "seed") or 0,
         scheduler=request.sampler or slot.scheduler_name,
         model=slot.name,
         linfusion="auto" if request.linfusion else "none",
@@ -141,6 +145,19 @@ def request_params(request: Request, slot: ModelSlot) -> GenerationParams:
     return params
 
 
+def batch_seeds(seed: Any, count: Any) -> list[int]:
+    """The seeds of a batch of ``count`` images: ``seed``, ``seed`` + 1 ... (-1: a random seed for each)."""
+    number = whole(count, "batch count")
+    if number is None:
+        raise UserError(f"batch count is empty: enter a number from 1 to {MAX_BATCH}")
+    if not 1 <= number <= MAX_BATCH:
+        raise UserError(f"batch count {number}: enter a number from 1 to {MAX_BATCH}")
+    first = whole(seed, "seed")
+    if first is None or first == -1:
+        return [-1] * number
+    return [first + index for index in range(number)]
+
+
 def upscale_request_params(
     request: UpscaleRequest, params: GenerationParams, size: tuple[int, int]
 ) -> GenerationParams:
@@ -159,6 +176,7 @@ def upscale_request_params(
 
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_SIDE",
     "MODE_LABELS",
     "UPSCALE_MODES",
@@ -166,6 +184,7 @@ __all__ = [
     "Request",
     "TextToImageRequest",
     "UpscaleRequest",
+    "batch_seeds",
     "budget_bytes",
     "request_params",
     "upscale_request_params",
