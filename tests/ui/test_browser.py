@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from linfusion.app.params import read_png_parameters
-from linfusion.app.run import machine_memory
+from linfusion.app.checks import machine_memory
 from linfusion.bundled import classifier
 from linfusion.bundled.shapes import parse_caption
 from support.browser import ConnectionRecorder, UiServer, find_chromium, running_ui
