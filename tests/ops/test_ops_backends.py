@@ -22,33 +22,9 @@ from linfusion.ops import (
     select_backend,
 )
 from linfusion.ops.chunked import default_chunk_size, feature_map_, linear_attention_chunked
+from support.ops import HALF_TOLERANCE, HEAD_DIMS, make_qkv, rel_err
 
-HEAD_DIMS = [40, 64, 80, 160]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
-def make_qkv(
-    batch: int,
-    heads: int,
-    tokens: int,
-    head_dim: int,
-    value_dim: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    scale: float = 1.0,
-    seed: int = 0,
-) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed * 7919 + tokens * 31 + head_dim)
-    dims = (head_dim, head_dim, value_dim or head_dim)
-    return [
-        (torch.randn(batch, heads, tokens, dim, generator=generator, dtype=torch.float64) * scale).to(dtype)
-        for dim in dims
-    ]
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -9,6 +9,8 @@ test_ops_triton.py (it needs the interpreter).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -22,32 +24,10 @@ from linfusion.ops import (
 )
 from linfusion.ops.chunked import linear_attention_from_state_chunked, linear_attention_state_chunked
 from linfusion.ops.reference import linear_attention_from_state_reference, linear_attention_state_reference
+from support.ops import HALF_TOLERANCE, HEAD_DIMS, make_qkv, rel_err
 
-HEAD_DIMS = [40, 64, 80, 160]
 CPU_BACKENDS = ["reference", "chunked"]
-HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
-def make_qkv(
-    batch: int,
-    heads: int,
-    tokens: int,
-    head_dim: int,
-    value_dim: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed * 7919 + tokens * 31 + head_dim)
-    dims = (head_dim, head_dim, value_dim or head_dim)
-    return [
-        (torch.randn(batch, heads, tokens, dim, generator=generator, dtype=torch.float64) * 1.5).to(dtype)
-        for dim in dims
-    ]
+make_qkv = partial(make_qkv, scale=1.5)  # this file's inputs: N(0, 1.5^2)
 
 
 def state_by_hand(k: torch.Tensor, v: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:

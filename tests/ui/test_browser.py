@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linfusion.app.params import read_png_parameters
 from linfusion.app.checks import machine_memory
+from linfusion.app.params import read_png_parameters
 from linfusion.bundled import classifier
 from linfusion.bundled.shapes import parse_caption
 from support.browser import ConnectionRecorder, UiServer, find_chromium, running_ui
