@@ -79,7 +79,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image.convert("RGB")  # a loaded copy even when RGB already: callers close the file after
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
