@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linfusion.app.params import read_png_parameters
 from linfusion.app.checks import machine_memory
+from linfusion.app.params import read_png_parameters
 from linfusion.bundled import classifier
 from linfusion.bundled.shapes import parse_caption
 from support.browser import ConnectionRecorder, UiServer, find_chromium, running_ui
@@ -519,6 +519,41 @@ def test_a_second_click_queues_and_ctrl_enter_generates(new_page, server: UiServ
     assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
     rendering = page.locator("#t2i-result img").evaluate("e => getComputedStyle(e).imageRendering")
     assert rendering == "pixelated"  # a 32 px result shown larger stays sharp
+
+
+def test_plain_mode_above_the_native_size_suggests_the_sdedit_chain(new_page) -> None:
+    page = new_page()
+    hint, hires = page.locator("#t2i-mode-hint"), page.locator("#t2i-hires")
+    mode = page.locator("#tab-generate").get_by_role("radiogroup", name="Mode")
+    expect(hires).to_be_hidden()  # plain at the native 32 px: nothing to say
+    assert "native" not in hint.inner_text()
+    fill(page, width=64)
+    expect(hint).to_contain_text("native 32 px repeats objects")
+    expect(hint).to_contain_text("64x32")
+    hires.click()
+    expect(mode.get_by_label("SDEdit chain", exact=True)).to_be_checked()
+    expect(hires).to_be_hidden()
+    expect(hint).not_to_contain_text("native")
+    choose_mode(page, "plain")
+    expect(hint).to_contain_text("native 32 px")
+    fill(page, width=32, height=24)  # at or below the native size, plain is right
+    expect(hires).to_be_hidden()
+    expect(hint).not_to_contain_text("native")
+
+
+def test_clicking_an_image_of_this_run_restores_its_settings(new_page) -> None:
+    page = new_page()
+    first = saved_name(generate(page, prompt=YELLOW, negative="dark", width=32, height=24, steps=3, seed=11))
+    page.locator("#tab-generate").get_by_label("LinFusion", exact=True).uncheck()
+    generate(page, prompt=RED, negative="", width=40, height=32, steps=4, guidance=3, seed=12)
+    page.locator("#t2i-gallery").get_by_text(first).first.click()
+    expect_status(page, f"Restored the parameters of {first}.")
+    scope = page.locator("#tab-generate")
+    values = {label: scope.get_by_label(label, exact=True).input_value() for label in
+              ("Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed")}  # fmt: skip
+    assert values == {"Prompt": YELLOW, "Negative prompt": "dark", "Width": "32", "Height": "24", "Steps": "3",
+                      "Guidance": "7.5", "Seed": "11"}  # fmt: skip
+    assert scope.get_by_label("LinFusion", exact=True).is_checked()
 
 
 def test_readme_screenshot(new_page) -> None:

@@ -224,6 +224,20 @@ def job_line(job: Job, runner: JobRunner) -> str:
     return f"Error: {job.error}"
 
 
+def mode_hint(mode: str, width: Any, height: Any, native: int) -> str:
+    """A warning for plain mode above the model's native size, where objects repeat; empty otherwise."""
+    try:
+        long_side = max(int(width), int(height))
+    except (TypeError, ValueError):
+        return ""
+    if mode != "plain" or long_side <= native:
+        return ""
+    return (
+        f"Plain mode above the model's native {native} px repeats objects: for a coherent image at "
+        f"{int(width)}x{int(height)} choose *SDEdit chain* or *DemoFusion*."
+    )
+
+
 def progress_bar(fraction: float, width: int = 20) -> str:
     """A text progress bar with its percentage, e.g. ``[#####...............] 25%``."""
     filled = round(max(0.0, min(1.0, fraction)) * width)
@@ -374,6 +388,8 @@ class GenerateTab:
     reuse: gr.Button
     send: gr.Button
     restore: gr.File
+    hint: gr.Markdown
+    hires: gr.Button
     out: Outputs
 
     @property
@@ -435,6 +451,9 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                                  "SDEdit chain / DemoFusion: the native size, then enlargement stages "
                                  "(for 2K-16K)")  # fmt: skip
             with gr.Row():
+                hint = gr.Markdown("", elem_id="t2i-mode-hint")
+                hires = gr.Button("Use SDEdit chain", size="sm", visible=False, elem_id="t2i-hires")
+            with gr.Row():
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
@@ -442,7 +461,7 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
-                       restore, out)  # fmt: skip
+                       restore, hint, hires, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
@@ -504,6 +523,23 @@ def _wire_plans(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: Upscale
 
     _wire_presets(backend, t2i)
     _wire_samplers(backend, one, other)
+    _wire_mode_hint(page, backend, t2i)
+
+
+def _wire_mode_hint(page: gr.Blocks, backend: Backend, t2i: GenerateTab) -> None:
+    """The hint next to Mode when plain mode is asked above the model's native size, with a switch to the
+    SDEdit chain."""
+    mode = t2i.settings.mode
+
+    def show_hint(mode_value: str, width: Any, height: Any, model_name: str) -> dict:
+        text = mode_hint(mode_value, width, height, backend.native_size(model_name))
+        return {t2i.hint: text, t2i.hires: gr.Button(visible=bool(text))}
+
+    triggers = [t2i.width.change, t2i.height.change, mode.change, t2i.settings.model.change, page.load]
+    gr.on(
+        triggers, show_hint, [mode, t2i.width, t2i.height, t2i.settings.model], [t2i.hint, t2i.hires], **QUIET
+    )
+    t2i.hires.click(lambda: "sdedit", None, mode, **QUIET)
 
 
 def _wire_presets(backend: Backend, t2i: GenerateTab) -> None:
@@ -676,25 +712,32 @@ def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTa
                   "mode": settings.mode, "linfusion": settings.linfusion, "vae_attention": settings.vae_attention,
                   "sampler": settings.sampler, "model": settings.model}  # fmt: skip
 
-    def restore_parameters(path: str | None) -> dict:
-        if not path:
-            return {}
-        update: dict = {t2i.restore: None}  # emptied, ready for the next drop
+    def restore_from(path: str | Path, name: str) -> dict:
         try:
             fields, note = backend.read_parameters(path)
         except UserError as error:
-            return {**update, t2i.out.status: f"Error: {error}"}
+            return {t2i.out.status: f"Error: {error}"}
         except Exception as error:  # a bug: logged; the status line says so
-            logger.exception("reading %s failed", Path(path).name)
-            return {
-                **update,
-                t2i.out.status: f"Error: cannot read {Path(path).name} ({type(error).__name__})",
-            }
-        update[t2i.out.status] = note
-        for name, value in fields.items():
-            update[restorable[name]] = value
-        return update
+            logger.exception("reading %s failed", name)
+            return {t2i.out.status: f"Error: cannot read {name} ({type(error).__name__})"}
+        return {t2i.out.status: note, **{restorable[key]: value for key, value in fields.items()}}
 
+    def restore_parameters(path: str | None) -> dict:
+        if not path:
+            return {}
+        return {t2i.restore: None, **restore_from(path, Path(path).name)}  # emptied, ready for the next drop
+
+    def restore_result(selected: gr.SelectData) -> dict:
+        """A click on an image of this run: its settings back in the fields, found by its file name among
+        the outputs (never a path the page sends)."""
+        name = (selected.value or {}).get("caption") if isinstance(selected.value, dict) else None
+        result = next((r for r in backend.recent() if r.path.name == name), None)
+        if result is None:
+            return {t2i.out.status: f"Error: {name or 'that image'} is no longer in the outputs folder"}
+        return restore_from(result.path, result.path.name)
+
+    if t2i.out.gallery is not None:
+        t2i.out.gallery.select(restore_result, None, {t2i.out.status, *restorable.values()}, **QUIET)
     t2i.restore.upload(restore_parameters, t2i.restore, {t2i.restore, t2i.out.status, *restorable.values()},
                        **QUIET)  # fmt: skip
     up.source.upload(check_upload, up.source, {up.source, up.preview, up.out.status}, **QUIET)
