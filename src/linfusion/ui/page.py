@@ -27,6 +27,7 @@ from .backend import Backend
 from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
+from .remembered import wire_remembered
 from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
@@ -390,11 +391,17 @@ class GenerateTab:
     restore: gr.File
     hint: gr.Markdown
     hires: gr.Button
+    reset: gr.Button
     out: Outputs
 
     @property
     def fields(self) -> list:
         return [self.prompt, self.negative, self.width, self.height, self.batch, *self.settings.components()]
+
+    def kept_fields(self) -> dict[str, Any]:
+        """The fields a reload keeps (:mod:`linfusion.ui.remembered`), by a name that stays the same."""
+        names = ["prompt", "negative", "width", "height", "batch", *vars(self.settings)]
+        return dict(zip(names, self.fields))
 
     def request(self, values: dict) -> TextToImageRequest:
         return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
@@ -456,12 +463,13 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
             with gr.Row():
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
+                reset = gr.Button("Reset to defaults", size="sm", elem_id="t2i-reset")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
                               height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
-                       restore, hint, hires, out)  # fmt: skip
+                       restore, hint, hires, reset, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
@@ -761,4 +769,5 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
         _wire_plans(page, backend, t2i, up)
         _wire_jobs(page, backend, runner, t2i, up)
         _wire_files(backend, tabs, t2i, up)
+        wire_remembered(page, t2i.kept_fields(), t2i.reset, storage_key="linfusion-generate-fields")
     return page
