@@ -590,6 +590,32 @@ def test_settings_survive_a_reload_until_reset_to_defaults(new_page) -> None:
     assert values() == defaults
 
 
+def test_the_queue_lists_this_pages_jobs_each_with_its_own_cancel(new_page, server: UiServer) -> None:
+    page = new_page()
+    before = server.pngs()
+    queue = page.locator("#queue")
+    expect(queue).to_contain_text("Your jobs: none")
+    fill(page, prompt=RED, width=64, height=64, steps=60, seed=1)
+    page.locator("#tab-generate").get_by_label("Batch count", exact=True).fill("3")  # seeds 1, 2, 3
+    page.get_by_role("button", name="Generate", exact=True).click()
+    rows = queue.locator(".queue-row")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0)).to_contain_text("Generate 64x64, seed 1 (running)")
+    expect(rows.nth(1)).to_contain_text("Generate 64x64, seed 2 (waiting, 1st in the queue)")
+    expect(rows.nth(2)).to_contain_text("Generate 64x64, seed 3 (waiting, 2nd in the queue)")
+    rows.nth(1).get_by_role("button", name="Cancel").click()  # the waiting seed 2 only
+    expect(rows).to_have_count(2)
+    expect(rows.nth(1)).to_contain_text("seed 3 (waiting, 1st in the queue)")
+    expect_status(page, re.compile(r"step [1-9]\d* of 60"))
+    rows.nth(0).get_by_role("button", name="Cancel").click()  # the running seed 1: stops at its next step
+    expect(rows).to_have_count(1)
+    expect(rows.nth(0)).to_contain_text("seed 3 (running)")
+    expect_status(page, re.compile(r"Done in .* seed 3,"))
+    expect(queue).to_contain_text("Your jobs: none")
+    added = [path.name for path in server.pngs() if path not in before]
+    assert [name.split("-")[1] for name in added] == ["3.png"]  # seeds 1 and 2 saved nothing
+
+
 def test_readme_screenshot(new_page) -> None:
     """The picture in the README: a chain to 128 px with its stages (written where $LINFUSION_UI_SCREENSHOT says)."""
     page = new_page(width=1280, height=1100)

@@ -27,6 +27,7 @@ from .backend import Backend
 from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
+from .queue_view import ordinal, queue_entries, wire_queue
 from .remembered import wire_remembered
 from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
@@ -162,11 +163,6 @@ def size_for(long_side: int, ratio: str) -> tuple[int, int]:
     return (long_side, short) if across >= down else (short, long_side)
 
 
-def _ordinal(number: int) -> str:
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
-
-
 def _seconds(value: float) -> str:
     if value < 60:
         return f"{value:.1f} s"
@@ -192,7 +188,7 @@ def job_line(job: Job, runner: JobRunner) -> str:
     if job.state == WAITING:
         position, ahead = runner.position(job) or 1, runner.ahead(job)
         return (
-            f"Waiting: {_ordinal(position)} in the queue "
+            f"Waiting: {ordinal(position)} in the queue "
             f"({ahead} job{'s' if ahead != 1 else ''} ahead of yours on the device)."
         )
     if job.state == RUNNING:
@@ -586,13 +582,13 @@ def _wire_samplers(backend: Backend, *all_settings: Settings) -> None:
         )
 
 
-def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Iterator[dict]:
+def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: gr.State) -> Iterator[dict]:
     """Page updates while ``job`` waits and runs, then its result or its error.
 
     While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
     (its status line counts this one as queued): this one stays quiet until its turn.
     """
-    seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
+    seen, shown_stages, last_line, last_time, last_queue = -1, 0, None, 0.0, None
     while True:
         runner.wait(job, seen, STATUS_EVERY)
         with runner.lock:  # one consistent reading: the job may end while this update is sent
@@ -600,9 +596,12 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Itera
             stage_images = list(job.stage_images)
             pending = runner.pending(job.owner, job.label)
             behind_another = job in pending and pending.index(job) > 0
+            entries = queue_entries(runner, job.owner)
         if behind_another:
             continue
         update: dict = {}
+        if entries != last_queue:
+            update[queue] = last_queue = entries
         now = time.monotonic()
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
@@ -627,8 +626,16 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Itera
             return
 
 
+def _job_title(request: TextToImageRequest | UpscaleRequest) -> str:
+    """What the queue calls a job: its kind, size or source, and seed."""
+    seed = "random seed" if request.seed < 0 else f"seed {int(request.seed)}"  # checked by params_for
+    if isinstance(request, UpscaleRequest):
+        return f"Upscale {Path(request.image_path or '?').name} x{request.scale}, {seed}"
+    return f"Generate {request.width}x{request.height}, {seed}"
+
+
 def _wire_jobs(
-    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab
+    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab, queue: gr.State
 ) -> None:
     """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
 
@@ -648,7 +655,7 @@ def _wire_jobs(
                 raise UserError(
                     f"batch count {len(batch)}: the queue holds at most {runner.max_waiting} jobs"
                 )
-            jobs = [runner.submit(session, kind, partial(work, item)) for item in batch]
+            jobs = [runner.submit(session, kind, partial(work, item), _job_title(item)) for item in batch]
         except UserError as error:
             if busy:  # the status line is the running job's: say it aside
                 gr.Warning(f"Error: {error}")
@@ -657,10 +664,11 @@ def _wire_jobs(
             return
         if busy:
             gr.Info(f"Queued after your running job. {job_line(jobs[0], runner)}")
+            yield {queue: queue_entries(runner, session)}
         else:
-            yield {**cleared, out.status: status_line(jobs[0], runner)}
+            yield {**cleared, out.status: status_line(jobs[0], runner), queue: queue_entries(runner, session)}
         for job in jobs:  # one after the other: each takes the status line in its turn
-            yield from _watch(job, out, backend, runner)
+            yield from _watch(job, out, backend, runner, queue)
 
     def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("generate", t2i.request(values), _session(request), t2i.out, values[t2i.batch])
@@ -668,16 +676,17 @@ def _wire_jobs(
     def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("upscale", up.request(values), _session(request), up.out)
 
-    def cancel_jobs(request: gr.Request) -> None:
+    def cancel_jobs(request: gr.Request) -> list[list]:
         if not runner.cancel(_session(request)):
             gr.Info("Nothing to cancel.")
+        return queue_entries(runner, _session(request))
 
-    t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan}
-    up_outputs = set(vars(up.out).values()) - {up.out.plan, None}
+    t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan} | {queue}
+    up_outputs = set(vars(up.out).values()) - {up.out.plan, None} | {queue}
     queueing = {"trigger_mode": "multiple", **QUIET}  # a click while a job runs queues another (docs/ui.md)
     gr.on([t2i.run.click, t2i.prompt.submit], run_generate, set(t2i.fields), t2i_outputs, **queueing)
     up.run.click(run_upscale, set(up.fields), up_outputs, **queueing)
-    gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, None, **QUIET)
+    gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, queue, **QUIET)
 
     def page_closed(request: gr.Request) -> None:
         runner.cancel(_session(request))  # nobody is watching: free the device
@@ -766,8 +775,9 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
         with gr.Tabs() as tabs:
             t2i = _generate_tab(backend, native)
             up = _upscale_tab(backend)
+        queue = wire_queue(runner, _session)
         _wire_plans(page, backend, t2i, up)
-        _wire_jobs(page, backend, runner, t2i, up)
+        _wire_jobs(page, backend, runner, t2i, up, queue)
         _wire_files(backend, tabs, t2i, up)
         wire_remembered(page, t2i.kept_fields(), t2i.reset, storage_key="linfusion-generate-fields")
     return page
