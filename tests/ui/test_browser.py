@@ -182,6 +182,21 @@ def reads_as(path: Path, caption: str) -> bool:
     return score["found_shape"] == score["found_colour"] == score["background"] == 1.0
 
 
+GAP_JS = """() => { window.statusTimes = []; window.previews = [];
+const status = document.querySelector('#t2i-status'), result = document.querySelector('#t2i-result');
+new MutationObserver(() => window.statusTimes.push([performance.now(), status.textContent.trim()]))
+  .observe(status, {childList: true, subtree: true, characterData: true});
+new MutationObserver(() => { const image = result.querySelector('img');
+  if (image && status.textContent.includes('step')) window.previews.push(image.src); })
+  .observe(result, {childList: true, subtree: true, attributes: true, attributeFilter: ['src']}); }"""
+
+
+def status_gaps(page) -> list[float]:
+    """Seconds between two status lines of the running job, as the page received them."""
+    times = [t for t, text in page.evaluate("window.statusTimes") if "step" in text and "Stage" in text]
+    return [(b - a) / 1000 for a, b in zip(times, times[1:])]
+
+
 # ---------------------------------------------------------------------- tests
 def test_generate_shows_the_result_and_downloads_a_png_that_follows_the_prompt(
     new_page, server: UiServer
@@ -614,6 +629,23 @@ def test_the_queue_lists_this_pages_jobs_each_with_its_own_cancel(new_page, serv
     expect(queue).to_contain_text("Your jobs: none")
     added = [path.name for path in server.pngs() if path not in before]
     assert [name.split("-")[1] for name in added] == ["3.png"]  # seeds 1 and 2 saved nothing
+
+
+def test_a_live_preview_shows_while_it_denoises_without_slowing_the_status_line(new_page) -> None:
+    page = new_page()
+    page.evaluate(GAP_JS)
+    fill(page, prompt=RED, width=64, height=64, steps=80, seed=5)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, "Done in", timeout=180_000)
+    previews = list(dict.fromkeys(page.evaluate("window.previews")))  # each image once, in order
+    assert len(previews) >= 2  # about one every 3 s of the job's steps
+    gaps = status_gaps(page)
+    print(
+        f"{len(previews)} previews; status gaps: {len(gaps)}, max {max(gaps):.2f} s, mean {sum(gaps) / len(gaps):.2f} s"
+    )
+    assert max(gaps) < 2.0  # the status line keeps its pace (0.5 s) while previews are sent
+    final = page.locator("#t2i-result img")
+    assert final.evaluate("e => e.naturalWidth") == 64  # the result replaced the last preview
 
 
 def test_readme_screenshot(new_page) -> None:

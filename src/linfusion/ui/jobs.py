@@ -72,6 +72,7 @@ class Job:
     step: int = 0  # steps finished in that stage
     stage_steps: int = 0  # steps of that stage (the pipeline's own count once it runs)
     stage_images: list[tuple[Any, str]] = field(default_factory=list)
+    preview: Any = None  # the image as it denoises (a cheap preview), None before the first step
     note: str = ""  # what the job does before its first step (planning the memory...)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -104,6 +105,11 @@ class Job:
                 self.stage_steps = steps
             self._changed()
         self.check_cancelled()
+
+    def show_preview(self, image: Any) -> None:
+        with self._lock():
+            self.preview = image
+            self._changed()
 
     def stage_done(self, stage: int, image: Any, caption: str) -> None:
         with self._lock():

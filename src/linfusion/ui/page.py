@@ -24,7 +24,7 @@ import gradio as gr
 from ..choices import SCHEDULERS
 from ..errors import UserError
 from .backend import Backend
-from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
+from .jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
 from .queue_view import ordinal, queue_entries, wire_queue
@@ -588,12 +588,12 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: g
     While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
     (its status line counts this one as queued): this one stays quiet until its turn.
     """
-    seen, shown_stages, last_line, last_time, last_queue = -1, 0, None, 0.0, None
+    seen, shown_stages, last_line, last_time, last_queue, shown_preview = -1, 0, None, 0.0, None, None
     while True:
         runner.wait(job, seen, STATUS_EVERY)
         with runner.lock:  # one consistent reading: the job may end while this update is sent
             seen, state, line = job.version, job.state, status_line(job, runner)
-            stage_images = list(job.stage_images)
+            stage_images, preview = list(job.stage_images), job.preview
             pending = runner.pending(job.owner, job.label)
             behind_another = job in pending and pending.index(job) > 0
             entries = queue_entries(runner, job.owner)
@@ -606,6 +606,10 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: g
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
             last_line, last_time = line, now
+        if preview is not None and preview is not shown_preview and state == RUNNING:
+            update[out.result] = shown_preview = preview  # the image as it denoises, until the result
+        if state in (CANCELLED, FAILED) and shown_preview is not None:
+            update[out.result] = None  # nothing was saved: no preview of it stays
         if state == CANCELLED and shown_stages:
             update[out.stages] = []  # nothing was saved: no stage of it stays on the page
         elif len(stage_images) != shown_stages:
