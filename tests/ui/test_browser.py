@@ -571,40 +571,6 @@ def test_clicking_an_image_of_this_run_restores_its_settings(new_page) -> None:
     assert scope.get_by_label("LinFusion", exact=True).is_checked()
 
 
-def test_settings_survive_a_reload_until_reset_to_defaults(new_page) -> None:
-    page = new_page()
-    scope = page.locator("#tab-generate")
-    labels = ("Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed", "Batch count")
-
-    def values() -> dict[str, str]:
-        return {label: scope.get_by_label(label, exact=True).input_value() for label in labels}
-
-    defaults = values()
-    fill(page, prompt=RED, negative="dark", width=48, height=40, steps=9, guidance=4.5, seed=77)
-    scope.get_by_label("Batch count", exact=True).fill("3")
-    choose_mode(page, "DemoFusion")
-    scope.get_by_label("LinFusion", exact=True).uncheck()
-    chosen = values()
-    page.wait_for_timeout(1500)  # the last change is written
-    page.reload()
-    expect(scope.get_by_label("Seed", exact=True)).to_have_value("77")
-    expect(scope.get_by_label("Prompt", exact=True)).to_have_value(RED)
-    assert values() == chosen
-    assert scope.get_by_role("radiogroup", name="Mode").get_by_label("DemoFusion", exact=True).is_checked()
-    assert not scope.get_by_label("LinFusion", exact=True).is_checked()
-
-    page.get_by_role("button", name="Reset to defaults", exact=True).click()
-    expect(scope.get_by_label("Seed", exact=True)).to_have_value(defaults["Seed"])
-    assert values() == defaults
-    assert scope.get_by_role("radiogroup", name="Mode").get_by_label("plain", exact=True).is_checked()
-    assert scope.get_by_label("LinFusion", exact=True).is_checked()
-    page.wait_for_timeout(1500)
-    page.reload()
-    expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile("^Fits"))
-    page.wait_for_timeout(1500)  # a stored value would have been put back by now
-    assert values() == defaults
-
-
 def test_the_queue_lists_this_pages_jobs_each_with_its_own_cancel(new_page, server: UiServer) -> None:
     page = new_page()
     before = server.pngs()

@@ -27,8 +27,7 @@ from .backend import Backend
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
-from .queue_view import ordinal, queue_entries, wire_queue
-from .remembered import wire_remembered
+from .queue_view import QUEUE_CSS, QUEUE_SCRIPT, ordinal, queue_entries, queue_html, wire_queue
 from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
@@ -137,8 +136,10 @@ new MutationObserver(apply).observe(document.documentElement,
 })();</script>"""
     + DROP_SCRIPT
     + KEYS_SCRIPT
+    + QUEUE_SCRIPT
 )
-CSS = """
+CSS = (
+    """
 #t2i-status, #up-status { min-height: 2.5em; }
 .plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
@@ -146,6 +147,8 @@ CSS = """
   margin-bottom: 3.4rem; max-height: calc(50vh - 4rem) !important; }
 .error-line, .error-line * { color: var(--error-text-color, #b91c1c) !important; }
 """
+    + QUEUE_CSS
+)
 
 
 def theme() -> gr.themes.Base:
@@ -387,17 +390,11 @@ class GenerateTab:
     restore: gr.File
     hint: gr.Markdown
     hires: gr.Button
-    reset: gr.Button
     out: Outputs
 
     @property
     def fields(self) -> list:
         return [self.prompt, self.negative, self.width, self.height, self.batch, *self.settings.components()]
-
-    def kept_fields(self) -> dict[str, Any]:
-        """The fields a reload keeps (:mod:`linfusion.ui.remembered`), by a name that stays the same."""
-        names = ["prompt", "negative", "width", "height", "batch", *vars(self.settings)]
-        return dict(zip(names, self.fields))
 
     def request(self, values: dict) -> TextToImageRequest:
         return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
@@ -459,13 +456,12 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
             with gr.Row():
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
-                reset = gr.Button("Reset to defaults", size="sm", elem_id="t2i-reset")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
                               height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
-                       restore, hint, hires, reset, out)  # fmt: skip
+                       restore, hint, hires, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
@@ -582,7 +578,7 @@ def _wire_samplers(backend: Backend, *all_settings: Settings) -> None:
         )
 
 
-def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: gr.State) -> Iterator[dict]:
+def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: gr.HTML) -> Iterator[dict]:
     """Page updates while ``job`` waits and runs, then its result or its error.
 
     While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
@@ -601,7 +597,8 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: g
             continue
         update: dict = {}
         if entries != last_queue:
-            update[queue] = last_queue = entries
+            last_queue = entries
+            update[queue] = queue_html(entries)
         now = time.monotonic()
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
@@ -639,7 +636,7 @@ def _job_title(request: TextToImageRequest | UpscaleRequest) -> str:
 
 
 def _wire_jobs(
-    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab, queue: gr.State
+    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab, queue: gr.HTML
 ) -> None:
     """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
 
@@ -668,9 +665,13 @@ def _wire_jobs(
             return
         if busy:
             gr.Info(f"Queued after your running job. {job_line(jobs[0], runner)}")
-            yield {queue: queue_entries(runner, session)}
+            yield {queue: queue_html(queue_entries(runner, session))}
         else:
-            yield {**cleared, out.status: status_line(jobs[0], runner), queue: queue_entries(runner, session)}
+            yield {
+                **cleared,
+                out.status: status_line(jobs[0], runner),
+                queue: queue_html(queue_entries(runner, session)),
+            }
         for job in jobs:  # one after the other: each takes the status line in its turn
             yield from _watch(job, out, backend, runner, queue)
 
@@ -680,10 +681,10 @@ def _wire_jobs(
     def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("upscale", up.request(values), _session(request), up.out)
 
-    def cancel_jobs(request: gr.Request) -> list[list]:
+    def cancel_jobs(request: gr.Request) -> str:
         if not runner.cancel(_session(request)):
             gr.Info("Nothing to cancel.")
-        return queue_entries(runner, _session(request))
+        return queue_html(queue_entries(runner, _session(request)))
 
     t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan} | {queue}
     up_outputs = set(vars(up.out).values()) - {up.out.plan, None} | {queue}
@@ -783,5 +784,4 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
         _wire_plans(page, backend, t2i, up)
         _wire_jobs(page, backend, runner, t2i, up, queue)
         _wire_files(backend, tabs, t2i, up)
-        wire_remembered(page, t2i.kept_fields(), t2i.reset, storage_key="linfusion-generate-fields")
     return page

@@ -1,17 +1,35 @@
 """The page's queue: its jobs, running or waiting, each with its own Cancel button.
 
-The list is a plain value (:func:`queue_entries`) kept in a ``gr.State`` that the tabs' job watchers
-refresh; the buttons are rendered again only when that value changes (a job starts, ends or moves up),
-never on a progress step.
+The list is plain HTML (:func:`queue_html`) that the tabs' job watchers refresh when it changes (a job
+starts, ends or moves up), never on a progress step. Its buttons carry the job's number; a click hands
+that number to one fixed event (:data:`QUEUE_SCRIPT`), so a button never points at a handler that a
+newer list replaced.
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 
 import gradio as gr
 
 from .jobs import WAITING, JobRunner
+
+# A click on a job's Cancel: its number goes where the fixed cancel event reads it, and that event runs.
+QUEUE_SCRIPT = """<script>(() => {
+document.addEventListener("click", (event) => {
+  const button = event.target instanceof Element && event.target.closest("#queue button[data-job]");
+  if (!button) return;
+  window.linfusionCancelJob = Number(button.dataset.job);
+  document.getElementById("queue-cancel")?.click();
+}, true);
+})();</script>"""
+QUEUE_CSS = """
+#queue-cancel { display: none !important; }
+#queue .queue-row { display: flex; align-items: center; gap: 0.75em; margin: 0.2em 0; }
+#queue .queue-row button { padding: 0.1em 0.8em; border-radius: 0.4em; color: var(--button-cancel-text-color, #fff);
+  background: var(--button-cancel-background-fill, #ef4444); }
+"""
 
 
 def ordinal(number: int) -> str:
@@ -36,29 +54,30 @@ def queue_entries(runner: JobRunner, owner: str) -> list[list]:
     return entries
 
 
-def wire_queue(runner: JobRunner, session_of: Callable[[gr.Request | None], str]) -> gr.State:
-    """The queue panel under the page's tabs; returns the state that the job watchers keep up to date."""
-    entries = gr.State([])
-    quiet = {"show_progress": "hidden", "concurrency_limit": None}
+def queue_html(entries: list[list]) -> str:
+    """The list as the page shows it (the titles escaped: an upload's name is the user's text)."""
+    if not entries:
+        return "<p><strong>Your jobs</strong>: none</p>"
+    rows = "".join(
+        f'<div class="queue-row"><span>{html.escape(text)}</span>'
+        f'<button type="button" data-job="{int(job_id)}">Cancel</button></div>'
+        for job_id, text in entries
+    )
+    return f"<p><strong>Your jobs</strong> ({len(entries)})</p>{rows}"
 
-    @gr.render(inputs=entries)
-    def show(current: list[list]) -> None:
-        with gr.Column(elem_id="queue"):
-            gr.Markdown(
-                f"**Your jobs** ({len(current)})" if current else "**Your jobs**: none", elem_id="queue-title"
-            )
-            for job_id, text in current:
-                with gr.Row(equal_height=True, elem_classes="queue-row"):
-                    gr.Markdown(text, elem_classes="queue-job")
-                    cancel = gr.Button("Cancel", size="sm", variant="stop", scale=0, min_width=90,
-                                       elem_classes="queue-cancel")  # fmt: skip
 
-                    def cancel_one(request: gr.Request, job_id: int = job_id) -> list[list]:
-                        owner = session_of(request)
-                        if not runner.cancel(owner, job_id):
-                            gr.Info("That job has already ended.")
-                        return queue_entries(runner, owner)
+def wire_queue(runner: JobRunner, session_of: Callable[[gr.Request | None], str]) -> gr.HTML:
+    """The queue panel under the page's tabs; returns it for the job watchers to keep up to date."""
+    panel = gr.HTML(queue_html([]), elem_id="queue")
+    job_number = gr.Number(0, visible=False)  # set in the page by the click (QUEUE_SCRIPT)
+    cancel = gr.Button("Cancel this job", elem_id="queue-cancel")
 
-                    cancel.click(cancel_one, None, entries, **quiet)
+    def cancel_one(job_id: float, request: gr.Request) -> str:
+        owner = session_of(request)
+        if not runner.cancel(owner, int(job_id or 0)):
+            gr.Info("That job has already ended.")
+        return queue_html(queue_entries(runner, owner))
 
-    return entries
+    cancel.click(cancel_one, job_number, panel, js="() => [window.linfusionCancelJob || 0]",
+                 show_progress="hidden", concurrency_limit=None)  # fmt: skip
+    return panel
