@@ -130,7 +130,7 @@ def test_a_job_undoes_what_it_applied_to_the_loaded_pipeline(
         )
         return tensors
 
-    monkeypatch.setattr(backend_module, "_step_callback", lambda job: look)
+    monkeypatch.setattr(backend_module, "_step_callback", lambda job, preview=None: look)
     result, _, job = run(backend.text_to_image, request)
     assert seen == [(slot.linfusion, "linear", "EulerDiscreteScheduler")] * 2  # as the request asked
     assert mounted_on(pipe.unet) is None and vae_attention_mode(pipe.vae) == "exact"  # and undone
@@ -334,3 +334,22 @@ def test_the_plan_counts_the_steps_asked(backend: Backend) -> None:
         _, reported, _ = run(backend.text_to_image, dataclasses.replace(request, seed=1, steps=steps))
         ran = {stage: steps for stage, _, steps in reported}
         assert [str(ran[0]), str(ran[1])] == expected  # the run counts what the plan said
+
+
+def test_the_live_preview_shows_the_colours_the_latents_encode_in_a_small_image(backend: Backend) -> None:
+    import torch
+
+    from linfusion.ui.preview import PREVIEW_SIDE, fit_latent_preview
+
+    vae = backend.slot("bundled").pipe.vae
+    preview = fit_latent_preview(vae)
+    for colour in ((220, 30, 30), (30, 200, 40), (128, 128, 128)):
+        pixels = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 64, 64) / 127.5 - 1
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        shown = np.asarray(preview.image(latents)).reshape(-1, 3).mean(axis=0)
+        assert np.abs(shown - np.array(colour)).max() < 60, (colour, shown)  # a cheap, linear look
+        if len(set(colour)) > 1:
+            assert shown.argmax() == int(np.argmax(colour))  # the dominant colour stays dominant
+    large = torch.zeros(1, latents.shape[1], 1024, 512)  # the latents of a 4K x 8K image
+    assert preview.image(large).size == (PREVIEW_SIDE // 2, PREVIEW_SIDE) and PREVIEW_SIDE <= 256

@@ -182,6 +182,21 @@ def reads_as(path: Path, caption: str) -> bool:
     return score["found_shape"] == score["found_colour"] == score["background"] == 1.0
 
 
+GAP_JS = """() => { window.statusTimes = []; window.previews = [];
+const status = document.querySelector('#t2i-status'), result = document.querySelector('#t2i-result');
+new MutationObserver(() => window.statusTimes.push([performance.now(), status.textContent.trim()]))
+  .observe(status, {childList: true, subtree: true, characterData: true});
+new MutationObserver(() => { const image = result.querySelector('img');
+  if (image && status.textContent.includes('step')) window.previews.push(image.src); })
+  .observe(result, {childList: true, subtree: true, attributes: true, attributeFilter: ['src']}); }"""
+
+
+def status_gaps(page) -> list[float]:
+    """Seconds between two status lines of the running job, as the page received them."""
+    times = [t for t, text in page.evaluate("window.statusTimes") if "step" in text and "Stage" in text]
+    return [(b - a) / 1000 for a, b in zip(times, times[1:])]
+
+
 # ---------------------------------------------------------------------- tests
 def test_generate_shows_the_result_and_downloads_a_png_that_follows_the_prompt(
     new_page, server: UiServer
@@ -519,6 +534,84 @@ def test_a_second_click_queues_and_ctrl_enter_generates(new_page, server: UiServ
     assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
     rendering = page.locator("#t2i-result img").evaluate("e => getComputedStyle(e).imageRendering")
     assert rendering == "pixelated"  # a 32 px result shown larger stays sharp
+
+
+def test_plain_mode_above_the_native_size_suggests_the_sdedit_chain(new_page) -> None:
+    page = new_page()
+    hint, hires = page.locator("#t2i-mode-hint"), page.locator("#t2i-hires")
+    mode = page.locator("#tab-generate").get_by_role("radiogroup", name="Mode")
+    expect(hires).to_be_hidden()  # plain at the native 32 px: nothing to say
+    assert "native" not in hint.inner_text()
+    fill(page, width=64)
+    expect(hint).to_contain_text("native 32 px repeats objects")
+    expect(hint).to_contain_text("64x32")
+    hires.click()
+    expect(mode.get_by_label("SDEdit chain", exact=True)).to_be_checked()
+    expect(hires).to_be_hidden()
+    expect(hint).not_to_contain_text("native")
+    choose_mode(page, "plain")
+    expect(hint).to_contain_text("native 32 px")
+    fill(page, width=32, height=24)  # at or below the native size, plain is right
+    expect(hires).to_be_hidden()
+    expect(hint).not_to_contain_text("native")
+
+
+def test_clicking_an_image_of_this_run_restores_its_settings(new_page) -> None:
+    page = new_page()
+    first = saved_name(generate(page, prompt=YELLOW, negative="dark", width=32, height=24, steps=3, seed=11))
+    page.locator("#tab-generate").get_by_label("LinFusion", exact=True).uncheck()
+    generate(page, prompt=RED, negative="", width=40, height=32, steps=4, guidance=3, seed=12)
+    page.locator("#t2i-gallery").get_by_text(first).first.click()
+    expect_status(page, f"Restored the parameters of {first}.")
+    scope = page.locator("#tab-generate")
+    values = {label: scope.get_by_label(label, exact=True).input_value() for label in
+              ("Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed")}  # fmt: skip
+    assert values == {"Prompt": YELLOW, "Negative prompt": "dark", "Width": "32", "Height": "24", "Steps": "3",
+                      "Guidance": "7.5", "Seed": "11"}  # fmt: skip
+    assert scope.get_by_label("LinFusion", exact=True).is_checked()
+
+
+def test_the_queue_lists_this_pages_jobs_each_with_its_own_cancel(new_page, server: UiServer) -> None:
+    page = new_page()
+    before = server.pngs()
+    queue = page.locator("#queue")
+    expect(queue).to_contain_text("Your jobs: none")
+    fill(page, prompt=RED, width=64, height=64, steps=60, seed=1)
+    page.locator("#tab-generate").get_by_label("Batch count", exact=True).fill("3")  # seeds 1, 2, 3
+    page.get_by_role("button", name="Generate", exact=True).click()
+    rows = queue.locator(".queue-row")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0)).to_contain_text("Generate 64x64, seed 1 (running)")
+    expect(rows.nth(1)).to_contain_text("Generate 64x64, seed 2 (waiting, 1st in the queue)")
+    expect(rows.nth(2)).to_contain_text("Generate 64x64, seed 3 (waiting, 2nd in the queue)")
+    rows.nth(1).get_by_role("button", name="Cancel").click()  # the waiting seed 2 only
+    expect(rows).to_have_count(2)
+    expect(rows.nth(1)).to_contain_text("seed 3 (waiting, 1st in the queue)")
+    expect_status(page, re.compile(r"step [1-9]\d* of 60"))
+    rows.nth(0).get_by_role("button", name="Cancel").click()  # the running seed 1: stops at its next step
+    expect(rows).to_have_count(1)
+    expect(rows.nth(0)).to_contain_text("seed 3 (running)")
+    expect_status(page, re.compile(r"Done in .* seed 3,"))
+    expect(queue).to_contain_text("Your jobs: none")
+    added = [path.name for path in server.pngs() if path not in before]
+    assert [name.split("-")[1] for name in added] == ["3.png"]  # seeds 1 and 2 saved nothing
+
+
+def test_a_live_preview_shows_while_it_denoises_without_slowing_the_status_line(new_page) -> None:
+    page = new_page()
+    page.evaluate(GAP_JS)
+    fill(page, prompt=RED, width=64, height=64, steps=80, seed=5)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, "Done in", timeout=180_000)
+    previews = list(dict.fromkeys(page.evaluate("window.previews")))  # each image once, in order
+    assert len(previews) >= 2  # about one every 3 s of the job's steps
+    gaps = status_gaps(page)
+    print(
+        f"{len(previews)} previews; status gaps: {len(gaps)}, max {max(gaps):.2f} s, mean {sum(gaps) / len(gaps):.2f} s"
+    )
+    assert max(gaps) < 2.0  # the status line keeps its pace (0.5 s) while previews are sent
+    final = page.locator("#t2i-result img")
+    assert final.evaluate("e => e.naturalWidth") == 64  # the result replaced the last preview
 
 
 def test_readme_screenshot(new_page) -> None:

@@ -19,6 +19,7 @@ from linfusion.ui.jobs import (
     QueueFull,
     StageWork,
 )
+from linfusion.ui.queue_view import queue_entries
 
 
 def wait_until_finished(runner: JobRunner, job, timeout: float = 10.0) -> None:
@@ -142,3 +143,32 @@ def test_remaining_time_comes_from_the_work_done_so_far() -> None:
     job.stage_done(0, image=None, caption="stage 1")
     assert (job.stage, job.step, job.stage_steps) == (1, 0, 5)
     assert job.remaining(now=110.0) == pytest.approx(20.0)  # a third done in 10 s: 20 s left
+
+
+def test_one_job_is_cancelled_by_its_number_and_only_by_its_owner(runner: JobRunner) -> None:
+    release = threading.Event()
+
+    def blocking(job):
+        while not release.wait(0.02):
+            job.check_cancelled()
+
+    first = runner.submit("me", "generate", blocking, "Generate 64x64, seed 1")
+    while first.state != RUNNING:
+        runner.wait(first, first.version, 0.1)
+    second = runner.submit("me", "upscale", lambda job: "second", "Upscale a.png x2, seed 2")
+    third = runner.submit("me", "generate", lambda job: "third", "Generate 32x32, seed 3")
+    assert runner.owned("me") == [first, second, third]
+    assert queue_entries(runner, "me") == [
+        [first.id, "Generate 64x64, seed 1 (running)"],
+        [second.id, "Upscale a.png x2, seed 2 (waiting, 1st in the queue)"],
+        [third.id, "Generate 32x32, seed 3 (waiting, 2nd in the queue)"],
+    ]
+    assert runner.cancel("someone else", second.id) == 0  # another page cannot cancel it
+    assert runner.cancel("me", second.id) == 1
+    assert second.state == CANCELLED and third.state == WAITING and not first.cancel_requested
+    assert runner.cancel("me", first.id) == 1
+    wait_until_finished(runner, first)
+    wait_until_finished(runner, third)
+    assert (first.state, third.state, third.result) == (CANCELLED, DONE, "third")
+    assert runner.owned("me") == [] and queue_entries(runner, "me") == []
+    release.set()

@@ -9,7 +9,7 @@ import pytest
 
 from linfusion.ui.jobs import RUNNING, Job, JobRunner, StageWork
 from linfusion.ui.outputs import Result
-from linfusion.ui.page import size_for, status_line
+from linfusion.ui.page import mode_hint, size_for, status_line
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,15 @@ def test_a_batch_counts_its_seeds_up_or_draws_each_and_refuses_a_bad_count() -> 
                            (17, "batch count 17"), (1.5, "batch count must be a whole number")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             batch_seeds(1, count)
+
+
+@pytest.mark.parametrize(
+    ("mode", "width", "height", "warned"),
+    [("plain", 64, 32, True), ("plain", 32, 40, True), ("plain", 32, 32, False), ("plain", 24, 16, False),
+     ("sdedit", 4096, 4096, False), ("demofusion", 64, 64, False), ("plain", None, 64, False)],
+)  # fmt: skip
+def test_plain_mode_above_the_native_size_suggests_the_chains(mode: str, width, height, warned: bool) -> None:
+    hint = mode_hint(mode, width, height, native=32)
+    assert bool(hint) == warned
+    if warned:
+        assert "native 32 px" in hint and "SDEdit chain" in hint and f"{width}x{height}" in hint

@@ -30,6 +30,7 @@ from .jobs import Job, StageWork
 from .models import ModelShelf, ModelSlot
 from .outputs import OutputFolder, Result, open_upload, read_parameters, upload_header
 from .planning import PlanView, plan_progress
+from .preview import LatentPreview
 from .requests import (
     Request,
     TextToImageRequest,
@@ -40,6 +41,7 @@ from .requests import (
 )
 
 PREVIEW_SIDE = 1024  # stage previews are shrunk to this long side (the PNG on disk keeps every pixel)
+PREVIEW_EVERY = 3.0  # seconds between two live previews: rare enough to leave the status line's pace alone
 
 
 class Backend:
@@ -148,16 +150,24 @@ class Backend:
         run = view.run
         steps = [denoising_steps(stage, run.params.steps) for stage in run.stages]
         job.plan([StageWork(stage.width, stage.height, count) for stage, count in zip(run.stages, steps)])
-        with self.models.prepared(self.models.slot(request.model), run.params) as loaded:
-            result = execute(run, loaded, _step_callback(job), _stage_callback(job))
+        slot = self.models.slot(request.model)
+        preview = self.models.latent_preview(slot)
+        with self.models.prepared(slot, run.params) as loaded:
+            result = execute(run, loaded, _step_callback(job, preview), _stage_callback(job))
         job.check_cancelled()
         return self.files.save(result.image, result.params, started, extra)
 
 
-def _step_callback(job: Job) -> Callable[..., dict[str, Any]]:
-    """diffusers' ``callback_on_step_end``: report the step, stop here when the job was cancelled."""
+def _step_callback(job: Job, preview: LatentPreview | None = None) -> Callable[..., dict[str, Any]]:
+    """diffusers' ``callback_on_step_end``: report the step (and a live preview, at most every
+    :data:`PREVIEW_EVERY` seconds), stop here when the job was cancelled."""
+    shown = [float("-inf")]
 
     def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        latents = tensors.get("latents")
+        if preview is not None and latents is not None and time.monotonic() - shown[0] >= PREVIEW_EVERY:
+            job.show_preview(preview.image(latents))
+            shown[0] = time.monotonic()
         job.step_done(job.stage, index + 1, getattr(pipe, "num_timesteps", None))
         return tensors
 

@@ -63,6 +63,7 @@ class Job:
     owner: str
     label: str
     work: Callable[[Job], Any]
+    title: str = ""  # what the page's queue calls it, e.g. "Generate 64x64, seed 7"
     state: str = WAITING
     result: Any = None
     error: str | None = None
@@ -71,6 +72,7 @@ class Job:
     step: int = 0  # steps finished in that stage
     stage_steps: int = 0  # steps of that stage (the pipeline's own count once it runs)
     stage_images: list[tuple[Any, str]] = field(default_factory=list)
+    preview: Any = None  # the image as it denoises (a cheap preview), None before the first step
     note: str = ""  # what the job does before its first step (planning the memory...)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -103,6 +105,11 @@ class Job:
                 self.stage_steps = steps
             self._changed()
         self.check_cancelled()
+
+    def show_preview(self, image: Any) -> None:
+        with self._lock():
+            self.preview = image
+            self._changed()
 
     def stage_done(self, stage: int, image: Any, caption: str) -> None:
         with self._lock():
@@ -184,13 +191,13 @@ class JobRunner:
         self._worker = threading.Thread(target=self._serve, name="linfusion-ui-device", daemon=True)
         self._worker.start()
 
-    def submit(self, owner: str, label: str, work: Callable[[Job], Any]) -> Job:
+    def submit(self, owner: str, label: str, work: Callable[[Job], Any], title: str = "") -> Job:
         with self.lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"the queue is full ({self.max_waiting} jobs waiting); try again later")
-            job = Job(next(self._ids), owner, label, work, _runner=self)
+            job = Job(next(self._ids), owner, label, work, title, _runner=self)
             self._waiting.append(job)
             self.changed.notify_all()
             return job
@@ -219,18 +226,27 @@ class JobRunner:
             jobs += self._waiting
             return [job for job in jobs if job.owner == owner and job.label == label]
 
-    def cancel(self, owner: str) -> int:
-        """Cancel every job of ``owner``: waiting ones leave the queue, a running one stops at its next step."""
+    def owned(self, owner: str) -> list[Job]:
+        """The unfinished jobs of ``owner`` whatever their label (the running one first, then the queue's order)."""
+        with self.lock:
+            jobs = [self._running] if self._running is not None else []
+            return [job for job in [*jobs, *self._waiting] if job.owner == owner]
+
+    def cancel(self, owner: str, job_id: int | None = None) -> int:
+        """Cancel the jobs of ``owner`` (only the one numbered ``job_id`` when given): waiting ones leave the
+        queue, a running one stops at its next step. The number cancelled."""
         count = 0
         with self.lock:
-            for job in [job for job in self._waiting if job.owner == owner]:
-                self._waiting.remove(job)
-                job._cancel.set()
-                self._finish(job, CANCELLED)
-                count += 1
-            if self._running is not None and self._running.owner == owner:
-                self._running._cancel.set()
-                self._running._changed()
+            for job in self.owned(owner):
+                if job_id is not None and job.id != job_id:
+                    continue
+                if job is self._running:
+                    job._cancel.set()
+                    job._changed()
+                else:
+                    self._waiting.remove(job)
+                    job._cancel.set()
+                    self._finish(job, CANCELLED)
                 count += 1
         return count
 

@@ -35,6 +35,7 @@ from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import native_long_side
 from ..planner import MemoryPlanner
+from .preview import LatentPreview, fit_latent_preview
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ModelSlot:
     scheduler: Any  # the model's own scheduler, put back after every job
     scheduler_name: str  # as the Sampler choices name it
     planning: dict[tuple[bool, str], PlanningModel] = field(default_factory=dict)
+    preview: LatentPreview | None = None  # fitted on the first job (:meth:`ModelShelf.latent_preview`)
 
     @property
     def native(self) -> int:
@@ -152,6 +154,12 @@ class ModelShelf:
                 planner = MemoryPlanner(view, device=self.device, dtype=self.dtype)
                 slot.planning[key] = PlanningModel(planner, view)
             return slot.planning[key]
+
+    def latent_preview(self, slot: ModelSlot) -> LatentPreview:
+        """The model's latent-to-RGB preview map, fitted on its VAE the first time (call between jobs)."""
+        if slot.preview is None:
+            slot.preview = fit_latent_preview(slot.pipe.vae)
+        return slot.preview
 
     @contextlib.contextmanager
     def prepared(self, slot: ModelSlot, params: GenerationParams) -> Iterator[LoadedPipeline]:

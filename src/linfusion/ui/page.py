@@ -24,9 +24,10 @@ import gradio as gr
 from ..choices import SCHEDULERS
 from ..errors import UserError
 from .backend import Backend
-from .jobs import CANCELLED, DONE, FINISHED, RUNNING, WAITING, Job, JobRunner
+from .jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
+from .queue_view import QUEUE_CSS, QUEUE_SCRIPT, ordinal, queue_entries, queue_html, wire_queue
 from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,10 @@ new MutationObserver(apply).observe(document.documentElement,
 })();</script>"""
     + DROP_SCRIPT
     + KEYS_SCRIPT
+    + QUEUE_SCRIPT
 )
-CSS = """
+CSS = (
+    """
 #t2i-status, #up-status { min-height: 2.5em; }
 .plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
@@ -144,6 +147,8 @@ CSS = """
   margin-bottom: 3.4rem; max-height: calc(50vh - 4rem) !important; }
 .error-line, .error-line * { color: var(--error-text-color, #b91c1c) !important; }
 """
+    + QUEUE_CSS
+)
 
 
 def theme() -> gr.themes.Base:
@@ -159,11 +164,6 @@ def size_for(long_side: int, ratio: str) -> tuple[int, int]:
     across, down = (int(part) for part in ratio.split(":"))
     short = max(8, round(long_side * min(across, down) / max(across, down) / 8) * 8)
     return (long_side, short) if across >= down else (short, long_side)
-
-
-def _ordinal(number: int) -> str:
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
 
 
 def _seconds(value: float) -> str:
@@ -191,7 +191,7 @@ def job_line(job: Job, runner: JobRunner) -> str:
     if job.state == WAITING:
         position, ahead = runner.position(job) or 1, runner.ahead(job)
         return (
-            f"Waiting: {_ordinal(position)} in the queue "
+            f"Waiting: {ordinal(position)} in the queue "
             f"({ahead} job{'s' if ahead != 1 else ''} ahead of yours on the device)."
         )
     if job.state == RUNNING:
@@ -222,6 +222,20 @@ def job_line(job: Job, runner: JobRunner) -> str:
         )
         return f"Cancelled ({where}); nothing was saved."
     return f"Error: {job.error}"
+
+
+def mode_hint(mode: str, width: Any, height: Any, native: int) -> str:
+    """A warning for plain mode above the model's native size, where objects repeat; empty otherwise."""
+    try:
+        long_side = max(int(width), int(height))
+    except (TypeError, ValueError):
+        return ""
+    if mode != "plain" or long_side <= native:
+        return ""
+    return (
+        f"Plain mode above the model's native {native} px repeats objects: for a coherent image at "
+        f"{int(width)}x{int(height)} choose *SDEdit chain* or *DemoFusion*."
+    )
 
 
 def progress_bar(fraction: float, width: int = 20) -> str:
@@ -374,6 +388,8 @@ class GenerateTab:
     reuse: gr.Button
     send: gr.Button
     restore: gr.File
+    hint: gr.Markdown
+    hires: gr.Button
     out: Outputs
 
     @property
@@ -435,6 +451,9 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
                                  "SDEdit chain / DemoFusion: the native size, then enlargement stages "
                                  "(for 2K-16K)")  # fmt: skip
             with gr.Row():
+                hint = gr.Markdown("", elem_id="t2i-mode-hint")
+                hires = gr.Button("Use SDEdit chain", size="sm", visible=False, elem_id="t2i-hires")
+            with gr.Row():
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
@@ -442,7 +461,7 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
-                       restore, out)  # fmt: skip
+                       restore, hint, hires, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
@@ -504,6 +523,23 @@ def _wire_plans(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: Upscale
 
     _wire_presets(backend, t2i)
     _wire_samplers(backend, one, other)
+    _wire_mode_hint(page, backend, t2i)
+
+
+def _wire_mode_hint(page: gr.Blocks, backend: Backend, t2i: GenerateTab) -> None:
+    """The hint next to Mode when plain mode is asked above the model's native size, with a switch to the
+    SDEdit chain."""
+    mode = t2i.settings.mode
+
+    def show_hint(mode_value: str, width: Any, height: Any, model_name: str) -> dict:
+        text = mode_hint(mode_value, width, height, backend.native_size(model_name))
+        return {t2i.hint: text, t2i.hires: gr.Button(visible=bool(text))}
+
+    triggers = [t2i.width.change, t2i.height.change, mode.change, t2i.settings.model.change, page.load]
+    gr.on(
+        triggers, show_hint, [mode, t2i.width, t2i.height, t2i.settings.model], [t2i.hint, t2i.hires], **QUIET
+    )
+    t2i.hires.click(lambda: "sdedit", None, mode, **QUIET)
 
 
 def _wire_presets(backend: Backend, t2i: GenerateTab) -> None:
@@ -542,27 +578,35 @@ def _wire_samplers(backend: Backend, *all_settings: Settings) -> None:
         )
 
 
-def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Iterator[dict]:
+def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner, queue: gr.HTML) -> Iterator[dict]:
     """Page updates while ``job`` waits and runs, then its result or its error.
 
     While an earlier job of the same page and tab is unfinished, that job's watcher has the tab's outputs
     (its status line counts this one as queued): this one stays quiet until its turn.
     """
-    seen, shown_stages, last_line, last_time = -1, 0, None, 0.0
+    seen, shown_stages, last_line, last_time, last_queue, shown_preview = -1, 0, None, 0.0, None, None
     while True:
         runner.wait(job, seen, STATUS_EVERY)
         with runner.lock:  # one consistent reading: the job may end while this update is sent
             seen, state, line = job.version, job.state, status_line(job, runner)
-            stage_images = list(job.stage_images)
+            stage_images, preview = list(job.stage_images), job.preview
             pending = runner.pending(job.owner, job.label)
             behind_another = job in pending and pending.index(job) > 0
+            entries = queue_entries(runner, job.owner)
         if behind_another:
             continue
         update: dict = {}
+        if entries != last_queue:
+            last_queue = entries
+            update[queue] = queue_html(entries)
         now = time.monotonic()
         if line != last_line or now - last_time >= STATUS_EVERY:
             update[out.status] = line
             last_line, last_time = line, now
+        if preview is not None and preview is not shown_preview and state == RUNNING:
+            update[out.result] = shown_preview = preview  # the image as it denoises, until the result
+        if state in (CANCELLED, FAILED) and shown_preview is not None:
+            update[out.result] = None  # nothing was saved: no preview of it stays
         if state == CANCELLED and shown_stages:
             update[out.stages] = []  # nothing was saved: no stage of it stays on the page
         elif len(stage_images) != shown_stages:
@@ -583,8 +627,16 @@ def _watch(job: Job, out: Outputs, backend: Backend, runner: JobRunner) -> Itera
             return
 
 
+def _job_title(request: TextToImageRequest | UpscaleRequest) -> str:
+    """What the queue calls a job: its kind, size or source, and seed."""
+    seed = "random seed" if request.seed < 0 else f"seed {int(request.seed)}"  # checked by params_for
+    if isinstance(request, UpscaleRequest):
+        return f"Upscale {Path(request.image_path or '?').name} x{request.scale}, {seed}"
+    return f"Generate {request.width}x{request.height}, {seed}"
+
+
 def _wire_jobs(
-    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab
+    page: gr.Blocks, backend: Backend, runner: JobRunner, t2i: GenerateTab, up: UpscaleTab, queue: gr.HTML
 ) -> None:
     """Generate, Upscale and Cancel: a job on the queue, watched until it ends."""
 
@@ -604,7 +656,7 @@ def _wire_jobs(
                 raise UserError(
                     f"batch count {len(batch)}: the queue holds at most {runner.max_waiting} jobs"
                 )
-            jobs = [runner.submit(session, kind, partial(work, item)) for item in batch]
+            jobs = [runner.submit(session, kind, partial(work, item), _job_title(item)) for item in batch]
         except UserError as error:
             if busy:  # the status line is the running job's: say it aside
                 gr.Warning(f"Error: {error}")
@@ -613,10 +665,15 @@ def _wire_jobs(
             return
         if busy:
             gr.Info(f"Queued after your running job. {job_line(jobs[0], runner)}")
+            yield {queue: queue_html(queue_entries(runner, session))}
         else:
-            yield {**cleared, out.status: status_line(jobs[0], runner)}
+            yield {
+                **cleared,
+                out.status: status_line(jobs[0], runner),
+                queue: queue_html(queue_entries(runner, session)),
+            }
         for job in jobs:  # one after the other: each takes the status line in its turn
-            yield from _watch(job, out, backend, runner)
+            yield from _watch(job, out, backend, runner, queue)
 
     def run_generate(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("generate", t2i.request(values), _session(request), t2i.out, values[t2i.batch])
@@ -624,16 +681,17 @@ def _wire_jobs(
     def run_upscale(values: dict, request: gr.Request) -> Iterator[dict]:
         yield from submit("upscale", up.request(values), _session(request), up.out)
 
-    def cancel_jobs(request: gr.Request) -> None:
+    def cancel_jobs(request: gr.Request) -> str:
         if not runner.cancel(_session(request)):
             gr.Info("Nothing to cancel.")
+        return queue_html(queue_entries(runner, _session(request)))
 
-    t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan}
-    up_outputs = set(vars(up.out).values()) - {up.out.plan, None}
+    t2i_outputs = set(vars(t2i.out).values()) - {t2i.out.plan} | {queue}
+    up_outputs = set(vars(up.out).values()) - {up.out.plan, None} | {queue}
     queueing = {"trigger_mode": "multiple", **QUIET}  # a click while a job runs queues another (docs/ui.md)
     gr.on([t2i.run.click, t2i.prompt.submit], run_generate, set(t2i.fields), t2i_outputs, **queueing)
     up.run.click(run_upscale, set(up.fields), up_outputs, **queueing)
-    gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, None, **QUIET)
+    gr.on([t2i.cancel.click, up.cancel.click], cancel_jobs, None, queue, **QUIET)
 
     def page_closed(request: gr.Request) -> None:
         runner.cancel(_session(request))  # nobody is watching: free the device
@@ -676,25 +734,32 @@ def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTa
                   "mode": settings.mode, "linfusion": settings.linfusion, "vae_attention": settings.vae_attention,
                   "sampler": settings.sampler, "model": settings.model}  # fmt: skip
 
-    def restore_parameters(path: str | None) -> dict:
-        if not path:
-            return {}
-        update: dict = {t2i.restore: None}  # emptied, ready for the next drop
+    def restore_from(path: str | Path, name: str) -> dict:
         try:
             fields, note = backend.read_parameters(path)
         except UserError as error:
-            return {**update, t2i.out.status: f"Error: {error}"}
+            return {t2i.out.status: f"Error: {error}"}
         except Exception as error:  # a bug: logged; the status line says so
-            logger.exception("reading %s failed", Path(path).name)
-            return {
-                **update,
-                t2i.out.status: f"Error: cannot read {Path(path).name} ({type(error).__name__})",
-            }
-        update[t2i.out.status] = note
-        for name, value in fields.items():
-            update[restorable[name]] = value
-        return update
+            logger.exception("reading %s failed", name)
+            return {t2i.out.status: f"Error: cannot read {name} ({type(error).__name__})"}
+        return {t2i.out.status: note, **{restorable[key]: value for key, value in fields.items()}}
 
+    def restore_parameters(path: str | None) -> dict:
+        if not path:
+            return {}
+        return {t2i.restore: None, **restore_from(path, Path(path).name)}  # emptied, ready for the next drop
+
+    def restore_result(selected: gr.SelectData) -> dict:
+        """A click on an image of this run: its settings back in the fields, found by its file name among
+        the outputs (never a path the page sends)."""
+        name = (selected.value or {}).get("caption") if isinstance(selected.value, dict) else None
+        result = next((r for r in backend.recent() if r.path.name == name), None)
+        if result is None:
+            return {t2i.out.status: f"Error: {name or 'that image'} is no longer in the outputs folder"}
+        return restore_from(result.path, result.path.name)
+
+    if t2i.out.gallery is not None:
+        t2i.out.gallery.select(restore_result, None, {t2i.out.status, *restorable.values()}, **QUIET)
     t2i.restore.upload(restore_parameters, t2i.restore, {t2i.restore, t2i.out.status, *restorable.values()},
                        **QUIET)  # fmt: skip
     up.source.upload(check_upload, up.source, {up.source, up.preview, up.out.status}, **QUIET)
@@ -715,7 +780,8 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
         with gr.Tabs() as tabs:
             t2i = _generate_tab(backend, native)
             up = _upscale_tab(backend)
+        queue = wire_queue(runner, _session)
         _wire_plans(page, backend, t2i, up)
-        _wire_jobs(page, backend, runner, t2i, up)
+        _wire_jobs(page, backend, runner, t2i, up, queue)
         _wire_files(backend, tabs, t2i, up)
     return page
