@@ -353,3 +353,11 @@ def test_the_live_preview_shows_the_colours_the_latents_encode_in_a_small_image(
             assert shown.argmax() == int(np.argmax(colour))  # the dominant colour stays dominant
     large = torch.zeros(1, latents.shape[1], 1024, 512)  # the latents of a 4K x 8K image
     assert preview.image(large).size == (PREVIEW_SIDE // 2, PREVIEW_SIDE) and PREVIEW_SIDE <= 256
+
+
+def test_a_16_bit_upload_is_scaled_to_8_bits_not_read_as_white(tmp_path: Path) -> None:
+    """The page reads uploads as every command reads images: 16-bit greyscale scaled by 1/257."""
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16)).save(path)
+    pixels = np.asarray(open_upload(path))
+    assert pixels.shape == (32, 32, 3) and (pixels == round(30000 / 257)).all()

@@ -22,6 +22,7 @@ from ..app.execute import save_png
 from ..app.params import GenerationError, GenerationParams
 from ..choices import GENERATION_MODES, VAE_ATTENTION_MODES
 from ..errors import UserError, excerpt
+from ..images import to_rgb
 
 MAX_UPLOAD_PIXELS = 64 * 2**20  # an upload to enlarge: up to 64 megapixels
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -165,7 +166,7 @@ def open_upload(path: str | os.PathLike | None) -> Image.Image:
         if min(image.size) < 8:
             raise UserError(f"{name} is {image.width}x{image.height}; it needs at least 8 pixels per side")
         try:
-            return image.convert("RGB")
+            return to_rgb(image)  # 16-bit greyscale scaled to 8 bits, as every command reads images
         except OSError as error:
             raise UserError(f"{name} could not be decoded: {error}") from error
 
