@@ -33,6 +33,9 @@ def _pre_projection(dim: int, mid_dim: int | None) -> nn.Module:
 class GeneralizedLinearAttention(nn.Module):
     """Normalized, non-causal linear self-attention with residual MLP pre-projections on q and k.
 
+    ``bias`` gives q/k/v biases, as the self-attention of PixArt's transformer blocks has (the published
+    UNet checkpoints have none).
+
     ``q = to_q(x + to_q_(x))``, ``k = to_k(x + to_k_(x))``, ``v = to_v(x)``; then
     :func:`linfusion.ops.linear_attention` per head, then ``to_out`` (Linear, Dropout). Submodule names match
     the published checkpoints and diffusers' ``Attention``, so state dicts load and LoRA finds ``to_q`` etc.
@@ -45,6 +48,7 @@ class GeneralizedLinearAttention(nn.Module):
         projection_mid_dim: int | None = None,
         eps: float = 1e-4,
         backend: str = "auto",
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -55,15 +59,17 @@ class GeneralizedLinearAttention(nn.Module):
         self.projection_mid_dim = projection_mid_dim
         self.eps = eps
         self.backend = backend
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.bias = bias
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(dim, dim, bias=bias)
+        self.to_v = nn.Linear(dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.to_q_ = _pre_projection(dim, projection_mid_dim)
         self.to_k_ = _pre_projection(dim, projection_mid_dim)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, projection_mid_dim={self.projection_mid_dim}"
+        text = f"dim={self.dim}, heads={self.heads}, projection_mid_dim={self.projection_mid_dim}"
+        return text + (", bias=True" if self.bias else "")
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -113,12 +119,15 @@ class GeneralizedLinearAttention(nn.Module):
         the student's q, k, v are exactly the teacher's at step 0 (only the attention kernel differs).
         """
         for name in ("to_q", "to_k", "to_v"):
-            source = getattr(attention, name)
-            getattr(self, name).weight.copy_(source.weight)
-            if source.bias is not None:
+            source, target = getattr(attention, name), getattr(self, name)
+            target.weight.copy_(source.weight)
+            if (source.bias is None) != (target.bias is None):
                 raise ValueError(
-                    f"teacher {name} has a bias, which LinFusion's bias-free {name} cannot represent"
+                    f"teacher {name} {'has' if source.bias is not None else 'has no'} bias but this LinFusion "
+                    f"layer was built with bias={self.bias}"
                 )
+            if source.bias is not None:
+                target.bias.copy_(source.bias)
         self.to_out[0].weight.copy_(attention.to_out[0].weight)
         if attention.to_out[0].bias is not None:
             self.to_out[0].bias.copy_(attention.to_out[0].bias)

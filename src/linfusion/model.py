@@ -26,8 +26,12 @@ from .hub import load_failure_message
 from .io import umask_mode_for_new_files
 from .patches.base import Patch, PatchOrderError, replace_submodule, set_attribute
 from .registry import (
+    SUPPORTED_DENOISERS,
+    attention_has_bias,
     attention_signature,
     attention_width_and_heads,
+    check_linearizable,
+    is_dit,
     is_sdxl,
     is_self_attention,
     resolve_checkpoint,
@@ -53,14 +57,21 @@ class LinFusionCheckpointError(UserError, ValueError):
 
 
 class NotAUNetError(UserError, TypeError):
-    """A LinFusion method was given something other than a UNet module (``None``, a pipeline, a path)."""
+    """A LinFusion method was given something other than a denoiser module (``None``, a pipeline, a path)."""
 
 
 def require_module(unet: Any, method: str) -> None:
     """Raise :class:`NotAUNetError` naming ``method`` unless ``unet`` is a torch module."""
     if not isinstance(unet, nn.Module):
-        hint = " (a pipeline's is pipe.unet)" if hasattr(unet, "unet") else ""
-        raise NotAUNetError(f"LinFusion.{method} needs the UNet module{hint}; got {type(unet).__name__}")
+        if hasattr(unet, "unet"):
+            hint = " (a pipeline's is pipe.unet)"
+        elif hasattr(unet, "transformer"):
+            hint = " (a pipeline's is pipe.transformer)"
+        else:
+            hint = ""
+        raise NotAUNetError(
+            f"LinFusion.{method} needs the UNet or transformer module{hint}; got {type(unet).__name__}"
+        )
 
 
 @dataclass
@@ -83,12 +94,15 @@ def _normalize_entry(entry: Any) -> dict[str, Any]:
         raise LinFusionCheckpointError(
             f"modules_list entry {entry!r} needs module_name, dim_n and heads (and optionally projection_mid_dim)"
         )
-    return {
+    normalized = {
         "module_name": str(entry["module_name"]),
         "dim_n": int(entry["dim_n"]),
         "heads": int(entry["heads"]),
         "projection_mid_dim": entry.get("projection_mid_dim"),
     }
+    if entry.get("bias"):  # written only when true, so UNet checkpoints keep the published layout
+        normalized["bias"] = True
+    return normalized
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -109,18 +123,34 @@ def _is_controlnet(model: nn.Module) -> bool:
     return "ControlNet" in type(model).__name__
 
 
+def denoiser_of(pipeline: Any) -> nn.Module:
+    """A pipeline's denoiser: its ``unet`` (Stable Diffusion) or its ``transformer`` (PixArt).
+
+    Raises :class:`NotAUNetError` saying what the pipeline has instead (no denoiser, a ``transformer``
+    slot left empty, not a pipeline at all).
+    """
+    for name in ("unet", "transformer"):
+        model = getattr(pipeline, name, None)
+        if isinstance(model, nn.Module):
+            return model
+    slots = [name for name in ("unet", "transformer") if hasattr(pipeline, name)]
+    if slots:
+        raise NotAUNetError(
+            f"the {type(pipeline).__name__} has no {slots[0]} (it is None): load the pipeline with its "
+            f"{slots[0]} before mounting LinFusion"
+        )
+    raise NotAUNetError(
+        f"cannot mount LinFusion on {type(pipeline).__name__}: pass a diffusers pipeline with a `unet` or a "
+        f"`transformer`, or the model itself. Supported: {SUPPORTED_DENOISERS}"
+    )
+
+
 def _model_targets(target: Any, controlnet: bool | None) -> list[nn.Module]:
-    """The models to act on: a pipeline's UNet, plus its ControlNets when ``controlnet`` is True (or, when
-    None, whenever the pipeline has them), or the model given."""
+    """The models to act on: a pipeline's denoiser, plus its ControlNets when ``controlnet`` is True (or,
+    when None, whenever the pipeline has them), or the model given."""
     if isinstance(target, nn.Module) and not hasattr(target, "components"):
         return [target]
-    unet = getattr(target, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(
-            f"cannot mount LinFusion on {type(target).__name__}: pass a diffusers pipeline with a `unet`, "
-            "a UNet2DConditionModel or a ControlNetModel"
-        )
-    targets = [unet]
+    targets = [denoiser_of(target)]
     nets = getattr(target, "controlnet", None)
     if controlnet and nets is None:
         raise ValueError("controlnet=True but the pipeline has no `controlnet` component")
@@ -152,18 +182,19 @@ def _current_original(root: nn.Module, path: str) -> nn.Module:
 def _resolve_unet(pipeline: Any, unet: nn.Module | None) -> nn.Module:
     if unet is not None:
         return unet
-    if pipeline is None or not isinstance(getattr(pipeline, "unet", None), nn.Module):
+    if pipeline is None:
         raise ValueError(
-            "pass a diffusers pipeline with a `unet` (pipeline=...) or the UNet itself (unet=...)"
+            "pass a diffusers pipeline (pipeline=...) or its denoiser itself (unet=... or transformer=...)"
         )
-    return pipeline.unet
+    return denoiser_of(pipeline)
 
 
 def _default_mid_dim(unet: nn.Module, width: int, projection_mid_dim: int | str | None) -> int | None:
-    """As published: None (= C) for SD-1.x/2.x-shaped UNets, C/16 for SD-XL-shaped ones."""
+    """As published: None (= C) for SD-1.x/2.x-shaped UNets, C/16 for SD-XL-shaped ones; C/16 for PixArt
+    too (C = 1152 in 28 blocks: full-width MLPs would add a quarter to the transformer's weights)."""
     if projection_mid_dim != "auto":
         return projection_mid_dim  # type: ignore[return-value]
-    return max(1, width // 16) if is_sdxl(unet) else None
+    return max(1, width // 16) if is_sdxl(unet) or is_dit(unet) else None
 
 
 class LinFusion(ModelMixin, ConfigMixin):
@@ -185,7 +216,9 @@ class LinFusion(ModelMixin, ConfigMixin):
         entries = [_normalize_entry(entry) for entry in modules_list]
         self.register_to_config(modules_list=entries)
         for index, entry in enumerate(entries):
-            layer = GeneralizedLinearAttention(entry["dim_n"], entry["heads"], entry["projection_mid_dim"])
+            layer = GeneralizedLinearAttention(
+                entry["dim_n"], entry["heads"], entry["projection_mid_dim"], bias=entry.get("bias", False)
+            )
             self.add_module(str(index), layer)
         self._mounts: list[_Mount] = []
         self._handles: list[tuple[nn.Module, Patch]] = []
@@ -203,16 +236,17 @@ class LinFusion(ModelMixin, ConfigMixin):
     def default_config(
         cls, unet: nn.Module, projection_mid_dim: int | str | None = "auto"
     ) -> dict[str, list[dict[str, Any]]]:
-        """The ``modules_list`` for every ``attn1`` of ``unet`` (published conventions for the MLP width)."""
+        """The ``modules_list`` for every ``attn1`` of ``unet`` (a UNet or a PixArt transformer; published
+        conventions for the MLP width; ``bias`` where the original q/k/v have biases)."""
         require_module(unet, "default_config")
+        check_linearizable(unet)
         modules_list = []
         for path, width, heads in attention_signature(unet):
             mid = _default_mid_dim(unet, width, projection_mid_dim)
-            modules_list.append(
-                {"module_name": path, "dim_n": width, "heads": heads, "projection_mid_dim": mid}
-            )
-        if not modules_list:
-            raise ValueError(f"{type(unet).__name__} has no self-attention (attn1) layers to replace")
+            entry = {"module_name": path, "dim_n": width, "heads": heads, "projection_mid_dim": mid}
+            if attention_has_bias(_current_original(unet, path)):
+                entry["bias"] = True
+            modules_list.append(entry)
         return {"modules_list": modules_list}
 
     @classmethod
@@ -221,13 +255,24 @@ class LinFusion(ModelMixin, ConfigMixin):
         return cls.default_config(_resolve_unet(pipeline, unet))
 
     @classmethod
+    def from_transformer(
+        cls, transformer: nn.Module, init: str = "random", projection_mid_dim: int | str | None = "auto"
+    ) -> LinFusion:
+        """Untrained layers for a diffusion transformer (PixArt-Alpha / PixArt-Sigma), as :meth:`from_unet`.
+
+        Transformers whose attention cannot be linearized (SD3, FLUX: joint with the text; SANA: already
+        linear) raise :class:`~linfusion.registry.UnsupportedModelError` saying why.
+        """
+        return cls.from_unet(transformer, init=init, projection_mid_dim=projection_mid_dim)
+
+    @classmethod
     def from_unet(
         cls, unet: nn.Module, init: str = "random", projection_mid_dim: int | str | None = "auto"
     ) -> LinFusion:
-        """Untrained layers for ``unet``, on its device and dtype.
+        """Untrained layers for ``unet`` (or any supported denoiser), on its device and dtype.
 
         ``init="random"`` is the reference behaviour; ``init="teacher"`` copies each original ``attn1``'s
-        q/k/v/out projections and zeroes the MLPs' last Linear, so training starts from the teacher.
+        q/k/v(/biases)/out projections and zeroes the MLPs' last Linear, so training starts from the teacher.
         """
         require_module(unet, "from_unet")
         if init not in ("random", "teacher"):
@@ -282,6 +327,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         pretrained_model_name_or_path: str | os.PathLike | None = None,
         pipe_name_path: str | None = None,
         *,
+        transformer: nn.Module | None = None,
         init: str = "random",
         projection_mid_dim: int | str | None = "auto",
         controlnet: bool = False,
@@ -289,12 +335,15 @@ class LinFusion(ModelMixin, ConfigMixin):
     ) -> LinFusion:
         """Build or load LinFusion for a pipeline (or UNet) and mount it; the reference project's entry point.
 
-        With ``load_pretrained`` the weights are ``pretrained_model_name_or_path`` when given (it always
-        wins), else resolved from the pipeline's model id or the UNet's architecture (see
-        :mod:`linfusion.registry`). Without it, untrained layers are built (``init``, ``projection_mid_dim``).
-        Nothing in the UNet changes unless every check passes.
+        Works the same on PixArt pipelines (``pipe.transformer``, or ``transformer=``). With
+        ``load_pretrained`` the weights are ``pretrained_model_name_or_path`` when given (it always wins),
+        else resolved from the pipeline's model id or the UNet's architecture (see
+        :mod:`linfusion.registry`; no weights are published for transformers: distill them). Without it,
+        untrained layers are built (``init``, ``projection_mid_dim``). Nothing in the model changes unless
+        every check passes.
         """
-        unet = _resolve_unet(pipeline, unet)
+        unet = _resolve_unet(pipeline, unet if unet is not None else transformer)
+        check_linearizable(unet)
         if load_pretrained:
             source = pretrained_model_name_or_path
             if source is None:
@@ -315,6 +364,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         A UNet must have exactly the checkpoint's ``attn1`` layers; a ControlNet (a copy of the UNet's
         encoder) must have a subset of them.
         """
+        check_linearizable(model)
         expected = {entry["module_name"]: entry for entry in self.config.modules_list}
         partial = _is_controlnet(model)
         for path, entry in expected.items():
@@ -336,6 +386,13 @@ class LinFusion(ModelMixin, ConfigMixin):
                 raise LinFusionCheckpointError(
                     f"LinFusion checkpoint does not fit: module {path!r} has width {width} and {heads} heads "
                     f"in the model but width {entry['dim_n']} and {entry['heads']} heads in the checkpoint"
+                )
+            if attention_has_bias(original) != bool(entry.get("bias", False)):
+                found = "has" if attention_has_bias(original) else "has no"
+                raise LinFusionCheckpointError(
+                    f"LinFusion checkpoint does not fit: module {path!r} {found} q/k/v biases in the model but "
+                    f"the checkpoint's layer was built {'with' if entry.get('bias') else 'without'} them "
+                    "(is this checkpoint for a UNet and the model a transformer, or the other way round?)"
                 )
         uncovered = [path for path, _, _ in attention_signature(model) if path not in expected]
         if uncovered:

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 AttnSignature = tuple[tuple[str, int, int], ...]
+
+
+class UnsupportedModelError(UserError, TypeError):
+    """The model's attention cannot be replaced by LinFusion's (joint text-image attention, already linear,
+    no self-attention at all); the message says why and what is supported."""
+
 
 _SD15_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
@@ -69,6 +77,55 @@ _SDXL_UNET: dict[str, Any] = {
 # Full-size UNet configs of the three families, for architecture matching and meta-device structure checks.
 UNET_CONFIGS: dict[str, dict[str, Any]] = {"sd15": _SD15_UNET, "sd21": _SD21_UNET, "sdxl": _SDXL_UNET}
 
+# Full-size PixArt transformers (PixArt-XL-2-1024-MS and PixArt-Sigma-XL-2-1024-MS): 28 blocks of width 1152
+# (16 heads of 72), patch size 2, T5-XXL captions (4096 channels). Alpha adds resolution/aspect-ratio
+# embeddings (``use_additional_conditions``, on by default at sample size 128); Sigma does not.
+_PIXART_TRANSFORMER: dict[str, Any] = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "cross_attention_dim": 1152,
+    "attention_bias": True,
+    "sample_size": 128,
+    "patch_size": 2,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "caption_channels": 4096,
+}
+TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    "pixart-alpha": {**_PIXART_TRANSFORMER, "use_additional_conditions": True},
+    "pixart-sigma": {**_PIXART_TRANSFORMER, "use_additional_conditions": False},
+}
+
+# Diffusion transformers LinFusion cannot linearize, by class name, and why (said in the error).
+_JOINT = (
+    "its attention is joint: image and text tokens attend together in one softmax attention (MM-DiT), so "
+    "there is no image-only self-attention (attn1) for LinFusion's layer to replace"
+)
+UNSUPPORTED_DENOISERS: dict[str, str] = {
+    "SD3Transformer2DModel": f"Stable Diffusion 3: {_JOINT}",
+    "FluxTransformer2DModel": f"FLUX: {_JOINT}",
+    "Flux2Transformer2DModel": f"FLUX.2: {_JOINT}",
+    "ChromaTransformer2DModel": f"Chroma (FLUX-based): {_JOINT}",
+    "AuraFlowTransformer2DModel": f"AuraFlow: {_JOINT}",
+    "HiDreamImageTransformer2DModel": f"HiDream: {_JOINT}",
+    "QwenImageTransformer2DModel": f"Qwen-Image: {_JOINT}",
+    "SanaTransformer2DModel": (
+        "SANA: its self-attention is already linear (ReLU linear attention), so there is nothing for "
+        "LinFusion to linearize"
+    ),
+}
+SUPPORTED_DENOISERS = (
+    "UNet2DConditionModel (SD-1.x, SD-2.x, SD-XL and their fine-tunes), ControlNetModel, "
+    "PixArtTransformer2DModel (PixArt-Alpha, PixArt-Sigma)"
+)
+
+
 # The published SD VAEs share one architecture (SD-1.x/2.x and SD-XL differ in scaling factor only).
 SD_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
@@ -101,6 +158,32 @@ def is_sdxl(model: Any) -> bool:
         return True
     config = getattr(getattr(model, "unet", model), "config", None)
     return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def is_dit(model: Any) -> bool:
+    """True for a diffusion-transformer pipeline (a ``transformer``, no ``unet``) or a PixArt transformer."""
+    if hasattr(model, "components"):
+        return getattr(model, "unet", None) is None and getattr(model, "transformer", None) is not None
+    return type(model).__name__ == "PixArtTransformer2DModel"
+
+
+def check_linearizable(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` when LinFusion's layer cannot replace ``model``'s self-attention.
+
+    Known diffusion transformers whose attention is joint with the text (SD3, FLUX, ...) or already linear
+    (SANA) are refused with the reason; any other model must have ``attn1`` self-attention layers.
+    """
+    name = type(model).__name__
+    if name in UNSUPPORTED_DENOISERS:
+        raise UnsupportedModelError(
+            f"LinFusion cannot be mounted on {name}: {UNSUPPORTED_DENOISERS[name]}. Supported: "
+            f"{SUPPORTED_DENOISERS}."
+        )
+    if not attention_signature(model):
+        raise UnsupportedModelError(
+            f"{name} has no self-attention (attn1) layers for LinFusion to replace. Supported: "
+            f"{SUPPORTED_DENOISERS}."
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +260,15 @@ def attention_width_and_heads(module: nn.Module) -> tuple[int, int]:
     return in_features, int(module.heads)
 
 
+def attention_has_bias(module: nn.Module) -> bool:
+    """Whether an ``attn1``'s q/k/v projections carry biases (PixArt's do, the SD UNets' do not)."""
+    from .attention import GeneralizedLinearAttention
+
+    if isinstance(module, GeneralizedLinearAttention):
+        return module.bias
+    return module.to_q.bias is not None
+
+
 def attention_signature(model: nn.Module) -> AttnSignature:
     """The ordered (path, width, heads) of every ``attn1`` in ``model``."""
     return tuple(
@@ -192,6 +284,14 @@ def build_meta_unet(family: str) -> nn.Module:
 
     with torch.device("meta"):
         return UNet2DConditionModel(**UNET_CONFIGS[family])
+
+
+def build_meta_transformer(family: str) -> nn.Module:
+    """A full-size PixArt transformer ("pixart-alpha" or "pixart-sigma") on the ``meta`` device."""
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.device("meta"):
+        return PixArtTransformer2DModel(**TRANSFORMER_CONFIGS[family])
 
 
 @cache

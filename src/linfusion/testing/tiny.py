@@ -3,7 +3,8 @@
 Each builder returns a real diffusers pipeline (real classes, real configs) whose weights are random and
 whose sizes are a few hundred kilobytes, shaped like one of the families LinFusion targets:
 SD-1.5 (epsilon, 8-head style), SD-2.1 (v-prediction, linear projections) and SD-XL (two text encoders,
-added time ids, several transformer layers per block).
+added time ids, several transformer layers per block); and PixArt-Alpha / PixArt-Sigma (a
+``PixArtTransformer2DModel`` with a T5 text encoder; Alpha with its resolution and aspect-ratio embeddings).
 """
 
 from __future__ import annotations
@@ -96,6 +97,56 @@ def tiny_unet(family: str = "sd15", seed: int = 0, in_channels: int = 4) -> Any:
     return UNet2DConditionModel(**config).eval()
 
 
+PIXART_FAMILIES = ("pixart-alpha", "pixart-sigma")
+
+
+def tiny_t5_encoder(hidden_size: int = 32, seed: int = 0) -> Any:
+    """A 2-layer ``T5EncoderModel`` over the byte-level tokenizer's ids (relative positions: any length)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=600,
+        d_model=hidden_size,
+        d_kv=8,
+        d_ff=2 * hidden_size,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=513,
+        eos_token_id=513,
+        feed_forward_proj="gated-gelu",
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_transformer(family: str = "pixart-sigma", seed: int = 0, caption_channels: int = 32) -> Any:
+    """A small ``PixArtTransformer2DModel`` (2 blocks, width 48, patch 2, learned sigma), shaped like ``family``."""
+    from diffusers import PixArtTransformer2DModel
+
+    if family not in PIXART_FAMILIES:
+        raise ValueError(f"unknown transformer family {family!r}: choose {' or '.join(PIXART_FAMILIES)}")
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=6,  # width 48: Alpha's size embeddings split the width in three
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=48,
+        attention_bias=True,
+        # PixArt-Alpha's pipeline passes its resolution/aspect conditions only to sample size 128 (1024 px)
+        sample_size=128 if family == "pixart-alpha" else 16,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=caption_channels,
+        use_additional_conditions=family == "pixart-alpha",
+    ).eval()
+
+
 def tiny_scheduler(prediction_type: str = "epsilon") -> Any:
     from diffusers import DDIMScheduler
 
@@ -111,7 +162,17 @@ def tiny_scheduler(prediction_type: str = "epsilon") -> Any:
 
 
 def tiny_components(family: str = "sd15", seed: int = 0, unet_in_channels: int = 4) -> dict[str, Any]:
-    """The components of a tiny pipeline of ``family`` ("sd15", "sd21" or "sdxl")."""
+    """The components of a tiny pipeline of ``family`` ("sd15", "sd21", "sdxl", "pixart-alpha", "pixart-sigma")."""
+    if family in PIXART_FAMILIES:
+        from diffusers import DPMSolverMultistepScheduler
+
+        return {
+            "transformer": tiny_transformer(family, seed),
+            "vae": tiny_vae(seed),
+            "scheduler": DPMSolverMultistepScheduler(),
+            "tokenizer": byte_level_clip_tokenizer(),
+            "text_encoder": tiny_t5_encoder(32, seed=seed),
+        }
     components: dict[str, Any] = {
         "unet": tiny_unet(family, seed, in_channels=unet_in_channels),
         "vae": tiny_vae(seed),
@@ -129,7 +190,7 @@ def tiny_components(family: str = "sd15", seed: int = 0, unet_in_channels: int =
 
 
 def tiny_pipeline(family: str = "sd15", task: str = "text2img", seed: int = 0) -> Any:
-    """A tiny random diffusers pipeline: ``task`` is "text2img", "img2img" or "inpaint"."""
+    """A tiny random diffusers pipeline: ``task`` is "text2img", "img2img" or "inpaint" (PixArt: text2img)."""
     import diffusers
 
     names = {
@@ -142,6 +203,8 @@ def tiny_pipeline(family: str = "sd15", task: str = "text2img", seed: int = 0) -
         ("sdxl", "text2img"): "StableDiffusionXLPipeline",
         ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
         ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+        ("pixart-alpha", "text2img"): "PixArtAlphaPipeline",
+        ("pixart-sigma", "text2img"): "PixArtSigmaPipeline",
     }
     if (family, task) not in names:
         raise ValueError(f"no tiny pipeline for family={family!r}, task={task!r}")
