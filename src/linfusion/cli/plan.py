@@ -23,8 +23,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--model",
         default="bundled",
-        help="bundled, random-sd15, random-sdxl (full-size architectures, no weights needed), a pipeline "
-        "folder or a Hub id in the local cache",
+        help="bundled, random-sd15, random-sdxl, random-pixart-sigma, random-pixart-alpha (full-size "
+        "architectures, no weights needed), a pipeline folder or a Hub id in the local cache",
     )
     parser.add_argument("--size", type=parse_size, required=True, help="WIDTHxHEIGHT of the final image")
     parser.add_argument("--mode", default="sdedit", choices=GENERATION_MODES)

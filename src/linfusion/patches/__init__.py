@@ -8,6 +8,8 @@ Each submodule holds one family of patches; every ``apply``-style function retur
 - :mod:`.vae_attention`: the linear kernel for the VAE mid-block attention;
 - :mod:`.dilation`: DemoFusion's dilated convolutions and its dilated global branch;
 - :mod:`.banded_unet`: the whole UNet band by band, exact, in bounded device memory (and its cost model);
+- :mod:`.banded_dit`: a PixArt transformer with LinFusion block by block over token bands, exact, bounded
+  (and its cost model);
 - :mod:`.stage`: a stage's :class:`~linfusion.patches.stage.Savers` applied as one patch (what the planner chose).
 
 LinFusion mounting (:meth:`linfusion.LinFusion.mount`) and spatial parallelism (:mod:`linfusion.parallel`)

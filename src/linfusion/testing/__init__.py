@@ -3,10 +3,11 @@
 - :mod:`.tiny`: tiny random SD-1.5-, SD-2.1-, SD-XL-, PixArt-Alpha- and PixArt-Sigma-shaped pipelines (a few hundred kilobytes), a
   captioned image folder writer;
 - :mod:`.tokenizer`: a download-free CLIP tokenizer;
-- :mod:`.full_size`: full-size SD-1.5 / SD-XL pipelines with random weights (``meta`` for structure);
+- :mod:`.full_size`: full-size SD-1.5 / SD-XL / PixArt-Alpha / PixArt-Sigma pipelines with random weights
+  (``meta`` for structure);
 - :mod:`.parallel`: the multi-process harness that checks spatial parallelism against one process.
 
-Production code does not need this package; only the ``random-sd15`` / ``random-sdxl`` model names
+Production code does not need this package; only the ``random-*`` model names (SD-1.5, SD-XL, PixArt)
 (benchmarks, planning without weights) load :mod:`.full_size`.
 """
 
