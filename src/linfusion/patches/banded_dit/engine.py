@@ -158,38 +158,71 @@ class DiTRun:
         self.flops += int(counter.get_total_flops())
         return result
 
-    def passes_over(self, bands: list[tuple[int, int]], body: Callable[[int, int], None], kind: Any) -> None:
-        """``body(start, stop)`` for every band (dry: traced once per band size and ``kind``)."""
+    def passes_over(
+        self,
+        bands: list[tuple[int, int]],
+        fetch: Callable[[int, int], Any],
+        body: Callable[[int, int, Any], None],
+        kind: Any,
+    ) -> None:
+        """``body(start, stop, inputs)`` for every band, ``inputs`` from ``fetch(start, stop)`` (dry: traced
+        once per band size and ``kind``).
+
+        With a separate store the next band's fetch is issued before the current band's body runs (on CUDA
+        the copy then overlaps the compute); a dry trace keeps a second fetch alive to stand for it.
+        """
         self.passes += 1
+        ahead = self.store.separate and len(bands) > 1
         if not self.dry:
-            for start, stop in bands:
-                body(start, stop)
+            if not ahead:
+                for start, stop in bands:
+                    body(start, stop, self.transfers.ready(fetch(start, stop)))
+            else:
+                upcoming = fetch(*bands[0])
+                for index, (start, stop) in enumerate(bands):
+                    current = upcoming
+                    upcoming = fetch(*bands[index + 1]) if index + 1 < len(bands) else None
+                    body(start, stop, self.transfers.ready(current))
             self.transfers.finish()
             return
         for rows, count in Counter(stop - start for start, stop in bands).items():
             if (kind, rows) not in self._traces:
                 band = next(b for b in bands if b[1] - b[0] == rows)
-                self._traces[(kind, rows)] = self._trace(body, *band)
+                self._traces[(kind, rows)] = self._trace(fetch, body, *band, ahead=ahead)
             working, flops, fetched, written = self._traces[(kind, rows)]
             self.working_peak = max(self.working_peak, self.store.live["device"] + working)
             self.flops += flops * count
             self.transfers.fetched += fetched * count
             self.transfers.written += written * count
 
-    def _trace(self, body: Callable[[int, int], None], start: int, stop: int) -> tuple[int, int, int, int]:
+    def _trace(
+        self,
+        fetch: Callable[[int, int], Any],
+        body: Callable[[int, int, Any], None],
+        start: int,
+        stop: int,
+        ahead: bool,
+    ) -> tuple[int, int, int, int]:
         """(working bytes, FLOPs, bytes fetched, bytes written) of one band, on ``meta``."""
         from torch.utils.flop_counter import FlopCounterMode
 
         before = (self.transfers.fetched, self.transfers.written)
+
+        def one_band() -> None:
+            inputs = self.transfers.ready(fetch(start, stop))
+            issued_ahead = fetch(start, stop) if ahead else None  # noqa: F841 - alive during the body
+            body(start, stop, inputs)
+
         live = LiveBytes()
         with torch.no_grad(), FusedAttentionStandIn(), live:
-            body(start, stop)  # fused attention: the memory of a real kernel
-        moved = (self.transfers.fetched - before[0], self.transfers.written - before[1])
+            one_band()  # fused attention: the memory of a real kernel
+        fetched = (self.transfers.fetched - before[0]) // (2 if ahead else 1)
+        written = self.transfers.written - before[1]
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            body(start, stop)  # the math path on meta: the attention's FLOPs counted
+            body(start, stop, self.transfers.ready(fetch(start, stop)))  # the math path: attention FLOPs
         self.transfers.fetched, self.transfers.written = before
-        return live.peak, int(counter.get_total_flops()), *moved
+        return live.peak, int(counter.get_total_flops()), fetched, written
 
 
 def run_blocks(
@@ -215,13 +248,20 @@ def run_blocks(
         run.repeated_flops = (len(bands) - 1) * len(blocks) * per_band
     attention = LinearAttentionPasses(blocks[0].attn1, height * width, batch, store)
 
-    def embed(start: int, stop: int) -> None:
+    def nothing(start: int, stop: int) -> None:
+        return None  # the latent is the caller's, on the device
+
+    def embed(start: int, stop: int, fetched: None) -> None:
         positions = position_rows(transformer.pos_embed, height, width, start, stop)
         tokens = embed_band(transformer.pos_embed, sample[:, :, start * patch : stop * patch], positions)
         put(run, stream, start, stop, tokens, width)
         attention.add(attention_input(blocks[0], tokens, modulations[0]))
 
-    run.passes_over(bands, embed, "embed")
+    run.passes_over(bands, nothing, embed, "embed")
+
+    def fetch(start: int, stop: int) -> Any:
+        return run.transfers.fetch(stream, start, stop)
+
     for index, block in enumerate(blocks):
         attention.finish()
         last = index + 1 == len(blocks)
@@ -229,9 +269,9 @@ def run_blocks(
             None if last else LinearAttentionPasses(blocks[index + 1].attn1, height * width, batch, store)
         )
 
-        def body(start: int, stop: int, block: nn.Module = block, index: int = index, following: Any = following,
-                 attention: LinearAttentionPasses = attention) -> None:  # fmt: skip
-            tokens = as_tokens(run.transfers.ready(run.transfers.fetch(stream, start, stop)))
+        def body(start: int, stop: int, fetched: torch.Tensor, block: nn.Module = block, index: int = index,
+                 following: Any = following, attention: LinearAttentionPasses = attention) -> None:  # fmt: skip
+            tokens = as_tokens(fetched)
             tokens = block_band(block, tokens, attention, modulations[index], conditioning)
             if following is None:
                 out[:, :, start * patch : stop * patch] = output_band(
@@ -241,7 +281,7 @@ def run_blocks(
             put(run, stream, start, stop, tokens, width)
             following.add(attention_input(blocks[index + 1], tokens, modulations[index + 1]))
 
-        run.passes_over(bands, body, "last" if last else "block")
+        run.passes_over(bands, fetch, body, "last" if last else "block")
         attention.release()
         attention = following  # type: ignore[assignment]
     store.release(stream)
