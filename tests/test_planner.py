@@ -239,7 +239,8 @@ def test_dit_plan_chooses_the_banded_dit_when_only_it_fits_and_the_image_is_unch
     stage = planner.plan_stage(*size, budget=budget, unet_calls=2)
     assert stage.savers.banded_dit and stage.unet_activations == banded
     assert "banded DiT" in stage.savers.names()[0]
-    assert stage.flops > stage.plain_flops  # the captions' keys and values, projected per band
+    # one band at this size: the banded cost model's FLOPs are exactly the traced call's
+    assert stage.flops == stage.plain_flops
     plain = pixart_image(pipe, size)
     with apply_savers(pipe, stage.savers):
         saved = pixart_image(pipe, size)

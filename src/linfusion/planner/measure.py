@@ -294,7 +294,12 @@ class Measurements:
         return self._extrapolated(key, measure, 1)(width, height, self._tokens_per_pixel)
 
     def unet_flops(self, width: int, height: int, guidance: bool = True) -> int:
-        """FLOPs of one UNet call (both guidance branches when ``guidance``)."""
+        """FLOPs of one UNet call (both guidance branches when ``guidance``); a DiT's as :meth:`call_flops`
+        counts them, LinFusion's attention products included."""
+        if self.dit:
+            return self.call_flops(
+                width, height, "softmax" if self.linfusion is None else "linfusion", guidance
+            )
         key = ("unet flops", guidance)
         measure = self._extrapolated(
             key, lambda w, h: traced_flops(self._run_unet(w, h, 2 if guidance else 1)), 2
