@@ -3,13 +3,13 @@
 The denoiser (a UNet, or a diffusion transformer such as PixArt's; with LinFusion and the chosen savers)
 and the VAE (plain or exactly tiled) are rebuilt from their configs on ``meta`` and called under a
 dispatch mode that counts the bytes of live tensors (and torch's flop counter for FLOPs). The methods keep
-the UNet's names (``unet_activations``, ``unet_flops``, ...) for either denoiser. Nothing is computed, and every saver is accounted for exactly as it changes the
-program. Stages up to ``TRACE_LIMIT_TOKENS`` latent tokens are traced at their own size; larger ones at a
-few smaller sizes of the same aspect ratio, extended as a polynomial in pixels (:class:`Extrapolated`), so
-that a 16K stage is measured in seconds. The banded UNet and the tiled VAE are costed by their own
-analytic cost models, the banded DiT by its own (:mod:`linfusion.patches.banded_dit`). Device allocators add overhead on top of live tensors; ``OVERHEAD`` holds the
-correction per device type (CPU: fitted on RSS high-water marks of fresh processes, see
-docs/high-resolution.md).
+the UNet's names (``unet_activations``, ``unet_flops``, ...) for either denoiser. Nothing is computed, and
+every saver is accounted for exactly as it changes the program. Stages up to ``TRACE_LIMIT_TOKENS`` latent
+tokens are traced at their own size; larger ones at a few smaller sizes of the same aspect ratio, extended
+as a polynomial in pixels (:class:`Extrapolated`), so that a 16K stage is measured in seconds. The banded
+UNet, the banded DiT and the tiled VAE are costed by their own analytic cost models. Device allocators add
+overhead on top of live tensors; ``OVERHEAD`` holds the correction per device type (CPU: fitted on RSS
+high-water marks of fresh processes, see docs/high-resolution.md).
 """
 
 from __future__ import annotations

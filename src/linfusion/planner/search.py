@@ -41,11 +41,12 @@ class MemoryPlanner(Measurements):
     def unet_options(
         self, width: int, height: int, guidance: bool, calls: int, room: int
     ) -> Iterator[PhaseCost]:
-        """Every way to run the stage's UNet calls, cheapest first, each measured only when asked for.
+        """Every way to run the stage's UNet (or DiT) calls, cheapest first, each measured only when asked for.
 
-        First the savers of the plain UNet; then the banded UNet (exact, bounded: its store on the
-        device, then, on CUDA, on the host with ``room`` bytes of it kept on the device, then all on the
-        host), each with the guidance branches together and one after the other.
+        First the savers of the plain model (a DiT has no skips to park); then the banded UNet or banded DiT
+        (exact, bounded: its store on the device, then, on CUDA, on the host with ``room`` bytes of it kept
+        on the device, then all on the host), each with the guidance branches together and one after the
+        other.
         """
         flops = calls * self.unet_flops(width, height, guidance)
         for savers in self._unet_ladder():
