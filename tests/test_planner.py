@@ -267,3 +267,20 @@ def test_dit_phases_weights_and_call_flops_on_the_full_size_structure() -> None:
     core = blocks * batch * 2 * 16 * tokens * 72 * (2 * 72 + 1)  # phi(K)^T V and every query's read
     assert softmax - linear == pytest.approx(attention - mlps - core, rel=0.01)
     assert planner.call_flops(4096, 4096, "softmax") / planner.call_flops(4096, 4096, "linfusion") > 4
+
+
+@pytest.mark.slow
+def test_dit_estimates_against_the_measured_cpu_peak() -> None:
+    """A PixArt-Sigma-wide transformer (2 blocks, float32) at 1024 px on the CPU, each call in a fresh process:
+    the traced estimate of the plain call within a quarter of the RSS peak; the banded DiT's cost model
+    (32 MiB bands) above its peak, which is a fraction of the plain call's."""
+    probe = Path(__file__).with_name("support") / "dit_planner_probe.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = {}
+    for mode in ("plain", "banded"):
+        output = subprocess.run([sys.executable, str(probe), "1024", mode], capture_output=True, text=True,
+                                timeout=900, env=env, check=True)  # fmt: skip
+        results[mode] = json.loads(output.stdout.strip().splitlines()[-1])
+    plain, banded = results["plain"], results["banded"]
+    assert 0.75 <= plain["estimate"] / plain["measured"] <= 1.25, results
+    assert banded["measured"] <= banded["estimate"] < 0.3 * plain["measured"], results
