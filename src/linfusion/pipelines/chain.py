@@ -136,21 +136,24 @@ def unet_calls(stage: Stage, steps: int, mode: str) -> int:
     return denoising_steps(stage, steps) * (2 if mode == "demofusion" else 1)
 
 
+def _denoiser_config(pipe: Any) -> Any:
+    """The config of the pipeline's UNet, or of its transformer (PixArt)."""
+    unet = getattr(pipe, "unet", None)
+    return (unet if unet is not None else pipe.transformer).config
+
+
 def native_long_side(pipe: Any) -> int:
     """The long side, in pixels, of the images the pipeline's UNet (or transformer) was trained at."""
-    from ..model import denoiser_of
-
-    return int(denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor)
+    return int(_denoiser_config(pipe).sample_size * pipe.vae_scale_factor)
 
 
 def minimum_side(pipe: Any) -> int:
     """The smallest width and height, in pixels, the pipeline works at: one latent row and column at the
     UNet's deepest level (each down block but the last halves the latent image), or one transformer patch."""
-    from ..model import denoiser_of
-
-    config = denoiser_of(pipe).config
-    if "patch_size" in config:
-        return int(pipe.vae_scale_factor * config.patch_size)
+    config = _denoiser_config(pipe)
+    patch = getattr(config, "patch_size", None)
+    if patch is not None:
+        return int(pipe.vae_scale_factor * patch)
     halvings = len(config.down_block_types) - 1
     return int(pipe.vae_scale_factor * 2**halvings)
 
