@@ -247,11 +247,12 @@ def test_metadata_jsonl_and_datasets_inputs(teachers, images, tmp_path: Path) ->
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_on_cpu(teachers, images, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd15", "pixart-alpha"])
+def test_accelerate_launch_two_processes_on_cpu(teachers, images, tmp_path: Path, family: str) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "linfusion", "distill", "--teacher", str(teachers["sd15"]), "--data", str(images),
+        "-m", "linfusion", "distill", "--teacher", str(teachers[family]), "--data", str(images),
         "--output", str(tmp_path / "out"), "--resolution", "32", "--batch-size", "2", "--max-steps", "3",
         "--checkpoint-every", "3", "--lr", "1e-3",
     ]  # fmt: skip

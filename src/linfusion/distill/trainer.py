@@ -147,8 +147,9 @@ class Distiller:
             frozen(getattr(self.pipe, name, None), self.device, self.weight_dtype)
         self.denoiser = denoiser_of(self.pipe)
         self.vae = self.pipe.vae
-        if self.sdxl and self.vae.config.get("force_upcast", False):
-            self.vae.to(torch.float32)  # the SD-XL VAE overflows in fp16
+        upcast = (self.sdxl or is_dit(self.pipe)) and self.vae.config.get("force_upcast", False)
+        if upcast:  # the SD-XL VAE (PixArt-Sigma's too) overflows in fp16; the encoder is a small cost
+            self.vae.to(torch.float32)
 
         self._seed_everything(config.seed)
         self.linfusion = LinFusion.from_unet(
