@@ -56,7 +56,7 @@ def final_state(output: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha"])
 def test_forty_steps_halve_the_feature_loss(teachers, images, tmp_path: Path, family: str) -> None:
     """Random teachers cannot predict noise, so the noise target would pull the student away from them;
     kd + feature targets agree (both are the teacher) and isolate the distillation signal."""
@@ -343,6 +343,24 @@ def tiny_sd3_pipeline() -> Any:
     )
 
 
+def tiny_sana_pipeline() -> Any:
+    """A SANA pipeline (already linear attention) with a tiny transformer and nothing else that loads."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8,
+    )  # fmt: skip
+    return SanaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
 def test_teachers_that_cannot_be_linearized_are_refused_before_any_work(
     images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -371,6 +389,10 @@ def test_teachers_that_cannot_be_linearized_are_refused_before_any_work(
         check_teacher(tiny_sd3_pipeline(), "sd3")
     with pytest.raises(TeacherError, match="not a complete PixArt pipeline: it has no transformer"):
         check_teacher(pixart, "pixart")
+    with pytest.raises(
+        TeacherError, match="SanaTransformer2DModel: SANA: its self-attention is already linear"
+    ):
+        check_teacher(tiny_sana_pipeline(), "sana")
 
 
 def test_bad_settings_are_refused_up_front(teachers, images, tmp_path: Path) -> None:

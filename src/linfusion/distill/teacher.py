@@ -229,8 +229,9 @@ class T5Conditioner:
     transformer's cross-attention (``encoder_attention_mask``). Tokens are padded only to the batch's longest
     caption, not to 120 (Alpha) or 300 (Sigma): padded tokens are masked out of T5 and out of every
     cross-attention, so the transformer's output is the same (tests check it) at a fraction of the cost.
-    Empty captions (caption dropout) encode "", the pipeline's negative prompt. PixArt-Alpha (sample size
-    128) also gets its resolution (height, width in pixels) and aspect-ratio (height / width) conditions.
+    Empty captions (caption dropout) encode "", the pipeline's negative prompt. PixArt-Alpha at 1024 px
+    (``use_additional_conditions``) also gets its resolution (height, width in pixels) and aspect-ratio
+    (height / width) conditions.
     """
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype):
@@ -238,7 +239,8 @@ class T5Conditioner:
         self.device = device
         self.dtype = dtype
         self.max_length = max_sequence_length(pipe)
-        self.size_conditions = pipe.transformer.config.sample_size == 128  # the pipeline's own test
+        # Alpha's pipeline passes them at sample size 128; the transformer reads them only when it uses them.
+        self.size_conditions = bool(getattr(pipe.transformer, "use_additional_conditions", False))
 
     @torch.no_grad()
     def __call__(self, captions: list[str], time_ids: torch.Tensor) -> dict[str, Any]:
