@@ -47,6 +47,8 @@ def auto_vae_attention(model: str | None, tokens: int) -> str:
 
 
 RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
+RANDOM_MODELS["random-pixart-sigma"] = "pixart-sigma"
+RANDOM_MODELS["random-pixart-alpha"] = "pixart-alpha"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

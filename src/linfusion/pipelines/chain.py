@@ -137,14 +137,21 @@ def unet_calls(stage: Stage, steps: int, mode: str) -> int:
 
 
 def native_long_side(pipe: Any) -> int:
-    """The long side, in pixels, of the images the pipeline's UNet was trained at."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The long side, in pixels, of the images the pipeline's UNet (or transformer) was trained at."""
+    from ..model import denoiser_of
+
+    return int(denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor)
 
 
 def minimum_side(pipe: Any) -> int:
     """The smallest width and height, in pixels, the pipeline works at: one latent row and column at the
-    UNet's deepest level (each down block but the last halves the latent image)."""
-    halvings = len(pipe.unet.config.down_block_types) - 1
+    UNet's deepest level (each down block but the last halves the latent image), or one transformer patch."""
+    from ..model import denoiser_of
+
+    config = denoiser_of(pipe).config
+    if "patch_size" in config:
+        return int(pipe.vae_scale_factor * config.patch_size)
+    halvings = len(config.down_block_types) - 1
     return int(pipe.vae_scale_factor * 2**halvings)
 
 
