@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..io import MIB, format_size
+from ..model import denoiser_of
 from .banded_unet import apply_banded_unet
 from .base import Patch
 from .savers import apply_memory_savers
@@ -88,7 +89,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
             )
         patch.add(
             apply_memory_savers(
-                pipe.unet,
+                denoiser_of(pipe),
                 feed_forward_chunk=savers.feed_forward_chunk,
                 sequential_cfg=savers.sequential_cfg,
                 skip_offload="cpu" if savers.skip_offload else None,
@@ -114,7 +115,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
 
 def apply_model_offload(pipe: Any) -> Patch:
     """diffusers' model CPU offload (only the model at work on the device); ``remove()`` moves it all back."""
-    device = pipe.unet.device
+    device = denoiser_of(pipe).device
     models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     attributes = [set(model.__dict__) for model in models]
     pipe.enable_model_cpu_offload(device=device)

@@ -27,10 +27,20 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..model import denoiser_of
 from ..patches.base import Patch
 from ..patches.dilation import COSINE_POWERS, DEFAULT_SIGMA, apply_dilated_branch, cosine_factor
 from ..planner import MemoryPlan
+from ..registry import is_dit
 from .chain import DEFAULT_TILE_FROM, Stage, StageCallback, chain_stages, run_chain, stage_steps
+
+# Why a diffusion transformer gets no DemoFusion: its global branch is the dilation of the UNet's convolutions.
+DEMOFUSION_ON_DIT = (
+    "--mode demofusion steers every stage with a dilated copy of the UNet's convolutions (its global branch); "
+    "a diffusion transformer (PixArt) has no convolution between its patch embedding and its output to "
+    "dilate, and with LinFusion every token already attends to the whole image: use --mode sdedit (the same "
+    "stages without the dilated branch)"
+)
 
 
 def match_channel_statistics(latents: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -56,7 +66,7 @@ def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
         latents = (latents - mean) * vae.config.scaling_factor / std
     else:
         latents = latents * vae.config.scaling_factor
-    return latents.to(pipe.unet.dtype)
+    return latents.to(denoiser_of(pipe).dtype)
 
 
 def _vae_in_dtype(vae: nn.Module, dtype: torch.dtype) -> Patch:
@@ -196,6 +206,8 @@ def demofusion(
     ``linspace(0.32, 0, n + 1)`` for every family). Arguments as :func:`linfusion.pipelines.sdedit`;
     ``sigma`` scales the blur of the dilated branch. Schedulers of order 1 only (DDIM, Euler, DPM++ ...).
     """
+    if is_dit(pipe):
+        raise ValueError(DEMOFUSION_ON_DIT)
     if isinstance(generator, list):
         raise ValueError("demofusion takes one torch.Generator, not a list")
     if getattr(pipe.scheduler, "order", 1) != 1:
@@ -229,4 +241,11 @@ def demofusion(
     )
 
 
-__all__ = ["DemoFusionSteps", "demofusion", "encode_image", "match_channel_statistics", "stage_scale"]
+__all__ = [
+    "DEMOFUSION_ON_DIT",
+    "DemoFusionSteps",
+    "demofusion",
+    "encode_image",
+    "match_channel_statistics",
+    "stage_scale",
+]
