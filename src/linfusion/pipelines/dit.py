@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..model import denoiser_of
+from .latents import encode_image
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,6 @@ def image_to_image(
 ) -> Image.Image:
     """SDEdit on PixArt: ``image`` encoded by the VAE, noised to ``strength``, denoised (options: see
     :func:`refine_latents`)."""
-    from .demofusion import encode_image
-
     return decode(pipe, refine_latents(pipe, encode_image(pipe, image), prompt, strength, **options))
 
 
