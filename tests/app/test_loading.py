@@ -13,26 +13,19 @@ from linfusion.app.checks import preflight
 from linfusion.app.params import GenerationError, GenerationParams
 from linfusion.app.prepare import Budgets
 from linfusion.bundled.paths import DIT_MODEL_DIR
-from linfusion.testing import tiny_pipeline
+from support.pixart import save_tiny_pixart
 
 
 @pytest.fixture(scope="module")
 def pixart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny PixArt-Sigma pipeline folder with its own LinFusion weights in ``linfusion/``."""
-    folder = tmp_path_factory.mktemp("pixart")
-    pipe = tiny_pipeline("pixart-sigma")
-    pipe.save_pretrained(folder)
-    torch.manual_seed(7)
-    LinFusion.from_transformer(pipe.transformer, init="random").save_pretrained(folder / "linfusion")
-    return folder
+    return save_tiny_pixart(tmp_path_factory.mktemp("pixart"))
 
 
 @pytest.fixture(scope="module")
 def bare_pixart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same without LinFusion weights."""
-    folder = tmp_path_factory.mktemp("bare")
-    tiny_pipeline("pixart-sigma").save_pretrained(folder)
-    return folder
+    return save_tiny_pixart(tmp_path_factory.mktemp("bare"), linfusion=False)
 
 
 def linear_layers(pipe) -> list[torch.nn.Module]:
