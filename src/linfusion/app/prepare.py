@@ -51,7 +51,7 @@ from ..vae_attention import (
     quadratic_attention_hint,
     vae_attention_mode,
 )
-from .loading import LINEAR_VAE_ATTENTION_MEASURED, auto_vae_attention
+from .loading import LINEAR_VAE_ATTENTION_MEASURED, SPATIAL_PARALLEL_ON_DIT, auto_vae_attention
 from .params import GenerationError, GenerationParams, minimum_side_message
 from .timing import describe_duration, predicted_seconds
 
@@ -203,10 +203,7 @@ def stripe_sizes(model: Any, stages: Sequence[Stage], stripes: int) -> list[tupl
     if stripes == 1:
         return [stage.size for stage in stages]
     if is_dit(denoiser_of(model)):
-        raise GenerationError(
-            "spatial parallelism (torchrun) splits a UNet's image into row stripes; it is not implemented "
-            "for diffusion transformers: run one process"
-        )
+        raise GenerationError(SPATIAL_PARALLEL_ON_DIT)
     from ..parallel.layout import StripeLayoutError, stripe_bounds
 
     factor = model.vae_scale_factor
