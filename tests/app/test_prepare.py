@@ -8,7 +8,7 @@ import pytest
 
 from linfusion import LinFusion
 from linfusion.app.loading import load
-from linfusion.app.params import GenerationError, GenerationParams
+from linfusion.app.params import GenerationParams
 from linfusion.app.prepare import Budgets, RunPlan, choose_vae_attention, prepare
 from linfusion.io import parse_size
 from linfusion.pipelines.chain import Stage
@@ -123,16 +123,13 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_noted() -> None:
     assert prompt_length_notes(SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77)), long) == []
 
 
-def test_a_dits_prompt_limit_is_its_pipelines_t5_length_and_it_runs_in_one_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """PixArt reads ``max_sequence_length`` T5 tokens (Alpha 120), not the tokenizer's own limit; spatial
-    parallelism (UNet row stripes) is refused for a DiT before loading and when planning stripes."""
-    from linfusion.app import loading
+def test_a_dits_prompt_limit_is_its_pipelines_t5_length_and_its_stripes_whole_patches() -> None:
+    """PixArt reads ``max_sequence_length`` T5 tokens (Alpha 120), not the tokenizer's own limit; a rank of
+    a spatial-parallel run plans the tallest stripe of whole patches (2 latent rows), as the split cuts it."""
     from linfusion.app.prepare import prompt_length_notes, stripe_sizes
+    from linfusion.parallel.layout import stripe_bounds
     from linfusion.pipelines.chain import Stage
     from linfusion.testing import tiny_pipeline
-    from support.pixart import save_tiny_pixart
 
     pipe = tiny_pipeline("pixart-alpha")
     tokens = len(pipe.tokenizer("x" * 100, truncation=False).input_ids)
@@ -140,9 +137,6 @@ def test_a_dits_prompt_limit_is_its_pipelines_t5_length_and_it_runs_in_one_proce
     assert prompt_length_notes(pipe, GenerationParams("x" * 100)) == []
     (note,) = prompt_length_notes(pipe, GenerationParams("x" * 200))
     assert "the text encoder reads 120" in note
-    with pytest.raises(GenerationError, match="not implemented for diffusion transformers"):
-        stripe_sizes(pipe, [Stage(64, 64, None)], 2)
-    folder = save_tiny_pixart(tmp_path / "pixart", linfusion=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(GenerationError, match="not implemented for diffusion transformers"):
-        loading.load(GenerationParams("a red circle", model=str(folder), linfusion="none"), device="cpu")
+    rows = max(stop - start for start, stop in stripe_bounds(22, 3, 2))  # 44 px: 22 latent rows, 11 patches
+    assert rows == 8  # 4 + 4 + 3 patches
+    assert stripe_sizes(pipe, [Stage(64, 44, None)], 3) == [(64, rows * 2)]

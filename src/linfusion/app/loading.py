@@ -49,11 +49,6 @@ def auto_vae_attention(model: str | None, tokens: int) -> str:
     return "exact"
 
 
-# Why a DiT runs in one process: the spatial parallelism splits a UNet's latent image into row stripes.
-SPATIAL_PARALLEL_ON_DIT = (
-    "spatial parallelism (torchrun) splits a UNet's latent image into row stripes with halo exchanges at its "
-    "convolutions; it is not implemented for diffusion transformers (PixArt): run one process"
-)
 RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -353,13 +348,11 @@ def load(params: GenerationParams, device: str = "auto") -> LoadedPipeline:
 
     Under ``torchrun`` (WORLD_SIZE > 1) the pipeline is also made spatial-parallel.
     """
-    from ..parallel.launch import enable_for_pipeline, world_size_from_env
+    from ..parallel.launch import enable_for_pipeline
 
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
     torch_device = resolve_device(device)
     model = resolve_model(params.model)
-    if world_size_from_env() > 1 and names_dit(params.model):
-        raise GenerationError(SPATIAL_PARALLEL_ON_DIT)
     pipe = load_pipeline(model, torch_device, resolve_dtype(params.dtype, torch_device))
     params = params.replace(scheduler=use_scheduler(pipe, params.scheduler))
     patch = Patch("loaded pipeline")
@@ -377,7 +370,6 @@ __all__ = [
     "DTYPES",
     "LINEAR_VAE_ATTENTION_MEASURED",
     "RANDOM_MODELS",
-    "SPATIAL_PARALLEL_ON_DIT",
     "LoadedPipeline",
     "attach_linfusion",
     "auto_vae_attention",

@@ -51,7 +51,7 @@ from ..vae_attention import (
     quadratic_attention_hint,
     vae_attention_mode,
 )
-from .loading import LINEAR_VAE_ATTENTION_MEASURED, SPATIAL_PARALLEL_ON_DIT, auto_vae_attention
+from .loading import LINEAR_VAE_ATTENTION_MEASURED, auto_vae_attention
 from .params import GenerationError, GenerationParams, minimum_side_message
 from .timing import describe_duration, predicted_seconds
 
@@ -202,12 +202,12 @@ def stripe_sizes(model: Any, stages: Sequence[Stage], stripes: int) -> list[tupl
     """The size one rank plans per stage: the whole stage, or with ``stripes`` > 1 the tallest stripe."""
     if stripes == 1:
         return [stage.size for stage in stages]
-    if is_dit(denoiser_of(model)):
-        raise GenerationError(SPATIAL_PARALLEL_ON_DIT)
     from ..parallel.layout import StripeLayoutError, stripe_bounds
 
     factor = model.vae_scale_factor
-    multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    denoiser = denoiser_of(model)  # a transformer's stripes start on whole patches, a UNet's on whole rows
+    depth = 2 ** (len(denoiser.config.get("block_out_channels", ())) - 1)  # ... of its deepest level
+    multiple = denoiser.config.patch_size if is_dit(denoiser) else depth
     sizes = []
     for stage in stages:
         try:
