@@ -49,3 +49,35 @@ def test_a_unet_models_planning_copy_is_unchanged(linfusion: bool, tmp_path: Pat
     view = shelf.planning_view(shelf.slot("bundled"), linfusion, "exact")
     assert view.unet.device.type == "meta" and not hasattr(view, "transformer")
     assert (linear_layers(view.unet) > 0) == linfusion
+
+
+def test_a_pixart_job_reports_every_step_of_every_stage(tmp_path: Path) -> None:
+    """A PixArt job through the page's backend: plain, then an SDEdit chain at 2x (the DiT planner plans it)."""
+    from linfusion.ui.jobs import Job
+    from linfusion.ui.requests import TextToImageRequest
+
+    folder = str(save_tiny_pixart(tmp_path / "pixart"))
+    backend = Backend([folder], tmp_path / "outputs", device="cpu")
+    for mode, size, expected in (
+        ("plain", 32, [(0, 1, 3), (0, 2, 3), (0, 3, 3)]),
+        (
+            "sdedit",
+            64,
+            [(0, 1, 3), (0, 2, 3), (0, 3, 3), (1, 1, 1)],
+        ),  # 0.4 of stage_steps(3, 0.4) = 4: 1 step
+    ):
+        reported: list[tuple] = []
+        job = Job(1, "test", "test", lambda job: None)
+        original = job.step_done
+
+        def step_done(stage, step, steps=None, original=original, reported=reported):
+            reported.append((stage, step, steps))
+            original(stage, step, steps)
+
+        job.step_done = step_done
+        request = TextToImageRequest(
+            "a red circle", width=size, height=size, steps=3, seed=2, model=folder, mode=mode
+        )
+        result = backend.text_to_image(request, job)
+        assert reported == expected
+        assert f"Size: {size}x{size}" in result.parameters and f"Model: {folder}" in result.parameters
