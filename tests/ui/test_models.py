@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from linfusion.app.params import GenerationParams
+from linfusion.app.prepare import prompt_length_notes
 from linfusion.ui.backend import Backend
 from linfusion.ui.models import ModelShelf
 from support.pixart import save_tiny_pixart
@@ -32,6 +34,9 @@ def test_planning_copies_of_a_pixart_model_are_on_meta_with_linfusion_as_asked(t
     with_linfusion = shelf.planning_view(slot, True, "exact")
     assert with_linfusion.transformer.device.type == "meta" and not hasattr(with_linfusion, "unet")
     assert linear_layers(with_linfusion.transformer) == 2
+    long_prompt = GenerationParams("x" * 400)  # T5 tokens: the byte-level tokenizer's, one per character
+    (note,) = prompt_length_notes(with_linfusion, long_prompt)
+    assert note == prompt_length_notes(slot.pipe, long_prompt)[0] and "the text encoder reads 300" in note
     assert linear_layers(shelf.planning_view(slot, False, "exact").transformer) == 0
     assert linear_layers(slot.pipe.transformer) == 0  # the loaded pipeline is untouched
 

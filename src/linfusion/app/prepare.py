@@ -184,7 +184,8 @@ def prompt_length_notes(model: Any, params: GenerationParams) -> list[str]:
     tokenizer = getattr(model, "tokenizer", None)
     if not callable(tokenizer):  # a structure on meta carries the length only
         return []
-    limit = max_sequence_length(model) if is_dit(model) else tokenizer.model_max_length
+    transformer = getattr(model, "transformer", None)  # a DiT reads its pipeline's T5 length
+    limit = max_sequence_length(model) if is_dit(transformer) else tokenizer.model_max_length
     notes = []
     for what, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
         if not text:

@@ -57,7 +57,10 @@ class RunningPipeline:
 
 
 def max_sequence_length(pipe: Any) -> int:
-    """The T5 tokens the pipeline (or pipeline class) reads by default (PixArt-Alpha 120, PixArt-Sigma 300)."""
+    """The T5 tokens the pipeline (or pipeline class) reads by default (PixArt-Alpha 120, PixArt-Sigma 300);
+    a planning view of a pipeline carries the number as its ``max_sequence_length``."""
+    if isinstance(getattr(pipe, "max_sequence_length", None), int):
+        return pipe.max_sequence_length
     pipeline_class = pipe if isinstance(pipe, type) else type(pipe)
     default = inspect.signature(pipeline_class.__call__).parameters["max_sequence_length"].default
     return int(default)

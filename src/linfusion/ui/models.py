@@ -34,6 +34,7 @@ from ..model import LinFusion, denoiser_of
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import native_long_side
+from ..pipelines.dit import max_sequence_length
 from ..planner import MemoryPlanner
 from .preview import LatentPreview, fit_latent_preview
 
@@ -153,8 +154,10 @@ class ModelShelf:
             if linfusion and slot.linfusion is not None:
                 LinFusion(modules_list=slot.linfusion.config.modules_list).mount(copy)
         apply_vae_attention(vae, vae_attention)
+        extra = {"max_sequence_length": max_sequence_length(pipe)} if slot_name == "transformer" else {}
         return SimpleNamespace(
             **{slot_name: copy},
+            **extra,
             vae=vae,
             tokenizer=pipe.tokenizer,
             text_encoder=getattr(pipe, "text_encoder", None),
