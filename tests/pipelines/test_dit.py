@@ -65,9 +65,12 @@ def test_refine_is_the_pipeline_started_from_the_noised_image(strength: float) -
     assert torch.equal(ours, expected)
 
 
-def test_refine_strength_must_be_in_range() -> None:
+def test_refine_strength_must_be_in_range_and_run_a_step() -> None:
+    pipe = tiny_pipeline("pixart-sigma")
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
-        dit.refine_latents(tiny_pipeline("pixart-sigma"), torch.zeros(1, 4, 16, 16), "x", 0.0)
+        dit.refine_latents(pipe, torch.zeros(1, 4, 16, 16), "x", 0.0)
+    with pytest.raises(ValueError, match="strength 0.1 of 5 steps runs no step: ask for at least 10 steps"):
+        dit.refine_latents(pipe, torch.zeros(1, 4, 16, 16), "x", 0.1, num_inference_steps=5)
 
 
 def test_step_callbacks_see_the_steps_and_replace_the_latents() -> None:

@@ -17,6 +17,7 @@ run time with the trained ``interpolation_scale`` (see docs/high-resolution.md).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -154,12 +155,8 @@ def text_to_image(
     guidance_scale: float = 4.5,
     generator: torch.Generator | None = None,
     callback_on_step_end: Callable | None = None,
-    latents_out: dict[str, torch.Tensor] | None = None,
 ) -> Image.Image:
-    """PixArt text-to-image at exactly ``width`` x ``height``: the pipeline's own image for the same seed.
-
-    ``latents_out`` (when given) receives the final latents under ``"latents"``.
-    """
+    """PixArt text-to-image at exactly ``width`` x ``height``: the pipeline's own image for the same seed."""
     with torch.no_grad():
         conditioning = encode_conditioning(pipe, prompt, negative_prompt, guidance_scale, width, height)
         pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device)
@@ -175,15 +172,18 @@ def text_to_image(
         latents = denoise(
             pipe, latents, pipe.scheduler.timesteps, conditioning, generator, callback_on_step_end
         )
-    if latents_out is not None:
-        latents_out["latents"] = latents
     return decode(pipe, latents)
 
 
 def refine_timesteps(scheduler: Any, num_inference_steps: int, strength: float, device: Any) -> torch.Tensor:
     """The tail of the schedule an image-to-image step of ``strength`` runs (as diffusers' img2img takes it)."""
-    scheduler.set_timesteps(num_inference_steps, device=device)
     steps = min(int(num_inference_steps * strength), num_inference_steps)
+    if steps < 1:
+        raise ValueError(
+            f"strength {strength} of {num_inference_steps} steps runs no step: ask for at least "
+            f"{math.ceil(1 / strength)} steps"
+        )
+    scheduler.set_timesteps(num_inference_steps, device=device)
     start = max(num_inference_steps - steps, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
