@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bundled.paths import MODEL_DIR
-from ..choices import BUNDLED_MODEL_NAME
+from ..bundled.paths import DIT_MODEL_DIR, MODEL_DIR
+from ..choices import BUNDLED_DIT_MODEL_NAME, BUNDLED_MODEL_NAME
 from ..errors import UserError
 from ..hub import load_failure_message, looks_like_hub_id
 from ..registry import UNSUPPORTED_DENOISERS, UnsupportedModelError, check_linearizable, is_dit, is_sdxl
@@ -29,8 +29,10 @@ class TeacherError(UserError, ValueError):
 
 
 def resolve_teacher(name_or_path: str) -> str:
-    """The folder or Hub id behind ``--teacher`` ("bundled": the bundled model's folder, as for generate)."""
-    return str(MODEL_DIR) if name_or_path == BUNDLED_MODEL_NAME else name_or_path
+    """The folder or Hub id behind ``--teacher`` ("bundled" / "bundled-dit": the bundled models' folders, as
+    for generate)."""
+    named = {BUNDLED_MODEL_NAME: MODEL_DIR, BUNDLED_DIT_MODEL_NAME: DIT_MODEL_DIR}
+    return str(named[name_or_path]) if name_or_path in named else name_or_path
 
 
 def check_teacher_source(name_or_path: str) -> None:
@@ -42,7 +44,7 @@ def check_teacher_source(name_or_path: str) -> None:
         raise TeacherError(
             f"--teacher {name_or_path!r}: no such folder; pass a diffusers pipeline folder (with "
             f"model_index.json), a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or "
-            f"{BUNDLED_MODEL_NAME}"
+            f"{BUNDLED_MODEL_NAME} or {BUNDLED_DIT_MODEL_NAME}"
         )
     index = os.path.join(source, "model_index.json")
     if not os.path.isfile(index):

@@ -35,7 +35,9 @@ class Savers:
     tiled_vae: bool = False
     model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
     banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
-    banded_dit: bool = False  # a diffusion transformer block by block over token bands (exact, bounded memory)
+    banded_dit: bool = (
+        False  # a diffusion transformer block by block over token bands (exact, bounded memory)
+    )
     unet_store_on_host: bool = False  # the banded UNet's (or DiT's) whole activations in host memory
     unet_device_store_bytes: int | None = None  # ... of which this many bytes may stay on the device
     vae_store_on_host: bool = False  # the tiled VAE's store in host memory ...
