@@ -85,26 +85,33 @@ def restored_values(fields: Fields, stored: str | None, settle: Settle | None = 
     return {name: settled[name] for name in fields if name in kept or settled[name] != defaults[name]}
 
 
-def save_script(fields: Fields) -> str:
-    """The page-side function that writes the fields that differ from their defaults (all fields, in the
-    order of ``fields``, are its arguments). It writes nothing until the page has read what was stored."""
-    names = json.dumps(list(fields))
-    defaults = json.dumps([default_of(component) for component in fields.values()])
-    return (
-        f"(...values) => {{ if (!window.linfusionSettingsRead) return []; const names = {names}, "
-        f"defaults = {defaults}, changed = {{}}; const same = (a, b) => JSON.stringify(a ?? '') === "
-        "JSON.stringify(b ?? ''); names.forEach((name, i) => { if (!same(values[i], defaults[i])) "
-        "changed[name] = values[i]; }); try { if (Object.keys(changed).length) localStorage.setItem("
-        f"{json.dumps(STORAGE_KEY)}, JSON.stringify(changed)); else localStorage.removeItem("
-        f"{json.dumps(STORAGE_KEY)}); }} catch (error) {{}} return []; }}"
-    )
-
-
+# Runs in the page on every change of a kept field, with every kept field's value (no server request).
+SAVE_SCRIPT = """(...values) => {
+  if (!window.linfusionSettingsRead) return [];  // what was stored is not read yet: keep it
+  const names = @NAMES@, defaults = @DEFAULTS@, changed = {};
+  const same = (a, b) => JSON.stringify(a ?? "") === JSON.stringify(b ?? "");
+  names.forEach((name, i) => { if (!same(values[i], defaults[i])) changed[name] = values[i]; });
+  try {
+    if (Object.keys(changed).length) localStorage.setItem(@KEY@, JSON.stringify(changed));
+    else localStorage.removeItem(@KEY@);
+  } catch (error) {}  // storage refused (full, blocked): the page works without it
+  return [];
+}"""
 # Runs in the page on load: hands what is stored to the server's check, and allows saving from then on.
-READ_SCRIPT = (
-    f"(stored) => {{ window.linfusionSettingsRead = true; try {{ return [localStorage.getItem("
-    f"{json.dumps(STORAGE_KEY)}) || '']; }} catch (error) {{ return ['']; }} }}"
-)
+READ_SCRIPT = """(stored) => {
+  window.linfusionSettingsRead = true;
+  try { return [localStorage.getItem(@KEY@) || ""]; } catch (error) { return [""]; }
+}""".replace("@KEY@", json.dumps(STORAGE_KEY))
+
+
+def save_script(fields: Fields) -> str:
+    """:data:`SAVE_SCRIPT` for ``fields`` (its arguments are their values, in this order)."""
+    defaults = [default_of(component) for component in fields.values()]
+    return (
+        SAVE_SCRIPT.replace("@NAMES@", json.dumps(list(fields)))
+        .replace("@DEFAULTS@", json.dumps(defaults))
+        .replace("@KEY@", json.dumps(STORAGE_KEY))
+    )
 
 
 def wire_remembered(page: gr.Blocks, fields: Fields, settle: Settle | None = None) -> None:
