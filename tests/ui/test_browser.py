@@ -657,8 +657,12 @@ def test_reset_to_defaults_puts_the_defaults_back_and_a_reload_keeps_them(new_pa
     choose(page, "Size preset", "512")  # a preset chosen: it reads so again after a reload
     expect(scope.get_by_label("Height", exact=True)).to_have_value("384")
     choose_mode(page, "DemoFusion")
+    upscale = page.locator("#tab-upscale")
+    page.get_by_role("tab", name="Upscale").click()
+    upscale.get_by_label("Scale", exact=True).fill("4")
+    page.get_by_role("tab", name="Generate").click()
     wait_until_stored(page, {"generate.width": 512, "generate.height": 384, "generate.preset": 512,
-                             "generate.mode": "demofusion", "generate.seed": 5})  # fmt: skip
+                             "generate.mode": "demofusion", "generate.seed": 5, "upscale.scale": 4})  # fmt: skip
     chosen = field_values(page)
     page.reload()
     expect(scope.get_by_label("Seed", exact=True)).to_have_value("5")
@@ -666,10 +670,15 @@ def test_reset_to_defaults_puts_the_defaults_back_and_a_reload_keeps_them(new_pa
     assert (chosen["Size preset"], chosen["Width"], chosen["Height"]) == ("512", "512", "384")
     assert scope.get_by_role("radiogroup", name="Mode").get_by_label("DemoFusion", exact=True).is_checked()
 
-    page.get_by_role("button", name="Reset to defaults", exact=True).click()
+    scope.get_by_role("button", name="Reset to defaults", exact=True).click()
     expect(scope.get_by_label("Seed", exact=True)).to_have_value(defaults["Seed"])
     assert field_values(page) == defaults
     assert scope.get_by_role("radiogroup", name="Mode").get_by_label("plain", exact=True).is_checked()
+    page.get_by_role("tab", name="Upscale").click()
+    expect(upscale.get_by_label("Scale", exact=True)).to_have_value("4")  # each tab resets its own fields
+    upscale.get_by_role("button", name="Reset to defaults", exact=True).click()
+    expect(upscale.get_by_label("Scale", exact=True)).to_have_value("2")
+    page.get_by_role("tab", name="Generate").click()
     wait_until_stored(page, None)  # nothing differs from the defaults: nothing is kept
     page.reload()
     expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile("^Fits"))
