@@ -3,7 +3,6 @@ captions into conditioning, and how its denoiser is called."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from ..bundled.paths import DIT_MODEL_DIR, MODEL_DIR
 from ..choices import BUNDLED_DIT_MODEL_NAME, BUNDLED_MODEL_NAME
 from ..errors import UserError
 from ..hub import load_failure_message, looks_like_hub_id
+from ..pipelines.dit import max_sequence_length
 from ..registry import UNSUPPORTED_DENOISERS, UnsupportedModelError, check_linearizable, is_dit, is_sdxl
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -213,14 +213,6 @@ class TextConditioner:
                 "time_ids": time_ids.to(self.device, self.dtype),
             },
         }
-
-
-def max_sequence_length(pipe: Any) -> int:
-    """The T5 caption length a PixArt pipeline truncates to (its ``max_sequence_length``: Alpha 120, Sigma 300)."""
-    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-    if parameter is None or not isinstance(parameter.default, int):
-        return int(pipe.tokenizer.model_max_length)
-    return parameter.default
 
 
 class T5Conditioner:
