@@ -39,15 +39,15 @@ def register(subparsers: Any) -> None:
     defaults = DistillConfig.__dataclass_fields__
     parser = subparsers.add_parser(
         "distill",
-        help="linearize a Stable Diffusion checkpoint: train LinFusion layers from images + captions",
-        description="Distill LinFusion layers from a teacher SD-1.x/2.x/XL pipeline. Run under "
+        help="linearize a Stable Diffusion or PixArt checkpoint: train LinFusion layers from images + captions",
+        description="Distill LinFusion layers from a teacher SD-1.x/2.x/XL or PixArt-Alpha/Sigma pipeline. Run under "
         "`accelerate launch` for several GPUs or processes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--teacher",
         required=True,
-        help="diffusers pipeline: Hub id, local folder, or bundled (the bundled model)",
+        help="diffusers pipeline: Hub id, local folder, bundled (the bundled UNet model) or bundled-dit (the bundled PixArt)",
     )
     parser.add_argument(
         "--data", required=True, help="image folder (.txt captions or metadata.jsonl) or a datasets dataset"
