@@ -210,7 +210,6 @@ def test_16k_pixart_sigma_at_10_gib_runs_the_banded_dit(capsys: pytest.CaptureFi
     assert stage["device_peak_bytes"] <= 10 * GIB
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", ["random-pixart-sigma", "random-pixart-alpha"])
 def test_pixart_plans_at_1024_with_linfusion_mounted(capsys: pytest.CaptureFixture, model: str) -> None:
     code, result = plan(capsys, "--model", model, "--size", "1024x1024", "--mode", "plain", "--max-memory", "24GB",
@@ -236,10 +235,3 @@ def test_pixart_4096_plan_and_the_softmax_plan(capsys: pytest.CaptureFixture) ->
         softmax_plan["flops"] > 3 * linfusion_plan["flops"]
     )  # 65,536 tokens: the quadratic attention dominates
     assert linfusion_plan["stages"][0]["call_flops"] == softmax_plan["stages"][0]["call_flops"]
-
-
-def test_pixart_refuses_spatial_parallelism(capsys: pytest.CaptureFixture) -> None:
-    code = linfusion(["plan", "--model", "random-pixart-alpha", "--size", "2048x2048", "--max-memory", "12GB",
-                      "--nproc", "2"])  # fmt: skip
-    assert code == 2
-    assert "spatial parallelism runs UNets only" in capsys.readouterr().err

@@ -233,11 +233,6 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     if request.max_memory is None and request.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
     structure = load_structure(request.model, dtype)
-    if request.nproc > 1 and getattr(structure, "unet", None) is None:
-        raise GenerationError(
-            f"--nproc {request.nproc}: spatial parallelism runs UNets only; plan {request.model} on one process "
-            "(--nproc 1; the banded DiT bounds its memory instead)"
-        )
     if not request.linfusion:
         from ..model import denoiser_of, mounted_on
 
