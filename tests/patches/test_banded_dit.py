@@ -195,3 +195,13 @@ def test_16k_band_is_bounded() -> None:
     assert cost.device_peak < 0.5 * GIB
     on_device = banded_dit_cost(transformer, 16384, 8192, batch=1, store_on_host=False)
     assert cost.host_peak < on_device.device_peak < 2 * GIB
+
+
+def test_spatial_parallel_layers_are_refused() -> None:
+    """Spatial parallelism swaps each LinFusion layer's ``attend`` for one that all-reduces the state; the
+    banded passes read the layers directly, so under it they would see one rank's stripe: refused."""
+    transformer = make_transformer("pixart-sigma")
+    layer = transformer.transformer_blocks[1].attn1
+    layer.attend = layer.attend  # what linfusion.parallel installs: an instance attribute
+    with pytest.raises(UnsupportedDiT, match="spatial parallelism"):
+        apply_banded_dit(transformer)

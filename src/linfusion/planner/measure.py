@@ -186,9 +186,13 @@ class Measurements:
     @property
     def context_tokens(self) -> int:
         """Text tokens the denoiser's cross-attention reads: the tokenizer's length (CLIP's 77 without one);
-        for a DiT at most :data:`DIT_CAPTION_TOKENS` (the pipelines' caption length)."""
+        for a DiT the ``max_sequence_length`` a planning view carries, else at most :data:`DIT_CAPTION_TOKENS`
+        (the longest PixArt default: a loaded PixArt-Alpha pipeline is planned for more than its 120)."""
         tokens = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
         if self.dit:
+            carried = getattr(self.pipe, "max_sequence_length", None)
+            if isinstance(carried, int):
+                return carried
             return min(tokens or DIT_CAPTION_TOKENS, DIT_CAPTION_TOKENS)
         return tokens or 77
 

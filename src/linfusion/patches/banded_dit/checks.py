@@ -51,6 +51,13 @@ def check_banded_dit(transformer: nn.Module) -> None:
         require(not hasattr(block, "fuser"), where, "GLIGEN")
         if not isinstance(block.attn1, GeneralizedLinearAttention):
             raise UnsupportedDiT(f"the banded DiT needs LinFusion on {where}.attn1: {SOFTMAX_REFUSAL}")
+        # spatial parallelism swaps each layer's attend (and the patch embedding): the bands would see one
+        # rank's stripe only
+        require(
+            "attend" not in vars(block.attn1),
+            where,
+            "spatial parallelism (the banded DiT runs on one process)",
+        )
     dropping = [m for m in transformer.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
     require(not dropping, "the transformer", "active dropout (call transformer.eval())")
 
