@@ -284,3 +284,16 @@ def test_dit_estimates_against_the_measured_cpu_peak() -> None:
     plain, banded = results["plain"], results["banded"]
     assert 0.75 <= plain["estimate"] / plain["measured"] <= 1.25, results
     assert banded["measured"] <= banded["estimate"] < 0.3 * plain["measured"], results
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart-sigma"])
+def test_one_rank_of_a_spatial_parallel_run_is_never_planned_banded(family: str) -> None:
+    """The banded engines compute GroupNorm statistics and the attention state over the whole input they
+    get: on one rank's stripe that is not the whole image, so a rank's plan offers only the plain savers."""
+    pipe = tiny_pipeline(family)
+    LinFusion.construct_for(pipe, load_pretrained=False)
+    alone = list(MemoryPlanner(pipe).unet_options(128, 96, True, 2, room=10**12))
+    rank = list(MemoryPlanner(pipe, stripes=2).unet_options(128, 96, True, 2, room=10**12))
+    assert any(o.savers.banded_unet or o.savers.banded_dit for o in alone)
+    assert rank and not any(o.savers.banded_unet or o.savers.banded_dit for o in rank)
+    assert [o.savers for o in rank] == [o.savers for o in alone][: len(rank)]

@@ -258,6 +258,22 @@ def test_unsupported_unets_are_refused_before_any_change() -> None:
     assert "forward" not in unet.__dict__
 
 
+def test_a_unet_split_by_spatial_parallelism_is_refused() -> None:
+    """Under spatial parallelism each rank holds a stripe; the bands would take it for the whole image."""
+    from linfusion.parallel.comm import Communicator
+    from linfusion.parallel.patch import SpatialParallel
+
+    unet = make_unet("sd15", linfusion=True)
+    split = SpatialParallel([unet], Communicator.single(), active=False).patch()
+    try:
+        with pytest.raises(UnsupportedUNet, match="spatial parallelism"):
+            apply_banded_unet(unet)
+        assert "forward" not in unet.__dict__
+    finally:
+        split.restore()
+    apply_banded_unet(unet).remove()  # restored: accepted again
+
+
 @pytest.mark.parametrize("case", ["freeu", "self-attention-mask", "t2i-adapter", "gradients"])
 def test_unsupported_calls_are_refused_before_any_work(case: str) -> None:
     unet = make_unet("sd15", linfusion=True)

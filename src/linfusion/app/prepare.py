@@ -305,7 +305,7 @@ def prepare_steps(
         raise GenerationError(minimum_side_message(what, smallest))
     params = params.with_seed()
     stages = stages_for(model, params, source)
-    planner = planner or MemoryPlanner(model, device=device, dtype=dtype)
+    planner = planner or MemoryPlanner(model, device=device, dtype=dtype, stripes=stripes)
     vae_attention, notes = choose_vae_attention(params, model.vae, stages, planner.device, planner.dtype)
     notes = prompt_length_notes(model, params) + notes
     if vae_attention_mode(model.vae) != vae_attention:  # the planner reads the kernel the VAE runs

@@ -120,8 +120,15 @@ class Measurements:
     only the models' configs and parameter sizes are read, so a plan needs neither the device nor weights.
     """
 
-    def __init__(self, pipe: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        stripes: int = 1,
+    ):
         self.pipe = pipe
+        self.stripes = stripes  # > 1: one rank of a spatial-parallel run, where no banded engine can run
         self.denoiser = denoiser_of(pipe)  # the UNet, or a diffusion transformer
         self.dit = is_dit(self.denoiser)
         parameter = next(self.denoiser.parameters())
@@ -393,7 +400,10 @@ class Measurements:
 
     # ------------------------------------------------------------------ cost models
     def bandable(self) -> bool:
-        """Whether the banded UNet (or, for a DiT, the banded DiT: LinFusion mounted) can run the denoiser."""
+        """Whether the banded UNet (or, for a DiT, the banded DiT: LinFusion mounted) can run the denoiser
+        (never on one rank of a spatial-parallel run: the bands would take its stripe for the whole image)."""
+        if self.stripes > 1:
+            return False
         if self._banded_ok is None:
             try:
                 (check_banded_dit if self.dit else check_banded_unet)(self.meta_unet())

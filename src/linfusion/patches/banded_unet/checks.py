@@ -165,6 +165,10 @@ def check_banded_unet(unet: nn.Module) -> None:
             _check_conv(upsampler.conv, f"{where}.upsamplers.0.conv")
     dropping = [m for m in unet.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
     require(not dropping, "the UNet", "active dropout (call unet.eval())")
+    # spatial parallelism swaps every GroupNorm's forward for one that merges the stripes' statistics: the
+    # bands would read one rank's stripe as the whole image
+    split = [m for m in unet.modules() if isinstance(m, nn.GroupNorm) and "forward" in vars(m)]
+    require(not split, "the UNet", "spatial parallelism (the banded UNet runs on one process)")
 
 
 def check_call(unet: nn.Module, sample: torch.Tensor, options: dict[str, Any]) -> None:
