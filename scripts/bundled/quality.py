@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from linfusion.bundled import classifier as classifier_lib
 from linfusion.bundled import shapes
+from linfusion.model import denoiser_of
 
 from . import evaluate
 
@@ -77,11 +78,12 @@ def make_variant(pipe: Any, name: str, distilled: Any) -> Any:
 
     if name == "teacher":
         return None
+    denoiser = denoiser_of(pipe)
     if name == "student":
-        return distilled.mount(pipe.unet)
+        return distilled.mount(denoiser)
     torch.manual_seed(0)
-    random = LinFusion.from_unet(pipe.unet, init="random")
-    return random.mount(pipe.unet)
+    random = LinFusion.from_unet(denoiser, init="random")
+    return random.mount(denoiser)
 
 
 def generate_variant(
@@ -96,7 +98,7 @@ def generate_variant(
     batch_size: int = 50,
 ) -> tuple[np.ndarray, float]:
     """Images of one variant at ``scale`` x the native size, and the seconds per image."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor * scale
+    size = denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor * scale
     mounted = make_variant(pipe, name, distilled)
     try:
         start = time.perf_counter()

@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
+    from diffusers import DiffusionPipeline
+
     from linfusion import LinFusion
     from linfusion.bench.harness import environment
-    from linfusion.bundled import MODEL_DIR, load_pipeline
+    from linfusion.bundled import MODEL_DIR
     from linfusion.bundled import classifier as classifier_lib
 
     from . import quality
@@ -155,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             path = _cache_path(cache, args.tag, scale, name, steps_for[scale], args.n)
             if path.exists():
                 continue
-            if pipe is None:
-                pipe = load_pipeline(model)
+            if pipe is None:  # the bundled UNet (StableDiffusionPipeline) or DiT (PixArtSigmaPipeline) folder
+                pipe = DiffusionPipeline.from_pretrained(
+                    str(model), dtype=torch.float32, local_files_only=True
+                )
+                pipe.set_progress_bar_config(disable=True)
             if distilled is None and name == "student":
                 distilled = LinFusion.from_pretrained(weights).to(torch.float32)
             images, seconds = quality.generate_variant(

@@ -8,7 +8,10 @@ BUNDLED_DIR = Path(__file__).resolve().parent
 MODEL_DIR = (
     BUNDLED_DIR / "model"
 )  # a diffusers StableDiffusionPipeline folder, LinFusion weights in linfusion/
+DIT_MODEL_DIR = (
+    BUNDLED_DIR / "dit"
+)  # a diffusers PixArtSigmaPipeline folder (tiny DiT), LinFusion weights in linfusion/
 CLASSIFIER_DIR = BUNDLED_DIR / "classifier"
 IMAGE_SIZE = 32  # the size the model was trained at (its native size)
 
-__all__ = ["BUNDLED_DIR", "CLASSIFIER_DIR", "IMAGE_SIZE", "MODEL_DIR"]
+__all__ = ["BUNDLED_DIR", "CLASSIFIER_DIR", "DIT_MODEL_DIR", "IMAGE_SIZE", "MODEL_DIR"]
