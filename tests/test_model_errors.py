@@ -117,7 +117,9 @@ def test_from_unet_without_a_unet_is_a_user_error(unet: object) -> None:
     from linfusion.errors import UserError
     from linfusion.model import NotAUNetError
 
-    with pytest.raises(NotAUNetError, match="LinFusion.from_unet needs the UNet or transformer module; got") as raised:
+    with pytest.raises(
+        NotAUNetError, match="LinFusion.from_unet needs the UNet or transformer module; got"
+    ) as raised:
         LinFusion.from_unet(unet)
     assert isinstance(raised.value, UserError) and isinstance(raised.value, TypeError)
 

@@ -337,3 +337,23 @@ def test_a_checkpoint_of_the_wrong_content_or_name_is_refused_with_what_to_do(
     shutil.copytree(moved, finished_run / "checkpoints" / "step-000002", dirs_exist_ok=True)
     err = refused_message(capsys, distill(teacher, images, finished_run, "--resume", "--max-steps", "3"))
     assert "start again (--overwrite instead of --resume)" in err
+
+
+def test_a_pixart_teacher_distills_and_a_flux_teacher_is_refused_before_loading(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tiny_pipeline("pixart-sigma").save_pretrained(tmp_path / "pixart")
+    assert distill(tmp_path / "pixart", images, tmp_path / "out") == 0
+    assert "LinFusion weights written to" in capsys.readouterr().out
+    assert LinFusion.from_pretrained(tmp_path / "out").modules_dict.keys() == {
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.1.attn1",
+    }
+    flux = tmp_path / "flux"  # only its model_index.json: the refusal must come before any weight is read
+    flux.mkdir()
+    (flux / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+    )
+    err = refused_message(capsys, distill(flux, images, tmp_path / "refused"))
+    assert "LinFusion cannot be mounted on FluxTransformer2DModel: FLUX: its attention is joint" in err
+    assert not (tmp_path / "refused").exists()

@@ -88,3 +88,61 @@ def test_a_caption_file_that_is_not_utf8_is_a_data_error(tmp_path) -> None:
     (tmp_path / "caption.txt").write_bytes(b"ok \xff\xfe")
     with pytest.raises(DataError, match=r"caption.txt' is not UTF-8 text: byte 3 \(0xff\)"):
         read_caption_text(tmp_path / "caption.txt")
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma"])
+def test_pixart_conditioning_equals_the_pipelines_and_shorter_padding_changes_no_output(family: str) -> None:
+    """Ours pads T5 tokens to the batch's longest caption; the pipeline pads to 120 (Alpha) / 300 (Sigma).
+    On the caption's own tokens the T5 states are the pipeline's, and the transformer's prediction is the
+    same: padded tokens are masked out of its cross-attention."""
+    from linfusion.distill.teacher import predict, text_conditioner
+
+    pipe = tiny_pipeline(family)
+    length = {"pixart-alpha": 120, "pixart-sigma": 300}[family]
+    conditioner = text_conditioner(pipe, torch.device("cpu"), torch.float32)
+    assert conditioner.max_length == length
+    time_ids = torch.tensor([[40, 32, 0, 4, 32, 48]] * 2)  # target size 32 x 48 (height x width)
+    ours = conditioner(["  A Red Square on Green ", ""], time_ids)
+    positive, positive_mask, negative, negative_mask = pipe.encode_prompt(
+        "a red square on green", True, "", device="cpu", clean_caption=False, max_sequence_length=length
+    )
+    assert positive.shape[1] == length and ours["encoder_hidden_states"].shape[1] < 30
+    for row, (states, mask) in enumerate([(positive, positive_mask), (negative, negative_mask)]):
+        used = int(ours["encoder_attention_mask"][row].sum())
+        assert used == int(mask.sum()) and mask[0, :used].all()  # the same tokens, then padding
+        torch.testing.assert_close(
+            ours["encoder_hidden_states"][row, :used], states[0, :used], rtol=1e-5, atol=1e-6
+        )
+
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 4, 6)
+    timesteps = torch.tensor([999, 10])
+    if family == "pixart-alpha":  # as the pipeline computes them for a 32 x 48 image
+        expected_added = {
+            "resolution": torch.tensor([[32.0, 48.0]] * 2),
+            "aspect_ratio": torch.tensor([[32 / 48]] * 2),
+        }
+    else:
+        expected_added = {"resolution": None, "aspect_ratio": None}
+    assert ours["added_cond_kwargs"].keys() == expected_added.keys()
+    for key, value in expected_added.items():
+        if value is None:
+            assert ours["added_cond_kwargs"][key] is None
+        else:
+            torch.testing.assert_close(ours["added_cond_kwargs"][key], value)
+    pipeline_condition = {
+        "encoder_hidden_states": torch.cat([positive, negative]),
+        "encoder_attention_mask": torch.cat([positive_mask, negative_mask]),
+        "added_cond_kwargs": expected_added,
+    }
+    with torch.no_grad():
+        full = pipe.transformer(latents, timestep=timesteps, **pipeline_condition).sample
+        short = predict(pipe.transformer, latents, timesteps, ours)
+    assert full.shape[1] == 8 and short.shape[1] == 4  # learned sigma: the losses use the first half
+    torch.testing.assert_close(short, full[:, :4], rtol=1e-5, atol=1e-5)
+    # The mask matters: without it the padding would change the prediction.
+    with torch.no_grad():
+        unmasked = pipe.transformer(
+            latents, timestep=timesteps, **{**pipeline_condition, "encoder_attention_mask": None}
+        ).sample
+    assert (unmasked[:, :4] - full[:, :4]).abs().max() > 1e-3

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from linfusion.testing import tiny_pipeline, write_image_folder
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("teachers")
     folders = {}
-    for family in ("sd15", "sd21", "sdxl"):
+    for family in ("sd15", "sd21", "sdxl", "pixart-alpha", "pixart-sigma"):
         tiny_pipeline(family).save_pretrained(root / family)
         folders[family] = root / family
     return folders
@@ -55,7 +56,7 @@ def final_state(output: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha"])
 def test_forty_steps_halve_the_feature_loss(teachers, images, tmp_path: Path, family: str) -> None:
     """Random teachers cannot predict noise, so the noise target would pull the student away from them;
     kd + feature targets agree (both are the teacher) and isolate the distillation signal."""
@@ -94,6 +95,57 @@ def test_default_run_exports_weights_that_mount_and_generate(
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0.01
 
 
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma"])
+def test_pixart_teacher_distills_and_exports_weights_that_mount_and_generate(
+    teachers, images, tmp_path: Path, family: str
+) -> None:
+    output = distill(settings(teachers[family], images, tmp_path, max_steps=2, checkpoint_every=2))
+    log = read_log(output)
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert all(np.isfinite([e["loss"], e["noise"], e["kd"], e["feat"]]).all() for e in log)
+    assert all(e["kd"] > 0 and e["feat"] > 0 for e in log)  # the student left the teacher's layers
+
+    config = json.loads((output / "config.json").read_text())
+    assert [entry["module_name"] for entry in config["modules_list"]] == [
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.1.attn1",
+    ]
+    assert all(entry["bias"] is True for entry in config["modules_list"])
+    trained = final_state(output)
+    torch.manual_seed(0)  # the run seeds before it builds its layers from the teacher
+    initial = LinFusion.from_unet(tiny_pipeline(family).transformer, init="teacher").state_dict()
+    assert trained.keys() == initial.keys()
+    assert all(not torch.equal(trained[key], initial[key]) for key in initial)
+
+    pipe = tiny_pipeline(family)
+    linfusion = LinFusion.construct_for(pipe, pretrained_model_name_or_path=output)
+    assert all(
+        isinstance(pipe.transformer.get_submodule(p), GeneralizedLinearAttention)
+        for p in linfusion.modules_dict
+    )
+    image = pipe(
+        "a red square", height=32, width=32, num_inference_steps=2, output_type="np",
+        use_resolution_binning=False, clean_caption=False,
+    ).images  # fmt: skip
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0.01
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma"])
+def test_pixart_run_resumed_after_two_steps_is_bit_identical_to_four_at_once(
+    teachers, images, tmp_path: Path, family: str
+) -> None:
+    common = dict(checkpoint_every=2, caption_dropout=0.5)
+    straight = distill(settings(teachers[family], images, tmp_path / "straight", max_steps=4, **common))
+    distill(settings(teachers[family], images, tmp_path / "resumed", max_steps=2, **common))
+    resumed = distill(
+        settings(teachers[family], images, tmp_path / "resumed", max_steps=4, resume="latest", **common)
+    )
+    expected, actual = final_state(straight), final_state(resumed)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert [e["loss"] for e in read_log(resumed)] == [e["loss"] for e in read_log(straight)]
+
+
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(teachers, images, tmp_path: Path) -> None:
     common = dict(max_steps=8, checkpoint_every=4, grad_accum=2, caption_dropout=0.5, random_crop=True)
     straight = distill(settings(teachers["sd15"], images, tmp_path / "straight", **common))
@@ -129,29 +181,32 @@ def test_gradient_accumulation_counts_optimizer_steps(teachers, images, tmp_path
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 2, 2)
 
 
-def test_latent_cache_gives_the_same_losses(teachers, images, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd15", "pixart-alpha"])
+def test_latent_cache_gives_the_same_losses(teachers, images, tmp_path: Path, family: str) -> None:
     common = dict(max_steps=4, random_crop=False)
-    plain = distill(settings(teachers["sd15"], images, tmp_path / "plain", **common))
-    cached = distill(settings(teachers["sd15"], images, tmp_path / "cached", cache_latents=True, **common))
+    plain = distill(settings(teachers[family], images, tmp_path / "plain", **common))
+    cached = distill(settings(teachers[family], images, tmp_path / "cached", cache_latents=True, **common))
     assert (cached / "latent_cache.pt").exists()
     for a, b in zip(read_log(plain), read_log(cached)):
         for key in ("noise", "kd", "feat"):
             assert a[key] == pytest.approx(b[key], rel=1e-4)
 
 
-def test_gradient_checkpointing_changes_nothing(teachers, images, tmp_path: Path) -> None:
-    plain = distill(settings(teachers["sd15"], images, tmp_path / "plain", max_steps=3))
+@pytest.mark.parametrize("family", ["sd15", "pixart-sigma"])
+def test_gradient_checkpointing_changes_nothing(teachers, images, tmp_path: Path, family: str) -> None:
+    plain = distill(settings(teachers[family], images, tmp_path / "plain", max_steps=3))
     checkpointed = distill(
-        settings(teachers["sd15"], images, tmp_path / "gc", max_steps=3, gradient_checkpointing=True)
+        settings(teachers[family], images, tmp_path / "gc", max_steps=3, gradient_checkpointing=True)
     )
     for a, b in zip(read_log(plain), read_log(checkpointed)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_validation_images_are_saved(teachers, images, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd15", "pixart-alpha"])
+def test_validation_images_are_saved(teachers, images, tmp_path: Path, family: str) -> None:
     output = distill(
         settings(
-            teachers["sd15"],
+            teachers[family],
             images,
             tmp_path,
             max_steps=2,
@@ -192,11 +247,12 @@ def test_metadata_jsonl_and_datasets_inputs(teachers, images, tmp_path: Path) ->
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_on_cpu(teachers, images, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd15", "pixart-alpha"])
+def test_accelerate_launch_two_processes_on_cpu(teachers, images, tmp_path: Path, family: str) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "linfusion", "distill", "--teacher", str(teachers["sd15"]), "--data", str(images),
+        "-m", "linfusion", "distill", "--teacher", str(teachers[family]), "--data", str(images),
         "--output", str(tmp_path / "out"), "--resolution", "32", "--batch-size", "2", "--max-steps", "3",
         "--checkpoint-every", "3", "--lr", "1e-3",
     ]  # fmt: skip
@@ -267,6 +323,76 @@ def test_teacher_that_is_not_a_stable_diffusion_pipeline(images, tmp_path: Path)
     with pytest.raises(TeacherError, match="could not load the teacher"):
         distill(settings(tmp_path / "just-a-unet", images, tmp_path / "out"))
     assert_no_training(tmp_path / "out")
+
+
+def tiny_sd3_pipeline() -> Any:
+    """A Stable Diffusion 3 pipeline (joint attention) with a tiny transformer and no text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from linfusion.testing.tiny import tiny_vae
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    )  # fmt: skip
+    nothing = dict.fromkeys(
+        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), **nothing
+    )
+
+
+def tiny_sana_pipeline() -> Any:
+    """A SANA pipeline (already linear attention) with a tiny transformer and nothing else that loads."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8,
+    )  # fmt: skip
+    return SanaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def test_teachers_that_cannot_be_linearized_are_refused_before_any_work(
+    images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    from linfusion.distill.teacher import check_teacher
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    pixart = tiny_pipeline("pixart-sigma")
+    pixart.register_modules(transformer=None)
+    pixart.save_pretrained(tmp_path / "no-transformer")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", no_loading)
+    with pytest.raises(
+        TeacherError, match="SD3Transformer2DModel: Stable Diffusion 3: its attention is joint"
+    ):
+        distill(settings(tmp_path / "sd3", images, tmp_path / "out"))
+    with pytest.raises(TeacherError, match="PixArtSigmaPipeline without its transformer"):
+        distill(settings(tmp_path / "no-transformer", images, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # A pipeline already loaded (or from the Hub) is refused by the registry's check, with its reason.
+    with pytest.raises(TeacherError, match="cannot be mounted on SD3Transformer2DModel: Stable Diffusion 3"):
+        check_teacher(tiny_sd3_pipeline(), "sd3")
+    with pytest.raises(TeacherError, match="not a complete PixArt pipeline: it has no transformer"):
+        check_teacher(pixart, "pixart")
+    with pytest.raises(
+        TeacherError, match="SanaTransformer2DModel: SANA: its self-attention is already linear"
+    ):
+        check_teacher(tiny_sana_pipeline(), "sana")
 
 
 def test_bad_settings_are_refused_up_front(teachers, images, tmp_path: Path) -> None:

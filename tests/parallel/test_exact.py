@@ -32,6 +32,23 @@ THREE_RANKS: dict[str, dict[str, Any]] = {
     "sd21-h11": {"kind": "unet", "family": "sd21", "height": 11, "width": 8},
     "softmax-attn1-h12": {"kind": "unet", "family": "sd15", "height": 12, "width": 8, "linfusion": False},
     "vae-decode-h13": {"kind": "vae", "height": 13, "width": 8},
+    # PixArt: 12 latent rows = 6 patch rows -> 2, 2, 2; the position table is the whole grid's
+    "pixart-sigma-h12-cfg-batch": {
+        "kind": "transformer",
+        "family": "pixart-sigma",
+        "height": 12,
+        "width": 8,
+        "batch": 2,
+    },
+    # 20 rows: larger than the stored 16x16 table's grid, so the table is computed for the whole grid
+    "pixart-alpha-h20": {"kind": "transformer", "family": "pixart-alpha", "height": 20, "width": 6},
+    "pixart-softmax-attn1-h12": {
+        "kind": "transformer",
+        "family": "pixart-sigma",
+        "height": 12,
+        "width": 8,
+        "linfusion": False,
+    },
     # the linear VAE mid-block attention: the state is all-reduced, no keys or values gathered
     "vae-decode-linear-attention-h13": {"kind": "vae", "height": 13, "width": 8, "vae_attention": "linear"},
     "controlnet-h12": {"kind": "controlnet", "family": "sd15", "height": 12, "width": 8, "batch": 2},
@@ -60,6 +77,12 @@ TWO_RANKS: dict[str, dict[str, Any]] = {
     "pipeline-sd15-text2img-cfg": {"kind": "pipeline", "family": "sd15", "height": 40, "width": 32},
     "pipeline-sdxl-text2img-cfg": {"kind": "pipeline", "family": "sdxl", "height": 32, "width": 40},
     "pipeline-sd15-img2img": {"kind": "pipeline", "family": "sd15", "task": "img2img", "height": 32},
+    "pipeline-pixart-sigma-text2img-cfg": {
+        "kind": "pipeline",
+        "family": "pixart-sigma",
+        "height": 48,
+        "width": 32,
+    },
 }
 
 # 4 processes = 2 guidance groups (unconditional / conditional batch halves) x 2 stripes
@@ -68,6 +91,13 @@ FOUR_RANKS: dict[str, dict[str, Any]] = {
     "sdxl-h10-2cfg-x-2stripes": {"kind": "unet", "family": "sdxl", "height": 10, "width": 8, "batch": 2},
     "batch1-2cfg-falls-back": {"kind": "unet", "family": "sd15", "height": 10, "width": 8, "batch": 1},
     "pipeline-sd15-2cfg-x-2stripes": {"kind": "pipeline", "family": "sd15", "height": 32, "width": 32},
+    "pixart-alpha-h12-2cfg-x-2stripes": {
+        "kind": "transformer",
+        "family": "pixart-alpha",
+        "height": 12,
+        "width": 8,
+        "batch": 2,
+    },
 }
 
 
@@ -101,7 +131,8 @@ def test_three_ranks_equal_single_process(three: dict, name: str) -> None:
     result = three[name]
     _check(result)
     sent = result["bytes"]
-    assert sent["halo"] > 0 and sent["groupnorm"] > 0
+    if result["kind"] != "transformer":  # a DiT has no GroupNorm, and its patchify conv needs no halo
+        assert sent["halo"] > 0 and sent["groupnorm"] > 0
     assert (result["kind"] == "unet_manual") == ("gather" not in sent)  # manual: the caller gathers
     if (result["kind"] == "vae" and result.get("vae_attention") != "linear") or result.get(
         "linfusion"

@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
     defaults = DistillConfig.__dataclass_fields__
     parser = subparsers.add_parser(
         "distill",
-        help="linearize a Stable Diffusion checkpoint: train LinFusion layers from images + captions",
-        description="Distill LinFusion layers from a teacher SD-1.x/2.x/XL pipeline. Run under "
+        help="linearize a Stable Diffusion or PixArt checkpoint: train LinFusion layers from images + captions",
+        description="Distill LinFusion layers from a teacher SD-1.x/2.x/XL or PixArt-Alpha/Sigma pipeline. Run under "
         "`accelerate launch` for several GPUs or processes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

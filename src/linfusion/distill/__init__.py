@@ -1,4 +1,5 @@
-"""Distillation: make LinFusion weights for any SD-1.x / SD-2.x / SD-XL checkpoint from images + captions.
+"""Distillation: make LinFusion weights for any SD-1.x / SD-2.x / SD-XL or PixArt-Alpha / PixArt-Sigma
+checkpoint from images + captions.
 
 Names resolve lazily (:mod:`.config` is torch-free, so the command line reads its defaults cheaply).
 """

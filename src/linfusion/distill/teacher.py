@@ -1,7 +1,10 @@
-"""The teacher: a diffusers SD-1.x / SD-2.x / SD-XL pipeline, and how it turns captions into conditioning."""
+"""The teacher: a diffusers SD-1.x / SD-2.x / SD-XL or PixArt-Alpha / PixArt-Sigma pipeline, how it turns
+captions into conditioning, and how its denoiser is called."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import re
 from typing import Any
@@ -13,9 +16,12 @@ from ..bundled.paths import MODEL_DIR
 from ..choices import BUNDLED_MODEL_NAME
 from ..errors import UserError
 from ..hub import load_failure_message, looks_like_hub_id
-from ..registry import is_sdxl
+from ..registry import UNSUPPORTED_DENOISERS, UnsupportedModelError, check_linearizable, is_dit, is_sdxl
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# PixArt-Alpha / PixArt-Sigma: a transformer with a T5 text encoder in place of the UNet and CLIP.
+TRANSFORMER_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_TEACHERS = "SD-1.x, SD-2.x, SD-XL, PixArt-Alpha and PixArt-Sigma text-to-image pipelines"
 
 
 class TeacherError(UserError, ValueError):
@@ -38,11 +44,52 @@ def check_teacher_source(name_or_path: str) -> None:
             f"model_index.json), a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or "
             f"{BUNDLED_MODEL_NAME}"
         )
-    if not os.path.isfile(os.path.join(source, "model_index.json")):
+    index = os.path.join(source, "model_index.json")
+    if not os.path.isfile(index):
         raise TeacherError(
             f"could not load the teacher {name_or_path!r} as a diffusers pipeline: the folder has no "
             "model_index.json. Pass a Hub id or a folder written by save_pretrained (with model_index.json)"
         )
+    entries = read_pipeline_index(source)
+    if entries is not None:
+        check_denoiser_entry(entries, name_or_path)
+
+
+def read_pipeline_index(source: str) -> dict[str, Any] | None:
+    """A local pipeline folder's ``model_index.json``; None for a Hub id or an unreadable index (the loader
+    then says what is wrong with it)."""
+    try:
+        with open(os.path.join(source, "model_index.json"), encoding="utf-8") as file:
+            entries = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return entries if isinstance(entries, dict) else None
+
+
+def check_denoiser_entry(entries: dict[str, Any], name: str) -> None:
+    """Refuse, from ``model_index.json`` alone, a pipeline whose transformer cannot be linearized or is missing.
+
+    Loading such a teacher (SD3's three text encoders, FLUX's 12 B transformer) would be wasted work.
+    """
+    if "transformer" not in entries or entries.get("unet"):
+        return
+    entry = entries["transformer"]
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if class_name in UNSUPPORTED_DENOISERS:
+        raise TeacherError(f"cannot distill {name!r}: {unsupported_message(class_name)}")
+    if class_name is None:
+        raise TeacherError(
+            f"{name!r} is a {entries.get('_class_name', 'pipeline')} without its transformer "
+            "(model_index.json lists none); pass the complete pipeline folder"
+        )
+
+
+def unsupported_message(class_name: str) -> str:
+    """The registry's reason why LinFusion cannot linearize a denoiser class (as ``check_linearizable`` says)."""
+    return (
+        f"LinFusion cannot be mounted on {class_name}: {UNSUPPORTED_DENOISERS[class_name]}. LinFusion distills "
+        f"{SUPPORTED_TEACHERS}"
+    )
 
 
 def _without_unshown_references(message: str) -> str:
@@ -52,13 +99,16 @@ def _without_unshown_references(message: str) -> str:
 
 
 def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a Stable Diffusion pipeline (Hub id, local folder or ``bundled``) and check LinFusion can distill it."""
+    """Load a teacher pipeline (Hub id, local folder or ``bundled``) and check LinFusion can distill it."""
     from diffusers import DiffusionPipeline
 
     check_teacher_source(name_or_path)
     source = resolve_teacher(name_or_path)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
+        entries = read_pipeline_index(source)
+        # No safety checker for training; PixArt pipelines have none (diffusers warns when it is passed).
+        extra = {} if entries is not None and "safety_checker" not in entries else {"safety_checker": None}
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **extra)
     except (OSError, ValueError, TypeError) as error:
         text = _without_unshown_references(str(error)).rstrip(".")
         if looks_like_hub_id(source):
@@ -77,15 +127,32 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32) -> Any:
 
 
 def check_teacher(pipe: Any, name: str = "teacher") -> None:
-    from diffusers import UNet2DConditionModel
+    """Refuse a pipeline LinFusion cannot distill, saying why (missing parts, an unsupported denoiser)."""
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
-    missing = [c for c in REQUIRED_COMPONENTS if getattr(pipe, c, None) is None]
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        try:
+            check_linearizable(transformer)
+        except UnsupportedModelError as error:
+            raise TeacherError(f"cannot distill {name!r}: {error}") from error
+    dit = is_dit(pipe) or (
+        getattr(pipe, "unet", None) is None and "transformer" in getattr(pipe, "components", {})
+    )
+    required = TRANSFORMER_COMPONENTS if dit else REQUIRED_COMPONENTS
+    missing = [c for c in required if getattr(pipe, c, None) is None]
     if missing:
+        kind = "a complete PixArt pipeline" if dit else "a Stable Diffusion pipeline"
         raise TeacherError(
-            f"{name!r} is a {type(pipe).__name__}, not a Stable Diffusion pipeline: it has no {', '.join(missing)} "
-            "(LinFusion distills SD-1.x, SD-2.x and SD-XL text-to-image pipelines)"
+            f"{name!r} is a {type(pipe).__name__}, not {kind}: it has no {', '.join(missing)} "
+            f"(LinFusion distills {SUPPORTED_TEACHERS})"
         )
-    if not isinstance(pipe.unet, UNet2DConditionModel):
+    if dit and not isinstance(transformer, PixArtTransformer2DModel):
+        raise TeacherError(
+            f"{name!r} has a {type(transformer).__name__}; of the diffusion transformers LinFusion distills "
+            "PixArtTransformer2DModel (PixArt-Alpha, PixArt-Sigma)"
+        )
+    if not dit and not isinstance(pipe.unet, UNet2DConditionModel):
         raise TeacherError(f"{name!r} has a {type(pipe.unet).__name__}, not a UNet2DConditionModel")
 
 
@@ -144,6 +211,79 @@ class TextConditioner:
                 "time_ids": time_ids.to(self.device, self.dtype),
             },
         }
+
+
+def max_sequence_length(pipe: Any) -> int:
+    """The T5 caption length a PixArt pipeline truncates to (its ``max_sequence_length``: Alpha 120, Sigma 300)."""
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    if parameter is None or not isinstance(parameter.default, int):
+        return int(pipe.tokenizer.model_max_length)
+    return parameter.default
+
+
+class T5Conditioner:
+    """Captions -> a PixArt transformer's conditioning, as its pipeline computes it without caption cleaning.
+
+    Captions are lower-cased and stripped (the pipeline's ``clean_caption=False``), truncated at the
+    pipeline's ``max_sequence_length``, and encoded by T5 with their attention mask, which also goes to the
+    transformer's cross-attention (``encoder_attention_mask``). Tokens are padded only to the batch's longest
+    caption, not to 120 (Alpha) or 300 (Sigma): padded tokens are masked out of T5 and out of every
+    cross-attention, so the transformer's output is the same (tests check it) at a fraction of the cost.
+    Empty captions (caption dropout) encode "", the pipeline's negative prompt. PixArt-Alpha at 1024 px
+    (``use_additional_conditions``) also gets its resolution (height, width in pixels) and aspect-ratio
+    (height / width) conditions.
+    """
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype):
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.max_length = max_sequence_length(pipe)
+        # Alpha's pipeline passes them at sample size 128; the transformer reads them only when it uses them.
+        self.size_conditions = bool(getattr(pipe.transformer, "use_additional_conditions", False))
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], time_ids: torch.Tensor) -> dict[str, Any]:
+        tokens = self.pipe.tokenizer(
+            [caption.lower().strip() for caption in captions],
+            padding="longest",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(self.device)
+        hidden = self.pipe.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.size_conditions:
+            height_width = time_ids[:, 4:6].to(self.device, torch.float32)  # the target (crop) size
+            added = {
+                "resolution": height_width.to(self.dtype),
+                "aspect_ratio": (height_width[:, :1] / height_width[:, 1:]).to(self.dtype),
+            }
+        return {"encoder_hidden_states": hidden.to(self.dtype), "encoder_attention_mask": mask,
+                "added_cond_kwargs": added}  # fmt: skip
+
+
+def text_conditioner(pipe: Any, device: torch.device, dtype: torch.dtype) -> TextConditioner | T5Conditioner:
+    """The caption encoder that fits the teacher: CLIP for Stable Diffusion, T5 for PixArt."""
+    return T5Conditioner(pipe, device, dtype) if is_dit(pipe) else TextConditioner(pipe, device, dtype)
+
+
+def predict(
+    denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, condition: dict[str, Any]
+) -> torch.Tensor:
+    """The denoiser's epsilon (or v) prediction, as the pipelines use it.
+
+    A PixArt transformer that also learns the variance (``out_channels`` = 2 x latent channels) returns both;
+    the pipeline keeps the first half, and so do the losses.
+    """
+    if not is_dit(denoiser):
+        return denoiser(noisy, timesteps, **condition).sample
+    output = denoiser(noisy, timestep=timesteps, **condition).sample
+    if denoiser.config.out_channels // 2 == noisy.shape[1]:
+        output = output.chunk(2, dim=1)[0]
+    return output
 
 
 def frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> None:

@@ -1,10 +1,10 @@
-"""The distillation loop: student = teacher UNet with LinFusion mounted.
+"""The distillation loop: student = teacher denoiser (a UNet, or a PixArt transformer) with LinFusion mounted.
 
-One UNet serves both passes: the teacher pass swaps the original ``attn1`` layers back in
-(:meth:`LinFusion.original_attention`), so no second UNet copy is needed. Only the LinFusion layers train.
+One denoiser serves both passes: the teacher pass swaps the original ``attn1`` layers back in
+(:meth:`LinFusion.original_attention`), so no second copy is needed. Only the LinFusion layers train.
 Loss = w_noise MSE(student, target) + w_kd MSE(student, teacher) + w_feat mean_l MSE(student attn1_l,
 teacher attn1_l), in fp32. Steps are optimizer steps. Gradients of the (small) LinFusion parameters are
-averaged across processes by hand after each accumulation window, which keeps the UNet unwrapped.
+averaged across processes by hand after each accumulation window, which keeps the denoiser unwrapped.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text, replace_folder, torch_save
-from ..model import LinFusion
-from ..registry import is_sdxl
+from ..model import LinFusion, denoiser_of
+from ..registry import is_dit, is_sdxl
 from .config import RUN_MARKER, DistillConfig, DistillConfigError
 from .data import (
     CachedLatentDataset,
@@ -47,7 +47,7 @@ from .resume import (
     complete_checkpoints,
     load_checkpoint_files,
 )
-from .teacher import TextConditioner, check_teacher_source, frozen, load_teacher
+from .teacher import check_teacher_source, frozen, load_teacher, predict, text_conditioner
 
 logger = logging.getLogger(__name__)
 
@@ -143,21 +143,22 @@ class Distiller:
         self.pipe = load_teacher(config.teacher)
         self.pipe.set_progress_bar_config(disable=True)
         self.sdxl = is_sdxl(self.pipe)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
             frozen(getattr(self.pipe, name, None), self.device, self.weight_dtype)
-        self.unet = self.pipe.unet
+        self.denoiser = denoiser_of(self.pipe)
         self.vae = self.pipe.vae
-        if self.sdxl and self.vae.config.get("force_upcast", False):
-            self.vae.to(torch.float32)  # the SD-XL VAE overflows in fp16
+        upcast = (self.sdxl or is_dit(self.pipe)) and self.vae.config.get("force_upcast", False)
+        if upcast:  # the SD-XL VAE (PixArt-Sigma's too) overflows in fp16; the encoder is a small cost
+            self.vae.to(torch.float32)
 
         self._seed_everything(config.seed)
         self.linfusion = LinFusion.from_unet(
-            self.unet, init=config.init, projection_mid_dim=config.projection_mid_dim
+            self.denoiser, init=config.init, projection_mid_dim=config.projection_mid_dim
         )
-        self.linfusion.mount(self.unet)
+        self.linfusion.mount(self.denoiser)
         self.linfusion.to(dtype=torch.float32).requires_grad_(True).train()  # fp32 master weights
         if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         self.recorder = FeatureRecorder(self.linfusion.mounted_layers())
 
         from diffusers import DDPMScheduler
@@ -175,7 +176,7 @@ class Distiller:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        self.conditioner = TextConditioner(self.pipe, self.device, self.weight_dtype)
+        self.conditioner = text_conditioner(self.pipe, self.device, self.weight_dtype)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
         self.dataset = DistillDataset(self.source, config.resolution, config.random_crop, config.seed)
         self.step = 0
@@ -316,9 +317,9 @@ class Distiller:
 
         self.recorder.clear()
         with torch.no_grad(), self.accelerator.autocast(), self.linfusion.original_attention():
-            teacher = self.unet(noisy, timesteps, **condition).sample
+            teacher = predict(self.denoiser, noisy, timesteps, condition)
         with self.accelerator.autocast():
-            student = self.unet(noisy, timesteps, **condition).sample
+            student = predict(self.denoiser, noisy, timesteps, condition)
         noise_loss = F.mse_loss(student.float(), target.float())
         kd_loss = F.mse_loss(student.float(), teacher.float())
         feat_loss = self.recorder.loss()
@@ -447,6 +448,8 @@ class Distiller:
     def validate(self) -> Path:
         folder = self.config.output_dir / "validation" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
+        # PixArt: the exact size (no aspect-ratio binning) and the captions as trained (no cleaning).
+        exact = {"use_resolution_binning": False, "clean_caption": False} if is_dit(self.pipe) else {}
         self.linfusion.eval()
         try:
             for index, prompt in enumerate(self.config.validation_prompts):
@@ -458,6 +461,7 @@ class Distiller:
                         num_inference_steps=self.config.validation_steps,
                         guidance_scale=self.config.validation_guidance,
                         generator=torch.Generator(self.device).manual_seed(index),
+                        **exact,
                     ).images[0]
                 image.save(folder / f"{index:02d}.png")
         finally:

@@ -10,14 +10,14 @@ class StripeLayoutError(ValueError):
 
 
 def downsampling_factor(model: nn.Module) -> int:
-    """2 ** (number of stride-2 levels) of a UNet or ControlNet (1 for models without ``down_blocks``).
+    """2 ** (number of stride-2 levels) of a UNet or ControlNet; a transformer's patch size; else 1.
 
     A stride-2 convolution maps input row 2i to output row i, so a stripe must start at a multiple of
     2 ** levels latent rows for every level's stripe to start on a whole row.
     """
     blocks = getattr(model, "down_blocks", None)
-    if blocks is None:
-        return 1
+    if blocks is None:  # a diffusion transformer: stripes start on whole patches
+        return int(getattr(getattr(model, "config", None), "patch_size", None) or 1)
     levels = sum(1 for block in blocks if getattr(block, "downsamplers", None))
     return 2**levels
 

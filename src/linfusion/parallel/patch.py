@@ -14,6 +14,10 @@ small amount of information from the other stripes:
   local queries: the same formula as the single-process reference.
 * diffusers softmax self-attention (a UNet ``attn1`` without LinFusion, the VAE mid-block attention):
   the keys and values of every stripe are all-gathered (exact; communication grows with the token count).
+* A diffusion transformer's patch embedding (PixArt's ``PatchEmbed``): the patchifying convolution is per
+  stripe (kernel = stride = patch size), but the sine-cosine position table belongs to the whole grid:
+  each rank adds its own rows of the global table. Everything after it in a PixArt block is per token
+  (LayerNorm, AdaLN-single modulation, cross-attention, the MLP) except ``attn1``, handled as above.
 
 Which rows each rank holds is learned once per layer and input size with a tiny all-gather of local
 sizes and cached while the caller keeps ``layout_key`` unchanged.
@@ -152,6 +156,13 @@ class SpatialParallel:
                     plan.append(("conv", module))
                 elif isinstance(module, nn.GroupNorm):
                     plan.append(("groupnorm", module))
+                elif type(module).__name__ == "PatchEmbed":
+                    if getattr(module, "pos_embed_max_size", None) or not getattr(module, "flatten", True):
+                        raise UnsupportedLayerError(
+                            f"{name}: a patch embedding with a cropped position table (SD3 style) or "
+                            "without flattening; only PixArt's whole-grid sine-cosine table is split"
+                        )
+                    plan.append(("patch_embed", module))
                 elif isinstance(module, GeneralizedLinearAttention):
                     plan.append(("linear_attention", module))
                 elif isinstance(getattr(module, "processor", None), LinearVAEAttnProcessor):
@@ -246,6 +257,37 @@ class SpatialParallel:
             return linear_attention_from_state(query, state, key_mean, layer.eps).to(query.dtype)
 
         self._set(layer, "attend", attend)
+
+    def _patch_patch_embed(self, embed: nn.Module) -> None:
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        original = embed.forward
+
+        def forward(latent: torch.Tensor) -> torch.Tensor:
+            if not self.active or embed.pos_embed is None:
+                return original(latent)
+            rows, columns = latent.shape[-2] // embed.patch_size, latent.shape[-1] // embed.patch_size
+            sizes = self.sizes(embed, rows)
+            start, total = sum(sizes[: self.comm.rank]), sum(sizes)
+            tokens = embed.proj(latent).flatten(2).transpose(1, 2)  # the patched conv: this stripe's rows
+            if embed.layer_norm:
+                tokens = embed.norm(tokens)
+            if (total, columns) == (embed.height, embed.width):
+                table = embed.pos_embed  # the single-process model uses its stored table at this size
+            else:
+                table = get_2d_sincos_pos_embed(
+                    embed_dim=embed.pos_embed.shape[-1],
+                    grid_size=(total, columns),
+                    base_size=embed.base_size,
+                    interpolation_scale=embed.interpolation_scale,
+                    device=tokens.device,
+                    output_type="pt",
+                )
+                table = table.float().unsqueeze(0)
+            table = table[:, start * columns : (start + rows) * columns]
+            return (tokens + table).to(tokens.dtype)
+
+        self._set(embed, "forward", forward)
 
     def _patch_softmax_attention(self, attention: nn.Module) -> None:
         for projection in (attention.to_k, attention.to_v):

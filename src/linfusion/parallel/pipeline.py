@@ -1,7 +1,7 @@
 """Spatial (and classifier-free-guidance) parallelism for whole diffusers pipelines.
 
 Every rank runs the same pipeline with the same seed (text encoders, scheduler, noise: identical and
-cheap). Hooks on the UNet, the ControlNet(s) and the VAE decoder split each call's input right before the
+cheap). Hooks on the UNet (or a PixArt transformer), the ControlNet(s) and the VAE decoder split each call's input right before the
 model and all-gather its output right after it, so schedulers, guidance and image post-processing see
 full tensors and nothing else in the pipeline changes:
 
@@ -215,7 +215,11 @@ class ParallelPipeline:
         self.topology = make_topology(cfg_groups, group)
         self.splits: list[SplitModel] = []
         try:
-            for model in [getattr(pipe, "unet", None), *_controlnets(pipe)]:
+            for model in [
+                getattr(pipe, "unet", None),
+                getattr(pipe, "transformer", None),
+                *_controlnets(pipe),
+            ]:
                 if model is None:
                     continue
                 self.splits.append(SplitModel(model, self.topology, True, self.topology.spatial))

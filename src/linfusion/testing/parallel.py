@@ -104,6 +104,40 @@ def case_unet_inputs(family: str, batch: int, height: int, width: int, seed: int
     return inputs
 
 
+def case_transformer(family: str, linfusion: bool, seed: int = 0) -> Any:
+    """The tiny PixArt transformer of a case (LinFusion mounted with seeded random layers when ``linfusion``)."""
+    from ..model import LinFusion
+    from .tiny import tiny_transformer
+
+    transformer = tiny_transformer(family, seed=seed)
+    if linfusion:
+        torch.manual_seed(seed + 1)
+        LinFusion.from_transformer(transformer, init="random").mount(transformer)
+    return transformer
+
+
+def case_transformer_inputs(
+    family: str, batch: int, height: int, width: int, seed: int = 0
+) -> dict[str, Any]:
+    """Seeded keyword arguments of one PixArt transformer call (T5-like context with a padding mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 7)
+    mask[:, 5:] = 0
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.randn(batch, 4, height, width, generator=generator),
+        "timestep": torch.tensor([500] * batch),
+        "encoder_hidden_states": torch.randn(batch, 7, 32, generator=generator),
+        "encoder_attention_mask": mask,
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    if family == "pixart-alpha":
+        inputs["added_cond_kwargs"] = {
+            "resolution": torch.tensor([[8.0 * height, 8.0 * width]] * batch),
+            "aspect_ratio": torch.tensor([[height / width]] * batch),
+        }
+    return inputs
+
+
 def _measure(fn: Any) -> tuple[Any, dict[str, int], float]:
     from ..parallel.comm import GLOBAL_STATS
 
@@ -116,7 +150,8 @@ def _measure(fn: Any) -> tuple[Any, dict[str, int], float]:
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """One comparison; ``case["kind"]`` is "unet", "unet_manual", "controlnet", "vae" or "pipeline"."""
+    """One comparison; ``case["kind"]`` is "unet", "unet_manual", "controlnet", "transformer", "vae" or
+    "pipeline" (``case["family"]`` a tiny pipeline family, PixArt ones included)."""
     kind = case["kind"]
     if kind == "pipeline":
         reference, parallel, comm_bytes, elapsed = _pipeline_case(case)
@@ -159,8 +194,12 @@ def _model_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[
             parallel_pipe.remove()
         return reference, result, comm_bytes, elapsed
 
-    unet = case_unet(family, case.get("linfusion", True) and kind != "controlnet")
-    inputs = case_unet_inputs(family, batch, height, width)
+    if kind == "transformer":
+        unet = case_transformer(family, case.get("linfusion", True))
+        inputs = case_transformer_inputs(family, batch, height, width)
+    else:
+        unet = case_unet(family, case.get("linfusion", True) and kind != "controlnet")
+        inputs = case_unet_inputs(family, batch, height, width)
     controlnet = None
     if kind == "controlnet":
         from diffusers import ControlNetModel
@@ -208,6 +247,8 @@ def _model_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[
         result = torch.cat([part[:, :, : b - a] for part, (a, b) in zip(parts, bounds)], dim=2)
         return reference, result, comm_bytes, elapsed
     pipe = SimpleNamespace(unet=unet, controlnet=controlnet, vae=None)
+    if kind == "transformer":
+        pipe = SimpleNamespace(transformer=unet, vae=None)
     parallel = ParallelPipeline(pipe, case.get("cfg_groups"))
     try:
         result, comm_bytes, elapsed = _measure(run)
@@ -238,6 +279,8 @@ def _pipeline_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, di
         "guidance_scale": case.get("guidance", 5.0),
         "output_type": "np",
     }
+    if case.get("family", "sd15").startswith("pixart"):
+        kwargs["use_resolution_binning"] = False
     if case.get("task", "text2img") != "text2img":
         import numpy as np
         from PIL import Image
