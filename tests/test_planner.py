@@ -202,3 +202,67 @@ def test_model_offload_is_the_last_resort_on_cuda_only() -> None:
     assert between.stages[0].savers.model_offload and "model CPU offload" in between.describe()
     roomy = planner.plan([(256, 256)], budget=10 * resident)
     assert not roomy.stages[0].savers.model_offload
+
+
+# ---------------------------------------------------------------------- diffusion transformers (PixArt)
+def pixart_with_linfusion(family: str = "pixart-sigma") -> object:
+    pipe = tiny_pipeline(family)
+    LinFusion.construct_for(pipe, load_pretrained=False)
+    return pipe
+
+
+def pixart_image(pipe: object, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    return pipe(  # type: ignore[operator]
+        "a red square", num_inference_steps=2, width=width, height=height, use_resolution_binning=False,
+        clean_caption=False, max_sequence_length=16, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma"])
+def test_dit_plan_chooses_the_banded_dit_when_only_it_fits_and_the_image_is_unchanged(family: str) -> None:
+    """The transformer's savers ladder on a PixArt pipeline: plain, CFG branches in turn, feed-forward
+    chunks, then the banded DiT; the chosen savers applied on the pipeline give the same image."""
+    from linfusion.patches.stage import apply_savers
+
+    pipe = pixart_with_linfusion(family)
+    planner = MemoryPlanner(pipe)
+    size = (256, 192)
+    options = list(planner.unet_options(*size, True, 2, room=10**12))
+    assert [option.savers.banded_dit for option in options] == [False] * 3 + [True] * 2
+    assert not any(option.savers.skip_offload or option.savers.banded_unet for option in options)
+    smallest_plain = min(option.device for option in options[:3])
+    banded = min(option.device for option in options[3:])
+    assert banded < smallest_plain  # the banded DiT holds a band and the stream, not whole activations
+    budget = planner.weights() + banded  # the transformer's phase fits only banded (the VAE: tiled)
+    stage = planner.plan_stage(*size, budget=budget, unet_calls=2)
+    assert stage.savers.banded_dit and stage.unet_activations == banded
+    assert "banded DiT" in stage.savers.names()[0]
+    assert stage.flops > stage.plain_flops  # the captions' keys and values, projected per band
+    plain = pixart_image(pipe, size)
+    with apply_savers(pipe, stage.savers):
+        saved = pixart_image(pipe, size)
+    assert abs(saved - plain).max() < 1e-4
+    assert np.array_equal(pixart_image(pipe, size), plain)
+
+
+def test_dit_phases_weights_and_call_flops_on_the_full_size_structure() -> None:
+    """random-pixart-sigma on meta: the transformer's share of the weights (T5-XXL's 9.5 GB are the text
+    phase's), and one call's FLOPs with softmax and with LinFusion attention at 1024 px."""
+    from linfusion.app.loading import load_structure
+
+    planner = MemoryPlanner(load_structure("random-pixart-sigma", torch.float16), device="cuda")
+    assert planner.weights(("transformer",)) == planner.weights(("unet", "controlnet", "transformer"))
+    linfusion_mlps = 28 * 2 * (1152 * 72 + 72 + 2 * 72 + 72 * 1152 + 1152)  # C/16 MLPs on q and k
+    position_table = 64 * 64 * 1152  # a buffer
+    assert planner.weights(("transformer",)) == 2 * (610_856_096 + linfusion_mlps + position_table)
+    assert planner.weights(("text_encoder",)) == 2 * 4_762_310_656
+    softmax = planner.call_flops(1024, 1024, "softmax")
+    linear = planner.call_flops(1024, 1024, "linfusion")
+    tokens, width, batch, blocks = 64 * 64, 1152, 2, 28
+    attention = blocks * batch * 4 * tokens**2 * width  # Q K^T and P V
+    mlps = blocks * batch * 2 * 2 * tokens * 2 * width * (width // 16)  # LinFusion's q and k MLPs
+    core = blocks * batch * 2 * 16 * tokens * 72 * (2 * 72 + 1)  # phi(K)^T V and every query's read
+    assert softmax - linear == pytest.approx(attention - mlps - core, rel=0.01)
+    assert planner.call_flops(4096, 4096, "softmax") / planner.call_flops(4096, 4096, "linfusion") > 4

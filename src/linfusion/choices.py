@@ -28,8 +28,10 @@ SIZE_MULTIPLE = 8  # widths and heights: multiples of 8 pixels (the VAE works in
 # schedule (1000); the command line, the Python API and the web page refuse more.
 MAX_STEPS = 500
 BUNDLED_MODEL_NAME = "bundled"  # --model bundled (the default), recorded as "Model: bundled" in PNGs
+BUNDLED_DIT_MODEL_NAME = "bundled-dit"  # --model bundled-dit: the bundled tiny PixArt-Sigma (a DiT)
 
 __all__ = [
+    "BUNDLED_DIT_MODEL_NAME",
     "BUNDLED_MODEL_NAME",
     "DTYPE_NAMES",
     "GENERATION_MODES",

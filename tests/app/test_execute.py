@@ -71,3 +71,63 @@ def test_a_failed_save_keeps_the_image_and_names_the_copy(tmp_path, monkeypatch:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     with pytest.raises(GenerationError, match="nor a copy in .*the image is lost"):
         save_png_or_keep(image, params, out)
+
+
+def pixart_run(params, stages, tmp_path):
+    """A run of ``params`` on a tiny PixArt pipeline, planned by hand (no savers): execute's part alone."""
+    from linfusion.app.prepare import RunPlan
+    from linfusion.pipelines.chain import unet_calls
+    from linfusion.planner import MemoryPlan, Savers
+    from linfusion.planner.plan import StagePlan
+
+    planned = tuple(StagePlan(s.width, s.height, Savers(), 0, 0, 0) for s in stages)
+    memory = MemoryPlan(2**40, torch.device("cpu"), planned)
+    calls = tuple(unet_calls(s, params.steps, params.mode) for s in stages)
+    return RunPlan(params, tuple(stages), calls, memory, out=tmp_path / "out.png")
+
+
+def test_a_pixart_run_is_the_pipelines_image_and_its_png_repeats_it(tmp_path) -> None:
+    """Plain and SDEdit runs on PixArt: the image of the PixArt steps for the recorded seed, the step
+    callback called per step, the PNG's parameters those of the run."""
+    import numpy as np
+
+    from linfusion import LinFusion
+    from linfusion.app.execute import execute
+    from linfusion.app.loading import LoadedPipeline
+    from linfusion.app.params import GenerationParams, read_png_parameters
+    from linfusion.patches.base import Patch
+    from linfusion.pipelines import dit, sdedit
+    from linfusion.pipelines.chain import Stage
+    from linfusion.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("pixart-sigma")
+    LinFusion.construct_for(pipe, load_pretrained=False, init="teacher")
+    params = GenerationParams(
+        "a red circle", negative_prompt="blue", width=32, height=32, steps=3, guidance=3.0, seed=5,
+        model="pixart", scheduler="dpm++", vae_attention="exact",
+    )  # fmt: skip
+    loaded = LoadedPipeline(pipe, torch.device("cpu"), params, Patch("test"))
+    steps: list[int] = []
+
+    def count(running, index, timestep, tensors):
+        steps.append(index)
+        return tensors
+
+    result = execute(pixart_run(params, [Stage(32, 32, None)], tmp_path), loaded, count)
+    expected = dit.text_to_image(
+        pipe, "a red circle", 32, 32, negative_prompt="blue", num_inference_steps=3, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected)) and steps == [0, 1, 2]
+    assert read_png_parameters(result.path) == params
+
+    chained = params.replace(mode="sdedit", width=64, height=64)
+    stages = [Stage(32, 32, None), Stage(64, 64, 0.4)]
+    result = execute(pixart_run(chained, stages, tmp_path), loaded)
+    expected = sdedit(
+        pipe, "a red circle", 64, 64, negative_prompt="blue", num_inference_steps=3, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(5), stage_plan=stages,
+    )  # fmt: skip
+    assert result.image.size == (64, 64)
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected))
+    assert read_png_parameters(result.path) == chained

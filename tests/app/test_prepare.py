@@ -121,3 +121,22 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_noted() -> None:
         == "note: the prompt is 1,002 tokens and the text encoder reads 77: its last 925 tokens are dropped"
     )
     assert prompt_length_notes(SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77)), long) == []
+
+
+def test_a_dits_prompt_limit_is_its_pipelines_t5_length_and_its_stripes_whole_patches() -> None:
+    """PixArt reads ``max_sequence_length`` T5 tokens (Alpha 120), not the tokenizer's own limit; a rank of
+    a spatial-parallel run plans the tallest stripe of whole patches (2 latent rows), as the split cuts it."""
+    from linfusion.app.prepare import prompt_length_notes, stripe_sizes
+    from linfusion.parallel.layout import stripe_bounds
+    from linfusion.pipelines.chain import Stage
+    from linfusion.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("pixart-alpha")
+    tokens = len(pipe.tokenizer("x" * 100, truncation=False).input_ids)
+    assert pipe.tokenizer.model_max_length < tokens <= 120
+    assert prompt_length_notes(pipe, GenerationParams("x" * 100)) == []
+    (note,) = prompt_length_notes(pipe, GenerationParams("x" * 200))
+    assert "the text encoder reads 120" in note
+    rows = max(stop - start for start, stop in stripe_bounds(22, 3, 2))  # 44 px: 22 latent rows, 11 patches
+    assert rows == 8  # 4 + 4 + 3 patches
+    assert stripe_sizes(pipe, [Stage(64, 44, None)], 3) == [(64, rows * 2)]

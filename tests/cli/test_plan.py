@@ -169,3 +169,69 @@ def test_a_cpu_plan_is_float32_and_predicts_this_cpu(capsys: pytest.CaptureFixtu
     assert linfusion(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB"]) == 0
     text = capsys.readouterr().out
     assert "float32 on cpu" in text and "on this machine's CPU" in text and "H100" not in text
+
+
+# ---------------------------------------------------------------------- PixArt (diffusion transformers)
+PLAN_KEYS = {"fits", "device", "device_budget_bytes", "host_budget_bytes", "device_peak_bytes", "host_peak_bytes",
+             "flops", "stages", "model", "mode", "dtype", "nproc", "vae_attention", "prediction"}  # fmt: skip
+STAGE_KEYS = {"width", "height", "device_peak_bytes", "host_peak_bytes", "flops", "plain_flops", "transfer_bytes",
+              "savers", "strength", "unet_calls", "predicted_seconds", "transfer_seconds", "call_flops"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_16k_pixart_sigma_fits_12_gib(capsys: pytest.CaptureFixture) -> None:
+    """16384x8192 px (524,288 tokens at the last stage) on a 12 GiB GPU: T5-XXL's 9.5 GB are the text phase's
+    alone (model offload), the transformer's phase fits beside the transformer's weights."""
+    code, result = plan(capsys, "--model", "random-pixart-sigma", "--size", "16384x8192", "--max-memory", "12GB",
+                        "--host-memory", "64GB")  # fmt: skip
+    assert code == 0 and result["fits"] is True, result
+    assert set(result) == PLAN_KEYS and all(set(stage) == STAGE_KEYS for stage in result["stages"])
+    assert result["device_peak_bytes"] <= 12 * GIB and result["host_peak_bytes"] <= 64 * GIB
+    last = result["stages"][-1]
+    assert (last["width"], last["height"]) == (16384, 8192)
+    assert "model CPU offload" in last["savers"]
+    assert any("banded DiT" in saver for stage in result["stages"] for saver in stage["savers"])
+    assert all(stage["flops"] > 0 and stage["predicted_seconds"] > 0 for stage in result["stages"])
+    assert last["transfer_bytes"] > 0 and last["transfer_seconds"] > 0
+    calls = last[
+        "call_flops"
+    ]  # one call of both CFG branches at 16K: LinFusion ~1.2 PFLOP, softmax ~60x more
+    assert 1.0e15 < calls["linfusion"] < 1.3e15 and calls["softmax"] > 50 * calls["linfusion"]
+
+
+@pytest.mark.slow
+def test_16k_pixart_sigma_at_10_gib_runs_the_banded_dit(capsys: pytest.CaptureFixture) -> None:
+    """Below the unbanded transformer's ~9 GiB of activations at 16K, only the banded DiT bounds them."""
+    code, result = plan(capsys, "--model", "random-pixart-sigma", "--size", "16384x8192", "--mode", "plain",
+                        "--steps", "2", "--max-memory", "10GB", "--host-memory", "64GB")  # fmt: skip
+    assert code == 0 and result["fits"] is True, result
+    (stage,) = result["stages"]
+    assert any(saver.startswith("banded DiT") for saver in stage["savers"]), stage["savers"]
+    assert stage["device_peak_bytes"] <= 10 * GIB
+
+
+@pytest.mark.parametrize("model", ["random-pixart-sigma", "random-pixart-alpha"])
+def test_pixart_plans_at_1024_with_linfusion_mounted(capsys: pytest.CaptureFixture, model: str) -> None:
+    code, result = plan(capsys, "--model", model, "--size", "1024x1024", "--mode", "plain", "--max-memory", "24GB",
+                        "--steps", "20")  # fmt: skip
+    assert code == 0 and result["fits"] is True
+    assert set(result) == PLAN_KEYS
+    (stage,) = result["stages"]
+    assert set(stage) == STAGE_KEYS and stage["savers"] == [] and stage["unet_calls"] == 20
+    # 20 calls of ~4.6 TFLOP (Sigma, both CFG branches) plus the VAE decode
+    assert 20 * stage["call_flops"]["linfusion"] < stage["flops"] < 20 * stage["call_flops"]["softmax"]
+    assert stage["call_flops"]["softmax"] > 1.1 * stage["call_flops"]["linfusion"]
+
+
+@pytest.mark.slow
+def test_pixart_4096_plan_and_the_softmax_plan(capsys: pytest.CaptureFixture) -> None:
+    common = ("--model", "random-pixart-sigma", "--size", "4096x4096", "--mode", "plain", "--max-memory", "12GB",
+              "--host-memory", "64GB", "--steps", "20")  # fmt: skip
+    code, linfusion_plan = plan(capsys, *common)
+    assert code == 0 and linfusion_plan["fits"] is True
+    code, softmax_plan = plan(capsys, *common, "--no-linfusion")
+    assert code == 0
+    assert (
+        softmax_plan["flops"] > 3 * linfusion_plan["flops"]
+    )  # 65,536 tokens: the quadratic attention dominates
+    assert linfusion_plan["stages"][0]["call_flops"] == softmax_plan["stages"][0]["call_flops"]

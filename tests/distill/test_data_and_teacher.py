@@ -146,3 +146,12 @@ def test_pixart_conditioning_equals_the_pipelines_and_shorter_padding_changes_no
             latents, timestep=timesteps, **{**pipeline_condition, "encoder_attention_mask": None}
         ).sample
     assert (unmasked[:, :4] - full[:, :4]).abs().max() > 1e-3
+
+
+def test_teacher_names_resolve_to_the_bundled_folders_as_generate_does() -> None:
+    from linfusion.bundled.paths import DIT_MODEL_DIR, MODEL_DIR
+    from linfusion.distill.teacher import resolve_teacher
+
+    assert resolve_teacher("bundled") == str(MODEL_DIR)
+    assert resolve_teacher("bundled-dit") == str(DIT_MODEL_DIR)
+    assert resolve_teacher("./bundled-dit") == "./bundled-dit"  # a folder of that name stays a folder

@@ -13,7 +13,8 @@ from torch import nn
 from linfusion import LinFusion
 from linfusion.patches.dilation import apply_dilated_branch
 from linfusion.pipelines import demofusion
-from linfusion.pipelines.demofusion import encode_image, match_channel_statistics, stage_scale
+from linfusion.pipelines.demofusion import match_channel_statistics, stage_scale
+from linfusion.pipelines.latents import encode_image
 from linfusion.testing import tiny_pipeline
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -329,6 +330,7 @@ def test_a_dropped_png_restores_its_parameters(new_page, tmp_path: Path) -> None
                       "Guidance": "3.5", "Seed": "1234"}  # fmt: skip
     assert scope.get_by_role("radiogroup", name="Mode").get_by_label("SDEdit chain", exact=True).is_checked()
     assert not scope.get_by_label("LinFusion", exact=True).is_checked()
+    expect(combobox(fresh, "Size preset")).to_have_value("custom")  # 64x48 is no preset of the 1:1 ratio
     assert click_and_wait(fresh, "Generate").startswith("Done in")
     remade = download_png(fresh)
     assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(png)))  # the same image again
@@ -569,6 +571,140 @@ def test_clicking_an_image_of_this_run_restores_its_settings(new_page) -> None:
     assert values == {"Prompt": YELLOW, "Negative prompt": "dark", "Width": "32", "Height": "24", "Steps": "3",
                       "Guidance": "7.5", "Seed": "11"}  # fmt: skip
     assert scope.get_by_label("LinFusion", exact=True).is_checked()
+
+
+SETTINGS_KEY = "linfusion-settings"  # where the page keeps its settings (localStorage)
+FIELD_LABELS = ("Prompt", "Negative prompt", "Width", "Height", "Batch count", "Steps", "Guidance", "Seed",
+                "Memory budget")  # fmt: skip
+
+
+def field_values(page) -> dict[str, str]:
+    scope = page.locator("#tab-generate")
+    menus = {
+        name: combobox(page, name).input_value()
+        for name in ("Size preset", "Aspect ratio", "Sampler", "Model")
+    }
+    return {**{label: scope.get_by_label(label, exact=True).input_value() for label in FIELD_LABELS}, **menus}
+
+
+def wait_until_stored(page, expected: dict | None) -> None:
+    """Until the page's storage holds ``expected`` (a subset of what it keeps), or nothing for None."""
+    page.wait_for_function(
+        """([key, expected]) => { const text = localStorage.getItem(key);
+        if (expected === null) return text === null; const stored = JSON.parse(text || "{}");
+        return Object.entries(expected).every(([name, value]) => JSON.stringify(stored[name]) ===
+          JSON.stringify(value)); }""",
+        arg=[SETTINGS_KEY, expected],
+    )
+
+
+def choose(page, menu: str, option: str) -> None:
+    combobox(page, menu).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_settings_survive_a_reload_and_the_next_job_uses_them(new_page, server: UiServer) -> None:
+    page = new_page()
+    scope = page.locator("#tab-generate")
+    fill(page, prompt=RED, negative="dark", width=48, height=40, steps=3, guidance=4.5, seed=77)
+    scope.get_by_label("Batch count", exact=True).fill("2")
+    scope.get_by_label("Memory budget", exact=True).fill("2GB")
+    choose(page, "Sampler", "euler")
+    scope.get_by_label("LinFusion", exact=True).uncheck()
+    scope.get_by_role("radiogroup", name="VAE attention").get_by_label("linear", exact=True).check()
+    page.get_by_role("tab", name="Upscale").click()
+    page.locator("#tab-upscale").get_by_label("Scale", exact=True).fill("4")
+    page.locator("#tab-upscale").get_by_label("Steps", exact=True).fill("9")
+    page.get_by_role("tab", name="Generate").click()
+    expect(combobox(page, "Size preset")).to_have_value("custom")
+    chosen = field_values(page)
+    wait_until_stored(page, {"generate.seed": 77, "generate.sampler": "euler", "generate.linfusion": False,
+                             "generate.vae_attention": "linear", "upscale.steps": 9})  # fmt: skip
+
+    page.reload()
+    expect(scope.get_by_label("Seed", exact=True)).to_have_value("77")
+    expect(combobox(page, "Sampler")).to_have_value("euler")
+    assert field_values(page) == chosen
+    assert chosen["Size preset"] == "custom" and chosen["Width"] == "48"  # not a preset applied over the size
+    assert not scope.get_by_label("LinFusion", exact=True).is_checked()
+    assert (
+        scope.get_by_role("radiogroup", name="VAE attention").get_by_label("linear", exact=True).is_checked()
+    )
+    page.get_by_role("tab", name="Upscale").click()
+    upscale = page.locator("#tab-upscale")
+    assert upscale.get_by_label("Scale", exact=True).input_value() == "4"
+    assert upscale.get_by_label("Steps", exact=True).input_value() == "9"
+    page.get_by_role("tab", name="Generate").click()
+    expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile(r"^Fits.*\nstage 1 48x40, 3 steps"))
+    before = server.pngs()
+    expect_status(page, "Ready.")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect_status(page, re.compile(r"Done in .*: 48x40, seed 78, "))  # seeds 77 and 78, one after the other
+    added = [path for path in server.pngs() if path not in before]
+    assert [path.name.split("-")[1] for path in added] == ["77.png", "78.png"]
+    params = read_png_parameters(added[0])
+    assert (params.prompt, params.negative_prompt, params.width, params.height, params.steps, params.guidance,
+            params.seed) == (RED, "dark", 48, 40, 3, 4.5, 77)  # fmt: skip
+    assert (params.scheduler, params.linfusion, params.vae_attention) == ("euler", "none", "linear")
+
+
+def test_reset_to_defaults_puts_the_defaults_back_and_a_reload_keeps_them(new_page) -> None:
+    page = new_page()
+    scope = page.locator("#tab-generate")
+    defaults = field_values(page)
+    fill(page, prompt=YELLOW, steps=7, seed=5)
+    choose(page, "Aspect ratio", "4:3")
+    choose(page, "Size preset", "512")  # a preset chosen: it reads so again after a reload
+    expect(scope.get_by_label("Height", exact=True)).to_have_value("384")
+    choose_mode(page, "DemoFusion")
+    upscale = page.locator("#tab-upscale")
+    page.get_by_role("tab", name="Upscale").click()
+    upscale.get_by_label("Scale", exact=True).fill("4")
+    page.get_by_role("tab", name="Generate").click()
+    wait_until_stored(page, {"generate.width": 512, "generate.height": 384, "generate.preset": 512,
+                             "generate.mode": "demofusion", "generate.seed": 5, "upscale.scale": 4})  # fmt: skip
+    chosen = field_values(page)
+    page.reload()
+    expect(scope.get_by_label("Seed", exact=True)).to_have_value("5")
+    assert field_values(page) == chosen
+    assert (chosen["Size preset"], chosen["Width"], chosen["Height"]) == ("512", "512", "384")
+    assert scope.get_by_role("radiogroup", name="Mode").get_by_label("DemoFusion", exact=True).is_checked()
+
+    scope.get_by_role("button", name="Reset to defaults", exact=True).click()
+    expect(scope.get_by_label("Seed", exact=True)).to_have_value(defaults["Seed"])
+    assert field_values(page) == defaults
+    assert scope.get_by_role("radiogroup", name="Mode").get_by_label("plain", exact=True).is_checked()
+    page.get_by_role("tab", name="Upscale").click()
+    expect(upscale.get_by_label("Scale", exact=True)).to_have_value("4")  # each tab resets its own fields
+    upscale.get_by_role("button", name="Reset to defaults", exact=True).click()
+    expect(upscale.get_by_label("Scale", exact=True)).to_have_value("2")
+    page.get_by_role("tab", name="Generate").click()
+    wait_until_stored(page, None)  # nothing differs from the defaults: nothing is kept
+    page.reload()
+    expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile("^Fits"))
+    page.wait_for_timeout(1500)  # a stored value would have been put back by now
+    assert field_values(page) == defaults
+
+
+def test_stored_values_the_page_cannot_hold_are_ignored(new_page, server: UiServer) -> None:
+    page = new_page()
+    defaults, log_lines = field_values(page), len(server.log)
+    stored = {"generate.sampler": "no-such-sampler", "generate.steps": "abc", "generate.model": "gone/model",
+              "generate.width": 40.5, "generate.prompt": 12, "generate.linfusion": "no", "generate.seed": 5,
+              "generate.ratio": "4:3", "upscale.scale": 3, "upscale.model": "gone/model", "unknown": 1}  # fmt: skip
+    for text in ("not JSON {", "[1, 2]", json.dumps(stored)):
+        page.evaluate("([key, text]) => localStorage.setItem(key, text)", [SETTINGS_KEY, text])
+        page.reload()
+        expect(page.locator("#t2i-plan textarea")).to_have_value(re.compile("^Fits"))
+    scope = page.locator("#tab-generate")
+    expect(scope.get_by_label("Seed", exact=True)).to_have_value("5")
+    assert field_values(page) == {**defaults, "Seed": "5", "Aspect ratio": "4:3", "Size preset": "custom"}
+    assert scope.get_by_label("LinFusion", exact=True).is_checked()
+    expect_status(page, "Ready.")
+    page.get_by_role("tab", name="Upscale").click()
+    assert page.locator("#tab-upscale").get_by_label("Scale", exact=True).input_value() == "3"
+    assert page.locator("#tab-upscale").get_by_role("combobox", name="Model").input_value() == "bundled"
+    assert not [line for line in server.log[log_lines:] if "Traceback" in line or "Error" in line]
 
 
 def test_the_queue_lists_this_pages_jobs_each_with_its_own_cancel(new_page, server: UiServer) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from linfusion.ui.jobs import RUNNING, Job, JobRunner, StageWork
 from linfusion.ui.outputs import Result
-from linfusion.ui.page import mode_hint, size_for, status_line
+from linfusion.ui.page import CUSTOM, mode_hint, preset_reading, size_for, status_line
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,16 @@ from linfusion.ui.page import mode_hint, size_for, status_line
 def test_presets_keep_the_long_side_and_round_the_other_to_8(long_side: int, ratio: str, size: tuple) -> None:
     assert size_for(long_side, ratio) == size
     assert all(side % 8 == 0 for side in size)
+
+
+def test_the_size_preset_reads_custom_unless_width_and_height_are_what_it_gives() -> None:
+    assert preset_reading(512, 512, 512, "1:1", native=32) == 512
+    assert preset_reading(512, 384, 512, "4:3", native=32) == 512
+    assert preset_reading(512, 512, 512, "4:3", native=32) == CUSTOM
+    assert preset_reading(32, 32, 0, "1:1", native=32) == 0  # native: the model's own size
+    assert preset_reading(64, 64, 0, "1:1", native=32) == CUSTOM
+    assert preset_reading(512, 512, CUSTOM, "1:1", native=32) == CUSTOM  # custom stays custom
+    assert preset_reading(512, 512, None, "1:1", native=32) == CUSTOM
 
 
 def test_the_status_line_follows_a_job_from_the_queue_to_its_end() -> None:

@@ -17,7 +17,8 @@ import torch
 
 from ..choices import BUNDLED_MODEL_NAME
 from ..io import format_size, size_flag
-from .loading import check_model_exists, resolve_device
+from ..pipelines.demofusion import DEMOFUSION_ON_DIT
+from .loading import check_model_exists, names_dit, resolve_device
 from .params import GenerationError, GenerationParams
 from .prepare import Budgets
 
@@ -161,6 +162,8 @@ def preflight(
     params = params.replace(model=params.model or BUNDLED_MODEL_NAME)
     params.validate()
     check_model_exists(str(params.model))
+    if params.mode == "demofusion" and names_dit(params.model):
+        raise GenerationError(DEMOFUSION_ON_DIT)
     torch_device = resolve_device(device)
     check_writable(out)
     check_save_stages(save_stages)

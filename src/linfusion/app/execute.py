@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..io import atomic_file
 from ..patches.stage import Savers, apply_savers
-from ..pipelines.chain import StageCallback
+from ..pipelines.chain import StageCallback, text_to_image
 from ..pipelines.demofusion import demofusion
 from ..pipelines.sdedit import sdedit
 from ..planner import MemoryPlan
@@ -122,7 +122,7 @@ def render(
     with memory_allocator(run.memory, loaded.device):
         if params.mode == "plain":
             with apply_savers(pipe, run.memory.stages[0].savers):
-                result = pipe(params.prompt, width=params.width, height=params.height, **common).images[0]
+                result = text_to_image(pipe, params.width, params.height, prompt=params.prompt, **common)
             if on_stage_end is not None:
                 on_stage_end(0, run.stages[0], result)
             return result

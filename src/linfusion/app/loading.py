@@ -8,20 +8,23 @@ so a long-lived caller (the web UI) keeps the pipeline and reapplies only what d
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..choices import BUNDLED_MODEL_NAME, SCHEDULERS
+from ..bundled.paths import DIT_MODEL_DIR
+from ..choices import BUNDLED_DIT_MODEL_NAME, BUNDLED_MODEL_NAME, SCHEDULERS
 from ..errors import excerpt
 from ..hub import load_failure_message, looks_like_hub_id
 from ..model import LinFusion
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import minimum_side, native_long_side
-from ..registry import is_sdxl
+from ..pipelines.dit import max_sequence_length
+from ..registry import is_dit, is_sdxl
 from .params import GenerationError, GenerationParams
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "bundled" / "model"
@@ -47,12 +50,43 @@ def auto_vae_attention(model: str | None, tokens: int) -> str:
 
 
 RANDOM_MODELS = {"random-sd15": "sd15", "random-sdxl": "sdxl"}  # full size, random weights: no download
+RANDOM_MODELS["random-pixart-sigma"] = "pixart-sigma"
+RANDOM_MODELS["random-pixart-alpha"] = "pixart-alpha"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_model(model: str | None) -> str:
-    """The folder or Hub id behind ``--model`` (None and "bundled": the bundled model's folder)."""
+    """The folder or Hub id behind ``--model`` (None and "bundled": the bundled model's folder;
+    "bundled-dit": the bundled DiT's)."""
+    if model == BUNDLED_DIT_MODEL_NAME:
+        return str(DIT_MODEL_DIR)
     return str(BUNDLED_MODEL) if model in (None, BUNDLED_MODEL_NAME) else model
+
+
+def pipeline_class_name(model: str | None) -> str | None:
+    """The pipeline class ``model_index.json`` names for ``--model`` (a folder, a bundled name, a Hub id
+    already in the local cache), read without loading anything; None when it cannot be read here."""
+    import json
+
+    folder = Path(resolve_model(model))
+    index = folder / "model_index.json"
+    if not index.exists() and looks_like_hub_id(str(model)):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(model), "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def names_dit(model: str | None) -> bool:
+    """Whether ``--model`` names a diffusion-transformer (PixArt) pipeline, known before loading it."""
+    if str(model).startswith("random-pixart"):
+        return True
+    return (pipeline_class_name(model) or "").startswith("PixArt")
 
 
 def is_bundled(model: str | None) -> bool:
@@ -102,12 +136,14 @@ def device_available(kind: str) -> bool:
 
 def check_model_exists(model: str) -> None:
     """Refuse, before loading, a ``--model`` that is neither a known name, an existing path nor a Hub id."""
-    if model in RANDOM_MODELS or model == BUNDLED_MODEL_NAME or looks_like_hub_id(model):
+    if model in RANDOM_MODELS or model in (BUNDLED_MODEL_NAME, BUNDLED_DIT_MODEL_NAME):
+        return
+    if looks_like_hub_id(model):
         return
     if not Path(model).exists():
         raise GenerationError(
             f"--model {excerpt(model)}: no such folder; pass a diffusers pipeline folder, a Hub id such as "
-            "org/name, or bundled"
+            f"org/name, {BUNDLED_MODEL_NAME} or {BUNDLED_DIT_MODEL_NAME}"
         )
 
 
@@ -134,6 +170,11 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     if model == str(BUNDLED_MODEL) and not (BUNDLED_MODEL / "model_index.json").exists():
         raise GenerationError(
             f"the bundled model is not in this installation ({BUNDLED_MODEL}); pass --model with a diffusers "
+            "pipeline folder or Hub id"
+        )
+    if model == str(DIT_MODEL_DIR) and not (DIT_MODEL_DIR / "model_index.json").exists():
+        raise GenerationError(
+            f"the bundled DiT is not in this installation ({DIT_MODEL_DIR}); pass --model with a PixArt "
             "pipeline folder or Hub id"
         )
     try:
@@ -169,7 +210,7 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
     folder = _local_pipeline_folder(model)
     index = json.loads((folder / "model_index.json").read_text())
     parts: dict[str, Any] = {"tokenizer": SimpleNamespace(model_max_length=_prompt_tokens(folder))}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "controlnet"):
         library, class_name = (index.get(name) or (None, None))[:2]
         if library is None or class_name is None:
             continue
@@ -180,10 +221,16 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
             else:
                 config = transformers.AutoConfig.from_pretrained(folder / name)
                 parts[name] = getattr(transformers, class_name)(config).to(dtype)
-    if "unet" not in parts or "vae" not in parts:
+    denoiser = parts.get("unet", parts.get("transformer"))
+    if denoiser is None or "vae" not in parts:
         raise GenerationError(
-            f"{model} is not a Stable Diffusion pipeline (no unet or vae in model_index.json)"
+            f"{model} is neither a Stable Diffusion nor a PixArt pipeline (no unet or transformer, or no vae, "
+            "in model_index.json)"
         )
+    if "transformer" in parts:  # T5 reads the pipeline's max_sequence_length tokens, not the tokenizer's
+        pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
+        if pipeline_class is not None:
+            parts["tokenizer"] = SimpleNamespace(model_max_length=max_sequence_length(pipeline_class))
     structure = SimpleNamespace(
         **parts, vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1)
     )
@@ -193,8 +240,8 @@ def load_structure(model: str, dtype: torch.dtype) -> Any:
             modules = LinFusion.load_config(own.parent)["modules_list"]
             linfusion = LinFusion(modules_list=modules).to(dtype)
     else:
-        linfusion = LinFusion.from_unet(structure.unet)  # on meta, like the UNet
-    linfusion.mount(structure.unet)
+        linfusion = LinFusion.from_unet(denoiser)  # on meta, like the denoiser
+    linfusion.mount(denoiser)
     return structure
 
 
@@ -256,6 +303,13 @@ def attach_linfusion(pipe: Any, model: str, choice: str) -> LinFusion | None:
     own = Path(model) / LINFUSION_SUBFOLDER
     if (own / "config.json").exists():
         return LinFusion.construct_for(pipe, pretrained_model_name_or_path=own)
+    if is_dit(pipe):
+        raise GenerationError(
+            f"no LinFusion weights are published for diffusion transformers, and {excerpt(model)} has no "
+            f"{LINFUSION_SUBFOLDER}/ folder: distill them (linfusion distill --teacher {shlex.quote(model)} "
+            f"--data <images> --output <folder>) and pass --linfusion <folder> (or save them as "
+            f"{LINFUSION_SUBFOLDER}/ in the model folder). Or run without LinFusion: --no-linfusion."
+        )
     try:
         return LinFusion.construct_for(pipe, pipe_name_path=model)
     except LookupError as error:
@@ -284,6 +338,11 @@ class LoadedPipeline:
     @property
     def is_sdxl(self) -> bool:
         return is_sdxl(self.pipe)
+
+    @property
+    def is_dit(self) -> bool:
+        """A diffusion transformer (PixArt): no UNet, so no UNet-only memory savers or recipes."""
+        return is_dit(self.pipe)
 
 
 def load(params: GenerationParams, device: str = "auto") -> LoadedPipeline:
@@ -320,6 +379,8 @@ __all__ = [
     "is_bundled",
     "load",
     "load_pipeline",
+    "names_dit",
+    "pipeline_class_name",
     "resolve_device",
     "resolve_dtype",
     "resolve_model",

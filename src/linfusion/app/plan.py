@@ -68,6 +68,19 @@ class PlannedRun:
     plan: MemoryPlan
     stripes: int  # processes sharing each stage (the plan is one rank's)
     vae_attention: str  # the VAE mid-block kernel planned (auto settled)
+    planner: Any = None  # the MemoryPlanner that made the plan (for the per-call FLOPs of the JSON)
+
+    def call_flops(self) -> list[dict[str, int]]:
+        """Per stage: FLOPs of one denoiser call at the stage's size (both CFG branches when guided) with
+        the model's softmax self-attention and with LinFusion's, whichever the plan runs."""
+        if self.planner is None:
+            return []
+        guided = self.request.guidance > 1.0
+        return [
+            {attention: self.planner.call_flops(stage.width, stage.height, attention, guided)
+             for attention in ("softmax", "linfusion")}
+            for stage in self.stages
+        ]  # fmt: skip
 
     @property
     def link(self) -> str:
@@ -120,6 +133,8 @@ class PlannedRun:
             entry.update(
                 strength=stage.strength, unet_calls=calls, predicted_seconds=predicted, transfer_seconds=moved
             )
+        for entry, flops in zip(data["stages"], self.call_flops()):
+            entry["call_flops"] = flops
         data.update(
             model=self.request.model,
             mode=self.request.mode,
@@ -209,6 +224,7 @@ def make_plan(request: PlanRequest) -> PlannedRun:
     """Build the model's structure on ``meta`` and prepare the request on it, for one rank."""
     import torch
 
+    from ..planner import MemoryPlanner
     from .loading import load_structure
     from .prepare import Budgets, prepare
 
@@ -218,20 +234,23 @@ def make_plan(request: PlanRequest) -> PlannedRun:
         raise GenerationError("no CUDA device here to read the free memory of: pass --max-memory (e.g. 12GB)")
     structure = load_structure(request.model, dtype)
     if not request.linfusion:
-        from ..model import mounted_on
+        from ..model import denoiser_of, mounted_on
 
-        mounted = mounted_on(structure.unet)
+        mounted = mounted_on(denoiser_of(structure))
         if mounted is not None:
             mounted.unmount()
     params = GenerationParams(
         "plan", width=request.width, height=request.height, steps=request.steps, guidance=request.guidance,
         model=request.model, mode=request.mode, vae_attention=request.vae_attention,
     )  # fmt: skip
+    planner = MemoryPlanner(structure, device=request.device, dtype=dtype)
     run = prepare(
         params, structure, Budgets(request.max_memory, request.host_memory), device=request.device,
-        dtype=dtype, refuse=False, stripes=request.nproc,
+        dtype=dtype, refuse=False, stripes=request.nproc, planner=planner,
     )  # fmt: skip
-    return PlannedRun(request, run.stages, run.unet_calls, run.memory, request.nproc, run.vae_attention)
+    return PlannedRun(
+        request, run.stages, run.unet_calls, run.memory, request.nproc, run.vae_attention, planner
+    )
 
 
 __all__ = [

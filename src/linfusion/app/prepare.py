@@ -28,9 +28,12 @@ import torch
 from PIL import Image
 
 from ..choices import BUNDLED_MODEL_NAME, SIZE_MULTIPLE
+from ..model import denoiser_of
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import Stage, minimum_side, native_long_side, plan_stages, unet_calls
+from ..pipelines.demofusion import DEMOFUSION_ON_DIT
+from ..pipelines.dit import max_sequence_length
 from ..pipelines.upscale import upscale_target
 from ..planner import (
     MAX_PLANNED_PIXELS,
@@ -40,7 +43,7 @@ from ..planner import (
     available_memory,
     refusal,
 )
-from ..registry import is_sdxl
+from ..registry import is_dit, is_sdxl
 from ..tiled_vae import attention_flops
 from ..vae_attention import (
     QUADRATIC_HINT_TOKENS,
@@ -181,7 +184,8 @@ def prompt_length_notes(model: Any, params: GenerationParams) -> list[str]:
     tokenizer = getattr(model, "tokenizer", None)
     if not callable(tokenizer):  # a structure on meta carries the length only
         return []
-    limit = tokenizer.model_max_length
+    transformer = getattr(model, "transformer", None)  # a DiT reads its pipeline's T5 length
+    limit = max_sequence_length(model) if is_dit(transformer) else tokenizer.model_max_length
     notes = []
     for what, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
         if not text:
@@ -202,7 +206,9 @@ def stripe_sizes(model: Any, stages: Sequence[Stage], stripes: int) -> list[tupl
     from ..parallel.layout import StripeLayoutError, stripe_bounds
 
     factor = model.vae_scale_factor
-    multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    denoiser = denoiser_of(model)  # a transformer's stripes start on whole patches, a UNet's on whole rows
+    depth = 2 ** (len(denoiser.config.get("block_out_channels", ())) - 1)  # ... of its deepest level
+    multiple = denoiser.config.patch_size if is_dit(denoiser) else depth
     sizes = []
     for stage in stages:
         try:
@@ -292,6 +298,8 @@ def prepare_steps(
     )
     smallest = minimum_side(model)
     params.validate(minimum_side=smallest)
+    if params.mode == "demofusion" and is_dit(denoiser_of(model)):
+        raise GenerationError(DEMOFUSION_ON_DIT)
     if source is not None and min(source.size) < smallest:
         what = f"the image ({source.width}x{source.height})"
         raise GenerationError(minimum_side_message(what, smallest))

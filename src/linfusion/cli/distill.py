@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--teacher",
         required=True,
-        help="diffusers pipeline: Hub id, local folder, or bundled (the bundled model)",
+        help="diffusers pipeline: Hub id, local folder, bundled (the bundled UNet model) or bundled-dit (the bundled PixArt)",
     )
     parser.add_argument(
         "--data", required=True, help="image folder (.txt captions or metadata.jsonl) or a datasets dataset"

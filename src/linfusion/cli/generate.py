@@ -23,8 +23,18 @@ def _add_shared(parser: argparse.ArgumentParser, out_default: str) -> None:
         "--seed", type=int, default=0, help="-1: a random seed (the PNG records the one used)"
     )
     parser.add_argument("--out", default=out_default, help="PNG to write (folder created if needed)")
-    parser.add_argument("--model", default=None, help="pipeline folder, Hub id, or bundled (the default)")
-    parser.add_argument("--linfusion", default="auto", help="LinFusion weights: Hub id or folder")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="pipeline folder or Hub id (Stable Diffusion 1.x/2.x/XL or PixArt-Alpha/Sigma), bundled (the "
+        "default) or bundled-dit (the bundled PixArt)",
+    )
+    parser.add_argument(
+        "--linfusion",
+        default="auto",
+        help="LinFusion weights: Hub id or folder (auto: the model folder's own linfusion/, else the "
+        "published weights that fit; none are published for PixArt: distill them)",
+    )
     parser.add_argument("--no-linfusion", action="store_true", help="use the model's original attention")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES))

@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
         nargs="+",
         default=None,
         metavar="ID_OR_PATH",
-        help="models the page offers (pipeline folders, Hub ids, or bundled); loaded once at start. "
+        help="models the page offers (pipeline folders, Hub ids, bundled or bundled-dit); loaded once at start. "
         "Default: bundled",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

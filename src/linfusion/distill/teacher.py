@@ -3,7 +3,6 @@ captions into conditioning, and how its denoiser is called."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -12,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bundled.paths import MODEL_DIR
-from ..choices import BUNDLED_MODEL_NAME
+from ..bundled.paths import DIT_MODEL_DIR, MODEL_DIR
+from ..choices import BUNDLED_DIT_MODEL_NAME, BUNDLED_MODEL_NAME
 from ..errors import UserError
 from ..hub import load_failure_message, looks_like_hub_id
+from ..pipelines.dit import max_sequence_length
 from ..registry import UNSUPPORTED_DENOISERS, UnsupportedModelError, check_linearizable, is_dit, is_sdxl
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -29,8 +29,10 @@ class TeacherError(UserError, ValueError):
 
 
 def resolve_teacher(name_or_path: str) -> str:
-    """The folder or Hub id behind ``--teacher`` ("bundled": the bundled model's folder, as for generate)."""
-    return str(MODEL_DIR) if name_or_path == BUNDLED_MODEL_NAME else name_or_path
+    """The folder or Hub id behind ``--teacher`` ("bundled" / "bundled-dit": the bundled models' folders, as
+    for generate)."""
+    named = {BUNDLED_MODEL_NAME: MODEL_DIR, BUNDLED_DIT_MODEL_NAME: DIT_MODEL_DIR}
+    return str(named[name_or_path]) if name_or_path in named else name_or_path
 
 
 def check_teacher_source(name_or_path: str) -> None:
@@ -42,7 +44,7 @@ def check_teacher_source(name_or_path: str) -> None:
         raise TeacherError(
             f"--teacher {name_or_path!r}: no such folder; pass a diffusers pipeline folder (with "
             f"model_index.json), a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or "
-            f"{BUNDLED_MODEL_NAME}"
+            f"{BUNDLED_MODEL_NAME} or {BUNDLED_DIT_MODEL_NAME}"
         )
     index = os.path.join(source, "model_index.json")
     if not os.path.isfile(index):
@@ -211,14 +213,6 @@ class TextConditioner:
                 "time_ids": time_ids.to(self.device, self.dtype),
             },
         }
-
-
-def max_sequence_length(pipe: Any) -> int:
-    """The T5 caption length a PixArt pipeline truncates to (its ``max_sequence_length``: Alpha 120, Sigma 300)."""
-    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-    if parameter is None or not isinstance(parameter.default, int):
-        return int(pipe.tokenizer.model_max_length)
-    return parameter.default
 
 
 class T5Conditioner:

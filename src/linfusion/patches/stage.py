@@ -1,7 +1,7 @@
 """A stage's memory savers as one value (:class:`Savers`) and the one place they become patches.
 
 The memory planner chooses a :class:`Savers` per stage; :func:`apply_savers` turns it on a pipeline (the
-banded UNet, the UNet savers, the exact tiled VAE, model CPU offload) as one reversible
+banded UNet or banded DiT, the denoiser's savers, the exact tiled VAE, model CPU offload) as one reversible
 :class:`~linfusion.patches.base.Patch`. Both live here, below the planner, so the pipelines and the
 application apply a plan without importing the planner's search.
 """
@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from ..io import MIB, format_size
+from ..model import denoiser_of
+from .banded_dit import apply_banded_dit
 from .banded_unet import apply_banded_unet
 from .base import Patch
 from .savers import apply_memory_savers
@@ -33,7 +35,10 @@ class Savers:
     tiled_vae: bool = False
     model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
     banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
-    unet_store_on_host: bool = False  # the banded UNet's whole activations in host memory
+    banded_dit: bool = (
+        False  # a diffusion transformer block by block over token bands (exact, bounded memory)
+    )
+    unet_store_on_host: bool = False  # the banded UNet's (or DiT's) whole activations in host memory
     unet_device_store_bytes: int | None = None  # ... of which this many bytes may stay on the device
     vae_store_on_host: bool = False  # the tiled VAE's store in host memory ...
     vae_store_limit_bytes: int | None = None  # ... holding at most this many bytes (None: no limit)
@@ -41,7 +46,7 @@ class Savers:
 
     def names(self) -> list[str]:
         names = []
-        if self.banded_unet:
+        if self.banded_unet or self.banded_dit:
             where = "on the device"
             if self.unet_store_on_host:
                 kept = format_size(self.unet_device_store_bytes or 0)
@@ -50,7 +55,7 @@ class Savers:
                     if self.unet_device_store_bytes
                     else "on the host"
                 )
-            names.append(f"banded UNet, activations {where}")
+            names.append(f"banded {'DiT' if self.banded_dit else 'UNet'}, activations {where}")
         if self.sequential_cfg:
             names.append("CFG branches one at a time")
         if self.feed_forward_chunk:
@@ -71,12 +76,23 @@ class Savers:
 
 
 def apply_savers(pipe: Any, savers: Savers) -> Patch:
-    """Turn on what ``savers`` says on ``pipe`` (UNet savers, exact VAE tiling, model offload).
+    """Turn on what ``savers`` says on ``pipe`` (the denoiser's savers, exact VAE tiling, model offload).
 
-    The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was.
+    The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was. The denoiser
+    is ``pipe.unet`` or, on a diffusion-transformer pipeline, ``pipe.transformer``.
     """
+    denoiser = denoiser_of(pipe)
     patch = Patch("stage savers")
-    try:  # the banded UNet first, then what wraps it; model offload wraps the UNet's forward last
+    try:  # the banded model first, then what wraps it; model offload wraps the denoiser's forward last
+        if savers.banded_dit:
+            patch.add(
+                apply_banded_dit(
+                    denoiser,
+                    band_bytes=DEFAULT_BAND_BYTES,
+                    store_device="cpu" if savers.unet_store_on_host else None,
+                    device_store_bytes=savers.unet_device_store_bytes,
+                )
+            )
         if savers.banded_unet:
             patch.add(
                 apply_banded_unet(
@@ -88,7 +104,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
             )
         patch.add(
             apply_memory_savers(
-                pipe.unet,
+                denoiser,
                 feed_forward_chunk=savers.feed_forward_chunk,
                 sequential_cfg=savers.sequential_cfg,
                 skip_offload="cpu" if savers.skip_offload else None,
@@ -114,7 +130,7 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
 
 def apply_model_offload(pipe: Any) -> Patch:
     """diffusers' model CPU offload (only the model at work on the device); ``remove()`` moves it all back."""
-    device = pipe.unet.device
+    device = denoiser_of(pipe).device
     models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     attributes = [set(model.__dict__) for model in models]
     pipe.enable_model_cpu_offload(device=device)

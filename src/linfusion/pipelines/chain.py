@@ -21,8 +21,11 @@ from PIL import Image
 
 from ..choices import SIZE_MULTIPLE
 from ..io import atomic_file
+from ..model import denoiser_of
 from ..patches.stage import Savers, apply_savers
 from ..planner import MemoryPlan
+from ..registry import is_dit
+from . import dit
 
 DEFAULT_TILE_FROM = 2048 * 2048  # without a memory plan: exact VAE tiling from this many pixels
 
@@ -137,15 +140,40 @@ def unet_calls(stage: Stage, steps: int, mode: str) -> int:
 
 
 def native_long_side(pipe: Any) -> int:
-    """The long side, in pixels, of the images the pipeline's UNet was trained at."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The long side, in pixels, of the images the pipeline's denoiser (UNet or transformer) was trained at."""
+    unet = getattr(pipe, "unet", None)
+    denoiser = unet if unet is not None else denoiser_of(pipe)
+    return int(denoiser.config.sample_size * pipe.vae_scale_factor)
 
 
 def minimum_side(pipe: Any) -> int:
     """The smallest width and height, in pixels, the pipeline works at: one latent row and column at the
-    UNet's deepest level (each down block but the last halves the latent image)."""
-    halvings = len(pipe.unet.config.down_block_types) - 1
+    UNet's deepest level (each down block but the last halves the latent image); one patch for a DiT."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:  # a diffusion transformer
+        return int(pipe.vae_scale_factor * denoiser_of(pipe).config.patch_size)
+    halvings = len(unet.config.down_block_types) - 1
     return int(pipe.vae_scale_factor * 2**halvings)
+
+
+def text_to_image(pipe: Any, width: int, height: int, **options: Any) -> Image.Image:
+    """The pipeline's text-to-image at exactly ``width`` x ``height`` (a DiT's: :func:`.dit.text_to_image`,
+    with ``callback_on_step_end`` as for Stable Diffusion)."""
+    if is_dit(pipe):
+        return dit.text_to_image(pipe, width=width, height=height, **options)
+    return pipe(width=width, height=height, **options).images[0]
+
+
+def image_to_image_pipeline(pipe: Any) -> Any:
+    """The image-to-image sibling sharing ``pipe``'s components; a DiT's refine steps run on ``pipe`` itself
+    (diffusers has no PixArt image-to-image pipeline: :func:`.dit.image_to_image`)."""
+    if is_dit(pipe):
+        return pipe
+    from diffusers import AutoPipelineForImage2Image
+
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    carry_progress_config(pipe, img2img)
+    return img2img
 
 
 def set_progress_label(pipe: Any, label: str) -> None:
@@ -211,15 +239,12 @@ def run_chain(
     never). ``save_stages`` writes ``stage-<i>-<W>x<H>.png`` per stage; ``on_stage_end(index, stage,
     image)`` is called after each stage (previews, timings).
     """
-    from diffusers import AutoPipelineForImage2Image
-
     if memory_plan is not None and len(memory_plan.stages) != len(plan):
         raise ValueError(f"the memory plan has {len(memory_plan.stages)} stages; this chain has {len(plan)}")
     folder = Path(save_stages) if save_stages is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    carry_progress_config(pipe, img2img)
+    img2img = image_to_image_pipeline(pipe)
     current = image.convert("RGB") if image is not None else None
     for index, stage in enumerate(plan):
         label = f"stage {index + 1}/{len(plan)} {stage.width}x{stage.height}"
@@ -255,6 +280,7 @@ __all__ = [
     "check_size",
     "default_strengths",
     "denoising_steps",
+    "image_to_image_pipeline",
     "minimum_side",
     "native_long_side",
     "plan_stages",
@@ -262,5 +288,6 @@ __all__ = [
     "run_chain",
     "set_progress_label",
     "stage_steps",
+    "text_to_image",
     "unet_calls",
 ]

@@ -25,12 +25,20 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
-from ..patches.base import Patch
 from ..patches.dilation import COSINE_POWERS, DEFAULT_SIGMA, apply_dilated_branch, cosine_factor
 from ..planner import MemoryPlan
+from ..registry import is_dit
 from .chain import DEFAULT_TILE_FROM, Stage, StageCallback, chain_stages, run_chain, stage_steps
+from .latents import encode_image
+
+# Why a diffusion transformer gets no DemoFusion: its global branch is the dilation of the UNet's convolutions.
+DEMOFUSION_ON_DIT = (
+    "--mode demofusion steers every stage with a dilated copy of the UNet's convolutions (its global branch); "
+    "a diffusion transformer (PixArt) has no convolution between its patch embedding and its output to "
+    "dilate, and with LinFusion every token already attends to the whole image: use --mode sdedit (the same "
+    "stages without the dilated branch)"
+)
 
 
 def match_channel_statistics(latents: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -39,33 +47,6 @@ def match_channel_statistics(latents: torch.Tensor, anchor: torch.Tensor) -> tor
     dims = (-2, -1)
     x = (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True).clamp_min(1e-6)
     return (x * a.std(dim=dims, keepdim=True) + a.mean(dim=dims, keepdim=True)).to(latents.dtype)
-
-
-def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
-    """The scaled latent of ``image`` (the posterior's mode), as the pipeline's UNet expects it."""
-    vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(image).to(pipe._execution_device)
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    with torch.no_grad(), _vae_in_dtype(vae, dtype):
-        latents = vae.encode(pixels.to(dtype)).latent_dist.mode()
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        latents = (latents - mean) * vae.config.scaling_factor / std
-    else:
-        latents = latents * vae.config.scaling_factor
-    return latents.to(pipe.unet.dtype)
-
-
-def _vae_in_dtype(vae: nn.Module, dtype: torch.dtype) -> Patch:
-    """The VAE cast to ``dtype`` (SD-XL's VAE encodes in fp32); ``remove()`` casts it back."""
-    original = vae.dtype
-    if original == dtype:
-        return Patch(f"VAE already in {dtype}")
-    vae.to(dtype)
-    return Patch(f"VAE in {dtype}", [lambda: vae.to(original)])
 
 
 def _pipeline_noise(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -196,6 +177,8 @@ def demofusion(
     ``linspace(0.32, 0, n + 1)`` for every family). Arguments as :func:`linfusion.pipelines.sdedit`;
     ``sigma`` scales the blur of the dilated branch. Schedulers of order 1 only (DDIM, Euler, DPM++ ...).
     """
+    if is_dit(pipe):
+        raise ValueError(DEMOFUSION_ON_DIT)
     if isinstance(generator, list):
         raise ValueError("demofusion takes one torch.Generator, not a list")
     if getattr(pipe.scheduler, "order", 1) != 1:
@@ -229,4 +212,10 @@ def demofusion(
     )
 
 
-__all__ = ["DemoFusionSteps", "demofusion", "encode_image", "match_channel_statistics", "stage_scale"]
+__all__ = [
+    "DEMOFUSION_ON_DIT",
+    "DemoFusionSteps",
+    "demofusion",
+    "match_channel_statistics",
+    "stage_scale",
+]

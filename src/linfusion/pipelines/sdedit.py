@@ -3,7 +3,8 @@
 Each stage resizes the previous image to the next size and runs image-to-image at a decreasing strength
 (0.4, 0.3, 0.2, 0.1 for SD-1.x/2.x; linspace(0.32, 0, n + 1) for SD-XL), so the layout comes from the
 native-size image and the detail from every stage. With LinFusion mounted each stage costs time linear
-in its pixel count. Works on any diffusers SD-1.x/2.x/XL text-to-image pipeline.
+in its pixel count. Works on any diffusers SD-1.x/2.x/XL text-to-image pipeline and on PixArt-Alpha/Sigma
+(whose image-to-image step is :mod:`linfusion.pipelines.dit`'s).
 """
 
 from __future__ import annotations
@@ -16,23 +17,35 @@ import torch
 from PIL import Image
 
 from ..planner import MemoryPlan
-from ..registry import is_sdxl
-from .chain import DEFAULT_TILE_FROM, Stage, StageCallback, chain_stages, run_chain, stage_steps
+from ..registry import is_dit, is_sdxl
+from . import dit
+from .chain import (
+    DEFAULT_TILE_FROM,
+    Stage,
+    StageCallback,
+    chain_stages,
+    run_chain,
+    stage_steps,
+    text_to_image,
+)
 
 
 class SDEditSteps:
-    """The SDEdit recipe: plain text-to-image, then image-to-image at each stage's strength."""
+    """The SDEdit recipe: plain text-to-image, then image-to-image at each stage's strength (on a DiT:
+    :func:`linfusion.pipelines.dit.image_to_image`)."""
 
     def __init__(self, common: dict[str, Any]) -> None:
         self.common = common
 
     def base(self, pipe: Any, stage: Stage) -> Image.Image:
-        return pipe(width=stage.width, height=stage.height, **self.common).images[0]
+        return text_to_image(pipe, stage.width, stage.height, **self.common)
 
     def refine(self, img2img: Any, stage: Stage, previous: Image.Image, resized: Image.Image) -> Image.Image:
         assert stage.strength is not None
         steps = stage_steps(self.common["num_inference_steps"], stage.strength)
         kwargs = {**self.common, "num_inference_steps": steps}
+        if is_dit(img2img):
+            return dit.image_to_image(img2img, resized, strength=stage.strength, **kwargs)
         return img2img(image=resized, strength=stage.strength, **kwargs).images[0]
 
 

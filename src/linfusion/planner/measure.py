@@ -1,12 +1,13 @@
 """Measuring a pipeline for the planner: activation bytes, FLOPs, host bytes of each phase, on ``meta``.
 
-The UNet (with LinFusion and the chosen savers) and the VAE (plain or exactly tiled) are rebuilt from their
-configs on ``meta`` and called under a dispatch mode that counts the bytes of live tensors (and torch's
-flop counter for FLOPs). Nothing is computed, and every saver is accounted for exactly as it changes the
+The denoiser (a UNet, or a diffusion transformer such as PixArt's; with LinFusion and the chosen savers)
+and the VAE (plain or exactly tiled) are rebuilt from their configs on ``meta`` and called under a
+dispatch mode that counts the bytes of live tensors (and torch's flop counter for FLOPs). The methods keep
+the UNet's names (``unet_activations``, ``unet_flops``, ...) for either denoiser. Nothing is computed, and every saver is accounted for exactly as it changes the
 program. Stages up to ``TRACE_LIMIT_TOKENS`` latent tokens are traced at their own size; larger ones at a
 few smaller sizes of the same aspect ratio, extended as a polynomial in pixels (:class:`Extrapolated`), so
 that a 16K stage is measured in seconds. The banded UNet and the tiled VAE are costed by their own
-analytic cost models. Device allocators add overhead on top of live tensors; ``OVERHEAD`` holds the
+analytic cost models, the banded DiT by its own (:mod:`linfusion.patches.banded_dit`). Device allocators add overhead on top of live tensors; ``OVERHEAD`` holds the
 correction per device type (CPU: fitted on RSS high-water marks of fresh processes, see
 docs/high-resolution.md).
 """
@@ -19,12 +20,15 @@ from typing import Any
 
 import torch
 
+from ..attention import GeneralizedLinearAttention
 from ..io import MIB
-from ..model import LinFusion, mounted_on
+from ..model import LinFusion, denoiser_of, mounted_on
+from ..patches.banded_dit import DiTCost, UnsupportedDiT, banded_dit_cost, check_banded_dit
 from ..patches.banded_unet import UNetCost, UnsupportedUNet, banded_unet_cost, check_banded_unet
 from ..patches.savers import apply_memory_savers
 from ..patches.stage import DEFAULT_BAND_BYTES, Savers
 from ..patches.vae_attention import apply_vae_attention
+from ..registry import is_dit
 from ..tiled_vae import ExactTiler, StoreBudgetError, UnsupportedVAE, tiled_vae_cost
 from ..tracing import traced_flops, traced_peak
 from ..vae_attention import vae_attention_mode
@@ -103,6 +107,10 @@ def _polynomial_through(points: list[tuple[int, int]], x: int) -> float:
 # chunking is in its linear regime at the reference sizes), FLOPs (exact polynomials) far smaller.
 TRACE_LIMIT_TOKENS = 96 * 96
 FLOPS_LIMIT_TOKENS = 32 * 32
+# Caption tokens a DiT call attends to when the tokenizer does not say fewer: PixArt-Sigma's default
+# ``max_sequence_length`` (PixArt-Alpha's is 120).
+DIT_CAPTION_TOKENS = 300
+DENOISERS = ("unet", "controlnet", "transformer")  # the models of the denoising phase
 
 
 class Measurements:
@@ -114,23 +122,27 @@ class Measurements:
 
     def __init__(self, pipe: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         self.pipe = pipe
-        parameter = next(pipe.unet.parameters())
+        self.denoiser = denoiser_of(pipe)  # the UNet, or a diffusion transformer
+        self.dit = is_dit(self.denoiser)
+        parameter = next(self.denoiser.parameters())
         self.device = torch.device(device) if device is not None else parameter.device
         self.dtype = dtype or parameter.dtype
-        self.linfusion = mounted_on(pipe.unet)
+        self.linfusion = mounted_on(self.denoiser)
         self.vae_factor = pipe.vae_scale_factor
         self._meta_unet: Any = None
         self._meta_vaes: dict[str, Any] = {}
+        self._meta_attention: dict[str, Any] = {}
         self._measures: dict[tuple, Extrapolated] = {}
-        self._banded: dict[tuple, UNetCost] = {}
+        self._banded: dict[tuple, UNetCost | DiTCost] = {}
         self._banded_ok: bool | None = None
         self._tiled: dict[tuple, tuple[int, int, int, int] | None] = {}
 
     # ------------------------------------------------------------------ meta models
     def meta_unet(self) -> Any:
+        """The denoiser (UNet or transformer) on meta, with the LinFusion layers the real one runs."""
         if self._meta_unet is None:
             with torch.device("meta"):
-                unet = type(self.pipe.unet).from_config(self.pipe.unet.config).to(self.dtype)
+                unet = type(self.denoiser).from_config(self.denoiser.config).to(self.dtype)
                 if self.linfusion is not None:
                     LinFusion(modules_list=self.linfusion.config.modules_list).mount(unet)
             self._meta_unet = unet.eval()
@@ -151,7 +163,8 @@ class Measurements:
         return "linear" if vae_attention_mode(self.pipe.vae) == "linear" else "exact"
 
     def weights(
-        self, names: Sequence[str] = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+        self,
+        names: Sequence[str] = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "controlnet"),
     ) -> int:
         """Bytes of the parameters and buffers of the pipeline's models named in ``names`` (in the plan's dtype)."""
         total = 0
@@ -170,12 +183,30 @@ class Measurements:
         return torch.empty((), dtype=self.dtype).element_size()
 
     # ------------------------------------------------------------------ measured phases
+    @property
+    def context_tokens(self) -> int:
+        """Text tokens the denoiser's cross-attention reads: the tokenizer's length (CLIP's 77 without one);
+        for a DiT at most :data:`DIT_CAPTION_TOKENS` (the pipelines' caption length)."""
+        tokens = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
+        if self.dit:
+            return min(tokens or DIT_CAPTION_TOKENS, DIT_CAPTION_TOKENS)
+        return tokens or 77
+
     def unet_inputs(self, height: int, width: int, batch: int) -> tuple[Any, ...]:
-        config = self.pipe.unet.config
+        config = self.denoiser.config
         latents = torch.empty(batch, config.in_channels, height // self.vae_factor, width // self.vae_factor,
                               device="meta", dtype=self.dtype)  # fmt: skip
-        tokens = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77)
-        context = torch.empty(batch, tokens, config.cross_attention_dim, device="meta", dtype=self.dtype)
+        if self.dit:
+            from ..patches.banded_dit.cost import meta_dit_inputs
+
+            inputs = meta_dit_inputs(
+                self.meta_unet(), batch, *latents.shape[2:], self.dtype, self.context_tokens
+            )
+            del inputs["hidden_states"]
+            return latents, inputs.pop("encoder_hidden_states"), inputs
+        context = torch.empty(
+            batch, self.context_tokens, config.cross_attention_dim, device="meta", dtype=self.dtype
+        )
         extra: dict[str, Any] = {}
         if config.get("addition_embed_type") == "text_time":
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -187,13 +218,20 @@ class Measurements:
 
     @property
     def _size_multiple(self) -> int:
-        """Sizes the UNet accepts: the latent must halve evenly at every downsampling."""
-        levels = len(self.pipe.unet.config.block_out_channels) - 1
+        """Sizes the denoiser accepts: the latent must halve evenly at every downsampling (UNet) or divide
+        into patches (DiT)."""
+        if self.dit:
+            return self.vae_factor * self.denoiser.config.patch_size
+        levels = len(self.denoiser.config.block_out_channels) - 1
         return self.vae_factor * 2**levels
 
     def _extrapolated(
         self, key: tuple, measure: Callable[[int, int], int], degree: int, limit: int = TRACE_LIMIT_TOKENS
     ) -> Extrapolated:
+        """``limit`` in latent pixels; a DiT's tokens are patches of them, so its limit (as many tokens as
+        a UNet's latent pixels: feed-forward chunking in its linear regime) grows by the patch area."""
+        if self.dit:
+            limit *= self.denoiser.config.patch_size**2
         if key not in self._measures:
             self._measures[key] = Extrapolated(measure, self._size_multiple, degree, limit)
         return self._measures[key]
@@ -208,9 +246,11 @@ class Measurements:
         measure = self._extrapolated(key, lambda w, h: self._trace_unet(w, h, savers, guidance), 1)
         return self.with_overhead(measure(width, height, self._tokens_per_pixel))
 
-    def _run_unet(self, width: int, height: int, batch: int) -> Callable[[], Any]:
-        unet = self.meta_unet()
+    def _run_unet(self, width: int, height: int, batch: int, unet: Any = None) -> Callable[[], Any]:
+        unet = self.meta_unet() if unet is None else unet
         latents, context, extra = self.unet_inputs(height, width, batch)
+        if self.dit:  # the latent positionally, as the pipelines pass it (sequential CFG splits it)
+            return lambda: unet(latents, encoder_hidden_states=context, **extra)
         timestep = torch.tensor(999, device="meta")
         return lambda: unet(latents, timestep, encoder_hidden_states=context, **extra)
 
@@ -261,6 +301,49 @@ class Measurements:
         )
         return measure(width, height, self._tokens_per_pixel)
 
+    def meta_denoiser(self, attention: str) -> Any:
+        """A meta copy of the denoiser with ``attention`` "softmax" (its original self-attention) or
+        "linfusion" (the layers mounted on it, else LinFusion's default ones)."""
+        if attention == "linfusion" and self.linfusion is not None:
+            return self.meta_unet()
+        if attention not in self._meta_attention:
+            with torch.device("meta"):
+                model = type(self.denoiser).from_config(self.denoiser.config).to(self.dtype).eval()
+                if attention == "linfusion":
+                    LinFusion.from_unet(model).mount(model)
+            self._meta_attention[attention] = model
+        return self._meta_attention[attention]
+
+    def call_flops(self, width: int, height: int, attention: str, guidance: bool = True) -> int:
+        """FLOPs of one denoiser call (both guidance branches when ``guidance``) with ``attention``
+        "softmax" or "linfusion" (see :meth:`meta_denoiser`).
+
+        LinFusion's attention products are counted from each layer's input shape (its kernels skip the
+        work on ``meta``, hiding it from torch's counter): ``phi(K)^T V`` and every query's read.
+        """
+        from ..patches.banded_unet.attention import LinearAttentionPasses
+
+        def measure(w: int, h: int) -> int:
+            model = self.meta_denoiser(attention)
+            layers: list[tuple[Any, int, int]] = []
+
+            def record(layer: Any, args: Any) -> None:
+                shape = args[0].shape  # (B, N, C) or (B, C, H, W)
+                tokens = shape[1] if len(shape) == 3 else shape[2] * shape[3]
+                layers.append((layer, shape[0], tokens))
+
+            hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+                     if isinstance(m, GeneralizedLinearAttention)]  # fmt: skip
+            try:
+                flops = traced_flops(self._run_unet(w, h, 2 if guidance else 1, model))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return flops + sum(LinearAttentionPasses.core_flops(*layer) for layer in layers)
+
+        key = ("call flops", attention, guidance)
+        return self._extrapolated(key, measure, 2, FLOPS_LIMIT_TOKENS)(width, height, self._tokens_per_pixel)
+
     def vae_activations(self, width: int, height: int, savers: Savers, encode: bool = False) -> int:
         """Device bytes of the VAE decode (and encode, when ``encode``) activations with ``savers``."""
         key = ("vae", savers.tiled_vae, encode, self.vae_mode())
@@ -301,20 +384,36 @@ class Measurements:
 
     # ------------------------------------------------------------------ cost models
     def bandable(self) -> bool:
+        """Whether the banded UNet (or, for a DiT, the banded DiT: LinFusion mounted) can run the denoiser."""
         if self._banded_ok is None:
             try:
-                check_banded_unet(self.meta_unet())
+                (check_banded_dit if self.dit else check_banded_unet)(self.meta_unet())
                 self._banded_ok = True
-            except UnsupportedUNet:
+            except (UnsupportedUNet, UnsupportedDiT):
                 self._banded_ok = False
         return self._banded_ok
 
     def banded_cost(
         self, width: int, height: int, guidance: bool, sequential: bool, device_store_bytes: int | None
-    ) -> UNetCost:
-        """One banded UNet call's cost (cached): both guidance branches, or one when ``sequential``."""
+    ) -> UNetCost | DiTCost:
+        """One banded UNet (or DiT) call's cost (cached): both guidance branches, or one when ``sequential``."""
         key = (width, height, guidance, sequential, device_store_bytes)
-        if key not in self._banded:
+        if key in self._banded:
+            return self._banded[key]
+        if self.dit:
+            self._banded[key] = banded_dit_cost(
+                self.meta_unet(),
+                width,
+                height,
+                dtype=self.dtype,
+                batch=2 if guidance and not sequential else 1,
+                band_bytes=DEFAULT_BAND_BYTES,
+                store_on_host=device_store_bytes is not None,
+                device_store_bytes=device_store_bytes,
+                vae_scale_factor=self.vae_factor,
+                caption_tokens=self.context_tokens,
+            )
+        else:
             self._banded[key] = banded_unet_cost(
                 self.meta_unet(),
                 width,
@@ -326,7 +425,7 @@ class Measurements:
                 device_store_bytes=device_store_bytes,
                 linfusion=self.linfusion is not None,
                 vae_scale_factor=self.vae_factor,
-                context_tokens=getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77),
+                context_tokens=self.context_tokens,
             )
         return self._banded[key]
 
@@ -378,6 +477,8 @@ class Measurements:
 
 
 __all__ = [
+    "DENOISERS",
+    "DIT_CAPTION_TOKENS",
     "FLOPS_LIMIT_TOKENS",
     "OVERHEAD",
     "TRACE_LIMIT_TOKENS",

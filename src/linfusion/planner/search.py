@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..io import MIB, format_size
 from ..patches.stage import Savers
-from .measure import Measurements, available_memory
+from .measure import DENOISERS, Measurements, available_memory
 from .plan import MemoryBudgetError, MemoryPlan, PhaseCost, StagePlan, refusal
 
 # Requests larger than this (16384 x 16384) that the analytic lower bound already rules out are refused
@@ -34,7 +34,7 @@ class MemoryPlanner(Measurements):
     def _unet_ladder(self) -> list[Savers]:
         ladder = [Savers(), Savers(sequential_cfg=True),
                   Savers(sequential_cfg=True, feed_forward_chunk=FEED_FORWARD_CHUNK)]  # fmt: skip
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.dit:  # a DiT has no skip tensors
             ladder.append(replace(ladder[-1], skip_offload=True))
         return ladder
 
@@ -64,7 +64,8 @@ class MemoryPlanner(Measurements):
                 cost = self.banded_cost(width, height, guidance, sequential, device_store_bytes)
                 savers = Savers(
                     sequential_cfg=sequential,
-                    banded_unet=True,
+                    banded_unet=not self.dit,
+                    banded_dit=self.dit,
                     unet_store_on_host=device_store_bytes is not None,
                     unet_device_store_bytes=device_store_bytes,
                 )
@@ -132,7 +133,7 @@ class MemoryPlanner(Measurements):
         choice with the smallest device peak is kept, so the plan's peak is the smallest workable budget.
         """
         weights = self.weights()
-        unet_weights = self.weights(("unet", "controlnet"))
+        unet_weights = self.weights(DENOISERS)
         vae_weights = self.weights(("vae",))
         host_limit = host_budget if host_budget is not None and self.device.type != "cpu" else None
         plain_flops = unet_calls * self.unet_flops(width, height, guidance) + self.vae_flops(

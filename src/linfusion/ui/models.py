@@ -30,10 +30,11 @@ from ..app.loading import (
 )
 from ..app.params import GenerationError, GenerationParams
 from ..errors import UserError
-from ..model import LinFusion
+from ..model import LinFusion, denoiser_of
 from ..patches.base import Patch
 from ..patches.vae_attention import apply_vae_attention
 from ..pipelines.chain import native_long_side
+from ..pipelines.dit import max_sequence_length
 from ..planner import MemoryPlanner
 from .preview import LatentPreview, fit_latent_preview
 
@@ -45,7 +46,7 @@ class PlanningModel:
     """A planner for one model in one state (LinFusion on or off, a VAE kernel), on meta copies."""
 
     planner: MemoryPlanner
-    view: Any  # the meta models the planner reads (unet, vae, text encoders, vae_scale_factor)
+    view: Any  # the meta models the planner reads (unet or transformer, vae, text encoders, vae_scale_factor)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one trace at a time on the meta models
 
 
@@ -136,24 +137,33 @@ class ModelShelf:
         key = (linfusion, vae_attention)
         with self._planning_lock:
             if key not in slot.planning:
-                pipe = slot.pipe
-                with torch.device("meta"):  # the planner's own copies: patched here, never restored
-                    unet = type(pipe.unet).from_config(pipe.unet.config).to(self.dtype)
-                    vae = type(pipe.vae).from_config(pipe.vae.config).to(self.dtype)
-                    if linfusion and slot.linfusion is not None:
-                        LinFusion(modules_list=slot.linfusion.config.modules_list).mount(unet)
-                apply_vae_attention(vae, vae_attention)
-                view = SimpleNamespace(
-                    unet=unet,
-                    vae=vae,
-                    tokenizer=pipe.tokenizer,
-                    text_encoder=getattr(pipe, "text_encoder", None),
-                    text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                    vae_scale_factor=pipe.vae_scale_factor,
-                )
+                view = self.planning_view(slot, linfusion, vae_attention)
                 planner = MemoryPlanner(view, device=self.device, dtype=self.dtype)
                 slot.planning[key] = PlanningModel(planner, view)
             return slot.planning[key]
+
+    def planning_view(self, slot: ModelSlot, linfusion: bool, vae_attention: str) -> SimpleNamespace:
+        """The models a planner reads, as meta copies in the requested state: the denoiser (``unet``, or a
+        DiT's ``transformer``) with LinFusion mounted or not, the VAE with its kernel, the text encoders."""
+        pipe = slot.pipe
+        denoiser = denoiser_of(pipe)
+        slot_name = "unet" if getattr(pipe, "unet", None) is denoiser else "transformer"
+        with torch.device("meta"):  # the planner's own copies: patched here, never restored
+            copy = type(denoiser).from_config(denoiser.config).to(self.dtype)
+            vae = type(pipe.vae).from_config(pipe.vae.config).to(self.dtype)
+            if linfusion and slot.linfusion is not None:
+                LinFusion(modules_list=slot.linfusion.config.modules_list).mount(copy)
+        apply_vae_attention(vae, vae_attention)
+        extra = {"max_sequence_length": max_sequence_length(pipe)} if slot_name == "transformer" else {}
+        return SimpleNamespace(
+            **{slot_name: copy},
+            **extra,
+            vae=vae,
+            tokenizer=pipe.tokenizer,
+            text_encoder=getattr(pipe, "text_encoder", None),
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
+            vae_scale_factor=pipe.vae_scale_factor,
+        )
 
     def latent_preview(self, slot: ModelSlot) -> LatentPreview:
         """The model's latent-to-RGB preview map, fitted on its VAE the first time (call between jobs)."""

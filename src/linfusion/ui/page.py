@@ -9,7 +9,6 @@ job works as before.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -27,7 +26,8 @@ from .backend import Backend
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, WAITING, Job, JobRunner
 from .outputs import Result, open_upload
 from .planning import PlanView
-from .queue_view import QUEUE_CSS, QUEUE_SCRIPT, ordinal, queue_entries, queue_html, wire_queue
+from .queue_view import ordinal, queue_entries, queue_html, wire_queue
+from .remembered import wire_remembered, wire_reset
 from .requests import MAX_BATCH, MODE_LABELS, UPSCALE_MODES, TextToImageRequest, UpscaleRequest, batch_seeds
 
 logger = logging.getLogger(__name__)
@@ -64,99 +64,6 @@ GALLERY = {
     "buttons": ["download", "fullscreen"],
 }
 
-# Accessible names Gradio does not give: a radio group's fieldset has no legend, an output image's block
-# label is tied to nothing. Set by an inline script (nothing is fetched) that keeps them across re-renders.
-ACCESSIBLE_NAMES = {
-    f"{tab}-{name}": (role, label)
-    for tab in ("t2i", "up")
-    for name, role, label in (
-        ("mode", "radiogroup", "Mode"),
-        ("vae", "radiogroup", "VAE attention"),
-        ("result", "region", "Result"),
-        ("stages", "region", "Stages"),
-        ("gallery", "region", "Images of this run"),
-        ("status", "status", "Status"),
-    )
-}
-# A PNG dropped anywhere on the Generate tab (not on an upload box, which takes its own drops) goes to the
-# "restore its parameters" box, as if it had been dropped there.
-DROP_SCRIPT = """<script>(() => {
-const restoreInput = () => document.querySelector("#t2i-restore input[type=file]");
-const onGenerateTab = (target) => target instanceof Element && target.closest("#tab-generate") &&
-  !target.closest("[data-testid=file-upload], #t2i-restore, #up-file, .upload-container, button.center");
-const isFileDrag = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
-document.addEventListener("dragover", (event) => {
-  if (isFileDrag(event) && onGenerateTab(event.target) && restoreInput()) event.preventDefault();
-}, true);
-document.addEventListener("drop", (event) => {
-  const input = restoreInput();
-  if (!isFileDrag(event) || !onGenerateTab(event.target) || !input || !event.dataTransfer.files.length) return;
-  event.preventDefault(); event.stopPropagation();
-  const transfer = new DataTransfer();
-  transfer.items.add(event.dataTransfer.files[0]);
-  input.files = transfer.files;
-  input.dispatchEvent(new Event("change", {bubbles: true}));
-}, true);
-})();</script>"""
-# Ctrl+Enter anywhere on a tab (Enter in one of its number fields) runs it, as in the common SD web UIs.
-KEYS_SCRIPT = """<script>(() => {
-document.addEventListener("keydown", (event) => {
-  if (event.key !== "Enter" || event.isComposing || !(event.target instanceof Element)) return;
-  const tab = event.target.closest("#tab-generate, #tab-upscale");
-  const number = event.target.matches("input[type=number]");
-  if (!tab || !(event.ctrlKey || event.metaKey || number)) return;
-  event.preventDefault(); event.stopPropagation();
-  document.getElementById(tab.id === "tab-generate" ? "t2i-generate" : "up-run")?.click();
-}, true);
-})();</script>"""
-HEAD = (
-    "<script>(() => {const names = "
-    + json.dumps({key: list(value) for key, value in ACCESSIBLE_NAMES.items()})
-    + """;
-const apply = () => { for (const [id, [role, name]] of Object.entries(names)) {
-  const element = document.getElementById(id);
-  if (element && element.getAttribute("aria-label") !== name) {
-    element.setAttribute("role", role); element.setAttribute("aria-label", name);
-    if (role === "status") element.setAttribute("aria-live", "polite");
-  }
-  if (element && role === "status") {
-    element.classList.toggle("error-line", element.textContent.trim().startsWith("Error"));
-  } }
-  for (const image of document.querySelectorAll(".pixel-view img")) {
-    if (!image.dataset.linfusionSized) {
-      image.dataset.linfusionSized = "1";
-      image.addEventListener("load", () => { image.dataset.linfusionSized = ""; apply(); });
-    }
-    const small = image.naturalWidth > 0 && image.naturalWidth < image.clientWidth;
-    const rendering = small ? "pixelated" : "auto";
-    if (image.style.imageRendering !== rendering) image.style.imageRendering = rendering;
-  } };
-new MutationObserver(apply).observe(document.documentElement,
-  {childList: true, subtree: true, characterData: true, attributes: true, attributeFilter: ["src"]});
-})();</script>"""
-    + DROP_SCRIPT
-    + KEYS_SCRIPT
-    + QUEUE_SCRIPT
-)
-CSS = (
-    """
-#t2i-status, #up-status { min-height: 2.5em; }
-.plan textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
-#t2i-result img, #up-result img { width: 100%; height: 100%; object-fit: contain; }
-#t2i-preset .options[style*="bottom"], #t2i-ratio .options[style*="bottom"] {
-  margin-bottom: 3.4rem; max-height: calc(50vh - 4rem) !important; }
-.error-line, .error-line * { color: var(--error-text-color, #b91c1c) !important; }
-"""
-    + QUEUE_CSS
-)
-
-
-def theme() -> gr.themes.Base:
-    """Gradio's default look with the system's own fonts: the page fetches nothing from the internet."""
-    return gr.themes.Default(
-        font=("ui-sans-serif", "system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace")
-    )
-
 
 # ---------------------------------------------------------------------- texts
 def size_for(long_side: int, ratio: str) -> tuple[int, int]:
@@ -164,6 +71,13 @@ def size_for(long_side: int, ratio: str) -> tuple[int, int]:
     across, down = (int(part) for part in ratio.split(":"))
     short = max(8, round(long_side * min(across, down) / max(across, down) / 8) * 8)
     return (long_side, short) if across >= down else (short, long_side)
+
+
+def preset_reading(width: Any, height: Any, long_side: int | None, ratio: str | None, native: int) -> int:
+    """What the Size preset reads: ``long_side`` while Width and Height are what it gives, else custom."""
+    if long_side is None or long_side == CUSTOM:
+        return CUSTOM
+    return long_side if (width, height) == size_for(long_side or native, ratio or "1:1") else CUSTOM
 
 
 def _seconds(value: float) -> str:
@@ -390,11 +304,18 @@ class GenerateTab:
     restore: gr.File
     hint: gr.Markdown
     hires: gr.Button
+    reset: gr.Button
     out: Outputs
 
     @property
     def fields(self) -> list:
         return [self.prompt, self.negative, self.width, self.height, self.batch, *self.settings.components()]
+
+    def kept_fields(self) -> dict[str, Any]:
+        """The fields a reload keeps (:mod:`linfusion.ui.remembered`), by names that stay the same."""
+        names = ["prompt", "negative", "width", "height", "batch", "preset", "ratio", *vars(self.settings)]
+        fields = [*self.fields[:5], self.preset, self.ratio, *self.settings.components()]
+        return {f"generate.{name}": field for name, field in zip(names, fields, strict=True)}
 
     def request(self, values: dict) -> TextToImageRequest:
         return TextToImageRequest(prompt=values[self.prompt] or "", negative_prompt=values[self.negative] or "",
@@ -414,11 +335,19 @@ class UpscaleTab:
     run: gr.Button
     cancel: gr.Button
     settings: Settings
+    reset: gr.Button
     out: Outputs
 
     @property
     def fields(self) -> list:
         return [self.source, self.scale, self.prompt, self.negative, *self.settings.components()]
+
+    def kept_fields(self) -> dict[str, Any]:
+        """The settings a reload keeps: not the image, nor the prompt that describes it."""
+        names = ["scale", *vars(self.settings)]
+        return {
+            f"upscale.{name}": field for name, field in zip(names, [self.scale, *self.settings.components()])
+        }
 
     def request(self, values: dict) -> UpscaleRequest:
         factor = values[self.scale]
@@ -456,12 +385,13 @@ def _generate_tab(backend: Backend, native: int) -> GenerateTab:
             with gr.Row():
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="t2i-reuse-seed")
                 send = gr.Button("Send result to Upscale", size="sm", elem_id="t2i-send")
+                reset = gr.Button("Reset to defaults", size="sm", elem_id="t2i-reset")
             restore = gr.File(label="Drop a PNG here to restore its parameters", type="filepath",
                               height=150, elem_id="t2i-restore")  # fmt: skip
         with gr.Column(scale=6):
             out = _outputs("t2i", generate_tab=True)
     return GenerateTab(prompt, negative, generate, cancel, width, height, batch, preset, ratio, settings, reuse, send,
-                       restore, hint, hires, out)  # fmt: skip
+                       restore, hint, hires, reset, out)  # fmt: skip
 
 
 def _upscale_tab(backend: Backend) -> UpscaleTab:
@@ -478,9 +408,10 @@ def _upscale_tab(backend: Backend) -> UpscaleTab:
                 run = gr.Button("Upscale", variant="primary", elem_id="up-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="up-cancel")
             settings = _settings("up", backend, list(UPSCALE_MODES), "sdedit", "the enlargement stages")
+            reset = gr.Button("Reset to defaults", size="sm", elem_id="up-reset")
         with gr.Column(scale=6):
             out = _outputs("up", generate_tab=False)
-    return UpscaleTab(source, preview, scale, prompt, negative, run, cancel, settings, out)
+    return UpscaleTab(source, preview, scale, prompt, negative, run, cancel, settings, reset, out)
 
 
 QUIET = {"show_progress": "hidden", "concurrency_limit": None}
@@ -521,7 +452,6 @@ def _wire_plans(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: Upscale
                    other.sampler.change, other.seed.change]  # fmt: skip
     gr.on(up_triggers, up_plan, [plan_number, *up.fields], up.out.plan, **planning)
 
-    _wire_presets(backend, t2i)
     _wire_samplers(backend, one, other)
     _wire_mode_hint(page, backend, t2i)
 
@@ -542,9 +472,13 @@ def _wire_mode_hint(page: gr.Blocks, backend: Backend, t2i: GenerateTab) -> None
     t2i.hires.click(lambda: "sdedit", None, mode, **QUIET)
 
 
-def _wire_presets(backend: Backend, t2i: GenerateTab) -> None:
+def _wire_presets(backend: Backend, t2i: GenerateTab, restores: list[gr.events.Dependency]) -> None:
     """Size preset and Aspect ratio set Width and Height when one is chosen (never when merely left);
-    the preset reads "custom" while Width and Height are not what it would give."""
+    the preset reads "custom" while Width and Height are not what it would give.
+
+    The reading follows what the user types and ``restores`` (events that set Width and Height from a
+    PNG), each once it is done; never a change in flight, whose values the page may send stale.
+    """
     model = t2i.settings.model
 
     def apply_preset(long_side: int | None, aspect: str, model_name: str, width: Any, height: Any) -> tuple:
@@ -556,15 +490,28 @@ def _wire_presets(backend: Backend, t2i: GenerateTab) -> None:
         return size_for(long_side or backend.native_size(model_name), aspect or "1:1")
 
     def preset_of(width: Any, height: Any, long_side: int | None, aspect: str, model_name: str) -> int:
-        if long_side is None or long_side == CUSTOM:
-            return CUSTOM
-        expected = size_for(long_side or backend.native_size(model_name), aspect or "1:1")
-        return long_side if (width, height) == expected else CUSTOM
+        return preset_reading(width, height, long_side, aspect, backend.native_size(model_name))
 
     sizes = [t2i.preset, t2i.ratio, model, t2i.width, t2i.height]
     gr.on([t2i.preset.select, t2i.ratio.select], apply_preset, sizes, [t2i.width, t2i.height], **QUIET)
-    gr.on([t2i.width.change, t2i.height.change], preset_of, [t2i.width, t2i.height, t2i.preset, t2i.ratio, model],
-          t2i.preset, **QUIET)  # fmt: skip
+    reading = [t2i.width, t2i.height, t2i.preset, t2i.ratio, model]
+    gr.on([t2i.width.input, t2i.height.input], preset_of, reading, t2i.preset, **QUIET)
+    for restore in restores:
+        restore.then(preset_of, reading, t2i.preset, **QUIET)
+
+
+def _wire_remembered(page: gr.Blocks, backend: Backend, t2i: GenerateTab, up: UpscaleTab) -> None:
+    """Both tabs' settings kept in the browser; the Size preset put back only where it matches the size."""
+    kept = {**t2i.kept_fields(), **up.kept_fields()}
+
+    def settle(values: dict[str, Any]) -> dict[str, Any]:
+        size = (values["generate.width"], values["generate.height"], values["generate.preset"])
+        native = backend.native_size(values["generate.model"])
+        return {**values, "generate.preset": preset_reading(*size, values["generate.ratio"], native)}
+
+    wire_remembered(page, kept, settle)
+    wire_reset(t2i.reset, t2i.kept_fields())
+    wire_reset(up.reset, up.kept_fields())
 
 
 def _wire_samplers(backend: Backend, *all_settings: Settings) -> None:
@@ -699,8 +646,11 @@ def _wire_jobs(
     page.unload(page_closed)
 
 
-def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTab) -> None:
-    """Seeds, dropped PNGs and uploads: reuse the last seed, send a result on, restore, check an upload."""
+def _wire_files(
+    backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTab
+) -> list[gr.events.Dependency]:
+    """Seeds, dropped PNGs and uploads: reuse the last seed, send a result on, restore, check an upload.
+    Returns the events that restore a PNG's fields."""
     t2i.reuse.click(lambda used, current: current if used is None else used, [t2i.out.seed, t2i.settings.seed],
                     t2i.settings.seed, **QUIET)  # fmt: skip
 
@@ -758,13 +708,15 @@ def _wire_files(backend: Backend, tabs: gr.Tabs, t2i: GenerateTab, up: UpscaleTa
             return {t2i.out.status: f"Error: {name or 'that image'} is no longer in the outputs folder"}
         return restore_from(result.path, result.path.name)
 
+    restores = [t2i.restore.upload(restore_parameters, t2i.restore, {t2i.restore, t2i.out.status,
+                                   *restorable.values()}, **QUIET)]  # fmt: skip
     if t2i.out.gallery is not None:
-        t2i.out.gallery.select(restore_result, None, {t2i.out.status, *restorable.values()}, **QUIET)
-    t2i.restore.upload(restore_parameters, t2i.restore, {t2i.restore, t2i.out.status, *restorable.values()},
-                       **QUIET)  # fmt: skip
+        restores.append(t2i.out.gallery.select(restore_result, None, {t2i.out.status, *restorable.values()},
+                                               **QUIET))  # fmt: skip
     up.source.upload(check_upload, up.source, {up.source, up.preview, up.out.status}, **QUIET)
     up.source.clear(lambda: {up.preview: None, up.out.status: "Upload an image to enlarge."}, None,
                     {up.preview, up.out.status}, **QUIET)  # fmt: skip
+    return restores
 
 
 # ---------------------------------------------------------------------- the page
@@ -783,5 +735,6 @@ def build_page(backend: Backend, runner: JobRunner) -> gr.Blocks:
         queue = wire_queue(runner, _session)
         _wire_plans(page, backend, t2i, up)
         _wire_jobs(page, backend, runner, t2i, up, queue)
-        _wire_files(backend, tabs, t2i, up)
+        _wire_presets(backend, t2i, _wire_files(backend, tabs, t2i, up))
+        _wire_remembered(page, backend, t2i, up)
     return page

@@ -122,9 +122,10 @@ def _serve(
 
     if threads:
         torch.set_num_threads(threads)
+    from .assets import CSS, HEAD, theme
     from .backend import Backend
     from .jobs import JobRunner
-    from .page import CSS, HEAD, build_page, theme
+    from .page import build_page
 
     backend = Backend(models, folder, device=device)
     backend.load_all()
