@@ -114,7 +114,7 @@ def generate_variant(
         return images, (time.perf_counter() - start) / len(prompts)
     finally:
         if mounted is not None:
-            mounted.unmount()
+            mounted.remove()
 
 
 def chain_images(
