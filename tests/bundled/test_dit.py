@@ -18,9 +18,10 @@ from linfusion.bundled.paths import DIT_MODEL_DIR
 
 PROMPT = "a small red circle on the left , on a white background"
 GATES_N = 48
+SEEDS = 8
 # The teacher's gates (docs/bundled-model.md) that this DiT meets, on 48 held-out one-object captions. Its
 # shape gate (found_shape >= 0.70) is NOT met (0.36 on 96 captions: circle, square and triangle come out as
-# blobs; docs/bundled-model.md), so shape is asserted nowhere here.
+# blobs; docs/bundled-model.md), so it is not asserted on held-out captions.
 MET_GATES = {"background": 0.80, "found_colour": 0.70}
 
 
@@ -81,18 +82,22 @@ def test_linfusion_weights_fit_every_self_attention(pipe, linfusion) -> None:
     assert all(pipe.transformer.get_submodule(name) is module for name, module in attn1.items())
 
 
-def test_student_draws_a_small_red_object_on_the_left_on_white(pipe, linfusion) -> None:
-    """Background, colour and slot of the caption's object (its shape: see MET_GATES)."""
+def test_student_draws_a_small_red_circle_on_the_left(pipe, linfusion) -> None:
+    """Eight seeds: at least six images read back as exactly the caption's red circle in the left slot on
+    white (seed 0 gives an orange square, with the teacher too; this DiT's shapes are weak in general)."""
     with linfusion.mount(pipe.transformer):
-        images = evaluate.generate(pipe, [PROMPT], seed=0)
-    assert images.shape == (1, 32, 32, 3)
+        images = evaluate.generate(pipe, [PROMPT] * SEEDS, seed=0)
+    assert images.shape == (SEEDS, 32, 32, 3)
     predicted = classifier_lib.predict(classifier_lib.load_classifier(), images)
     labels = shapes.scene_labels(shapes.parse_caption(PROMPT))
-    assert predicted["background"][0] == labels["background"]
     left = 0
-    assert predicted["shape"][0, left] > 0  # something in the left slot
-    assert predicted["colour"][0, left] == labels["colour"][left]  # red
-    assert (predicted["shape"][0, 1:] == 0).all()  # nothing in the center or on the right
+    right = (
+        (predicted["background"] == labels["background"])
+        & (predicted["shape"][:, left] == labels["shape"][left])  # a circle in the left slot
+        & (predicted["colour"][:, left] == labels["colour"][left])  # red
+        & (predicted["shape"][:, 1:] == 0).all(axis=1)  # nothing in the center or on the right
+    )
+    assert labels["shape"][left] > 0 and right.sum() >= SEEDS - 2, predicted
 
 
 @pytest.mark.slow
