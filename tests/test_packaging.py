@@ -39,12 +39,15 @@ def test_wheel_contains_the_bundled_model(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("linfusion-*.whl")
     assert wheel.name.startswith(f"linfusion-{linfusion.__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
-    model = ROOT / "src" / "linfusion" / "bundled" / "model"
-    expected = {
-        f"linfusion/bundled/model/{p.relative_to(model).as_posix()}" for p in model.rglob("*") if p.is_file()
-    }
-    assert expected and expected <= names, sorted(expected - names)
-    assert "linfusion/bundled/model/linfusion/diffusion_pytorch_model.safetensors" in names
+    for folder in ("model", "dit"):  # the bundled UNet model and the bundled tiny DiT
+        model = ROOT / "src" / "linfusion" / "bundled" / folder
+        expected = {
+            f"linfusion/bundled/{folder}/{p.relative_to(model).as_posix()}"
+            for p in model.rglob("*")
+            if p.is_file()
+        }
+        assert expected and expected <= names, sorted(expected - names)
+        assert f"linfusion/bundled/{folder}/linfusion/diffusion_pytorch_model.safetensors" in names
     assert "linfusion/bundled/classifier/model.safetensors" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert not any("training" in name or "/logs/" in name for name in names)  # the package ships no tooling

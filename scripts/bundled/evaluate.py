@@ -14,6 +14,7 @@ import torch
 
 from linfusion.bundled import classifier as classifier_lib
 from linfusion.bundled import shapes
+from linfusion.registry import is_dit
 
 from . import training
 
@@ -36,7 +37,11 @@ def generate(
     size: int | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) images, image i from a generator seeded with ``seed + i``."""
+    """uint8 (N, H, W, 3) images, image i from a generator seeded with ``seed + i``.
+
+    PixArt pipelines get the exact size (no resolution binning) and the raw caption (no cleaning).
+    """
+    extra = {"use_resolution_binning": False, "clean_caption": False} if is_dit(pipe) else {}
     images = []
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin : begin + batch_size]
@@ -49,6 +54,7 @@ def generate(
             height=size,
             width=size,
             output_type="np",
+            **extra,
         ).images
         images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(images)
@@ -71,11 +77,23 @@ def caption_scores(
 def conditioning_gap(
     pipe: Any, n: int = 64, timesteps: tuple[int, ...] = (300, 500, 700, 900)
 ) -> dict[str, float]:
-    """Prompted and unconditional denoising errors of the pipeline's UNet on held-out latents."""
+    """Prompted and unconditional denoising errors of the pipeline's UNet or transformer on held-out latents."""
     scenes = heldout_scenes(n, n_objects=None, start=10_000)
     images = np.stack([shapes.render(scene, pipe.vae.config.sample_size) for scene in scenes])
     x = shapes.to_tensor(images).to(pipe.vae.dtype)
     latents = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+    if is_dit(pipe):
+        from .dit_training import dit_conditioning_errors
+
+        return dit_conditioning_errors(
+            pipe.transformer,
+            pipe.text_encoder,
+            pipe.tokenizer,
+            pipe.scheduler,
+            latents,
+            [scene.caption() for scene in scenes],
+            list(timesteps),
+        )
     return training.conditioning_errors(
         pipe.unet,
         pipe.text_encoder,

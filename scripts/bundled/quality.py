@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from linfusion.bundled import classifier as classifier_lib
 from linfusion.bundled import shapes
+from linfusion.model import denoiser_of
 
 from . import evaluate
 
@@ -77,11 +78,12 @@ def make_variant(pipe: Any, name: str, distilled: Any) -> Any:
 
     if name == "teacher":
         return None
+    denoiser = denoiser_of(pipe)
     if name == "student":
-        return distilled.mount(pipe.unet)
+        return distilled.mount(denoiser)
     torch.manual_seed(0)
-    random = LinFusion.from_unet(pipe.unet, init="random")
-    return random.mount(pipe.unet)
+    random = LinFusion.from_unet(denoiser, init="random")
+    return random.mount(denoiser)
 
 
 def generate_variant(
@@ -94,17 +96,48 @@ def generate_variant(
     guidance_scale: float = 4.0,
     seed: int = 0,
     batch_size: int = 50,
+    chain: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """Images of one variant at ``scale`` x the native size, and the seconds per image."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor * scale
+    """Images of one variant at ``scale`` x the native size, and the seconds per image.
+
+    ``chain``: above the native size, generate through the SDEdit chain (``linfusion.pipelines.sdedit``,
+    one image at a time, image i from a generator seeded with ``seed + i``) instead of directly.
+    """
+    size = denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor * scale
     mounted = make_variant(pipe, name, distilled)
     try:
         start = time.perf_counter()
-        images = evaluate.generate(pipe, list(prompts), seed, steps, guidance_scale, size, batch_size)
+        if chain and scale > 1:
+            images = chain_images(pipe, list(prompts), size, steps, guidance_scale, seed)
+        else:
+            images = evaluate.generate(pipe, list(prompts), seed, steps, guidance_scale, size, batch_size)
         return images, (time.perf_counter() - start) / len(prompts)
     finally:
         if mounted is not None:
-            mounted.unmount()
+            mounted.remove()
+
+
+def chain_images(
+    pipe: Any, prompts: list[str], size: int, steps: int, guidance_scale: float, seed: int = 0
+) -> np.ndarray:
+    """uint8 (N, size, size, 3) images made by the SDEdit chain from the native size."""
+    from linfusion.pipelines import sdedit
+
+    images = [
+        np.asarray(
+            sdedit(
+                pipe,
+                prompt,
+                size,
+                size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed + i),
+            ).convert("RGB")
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    return np.stack(images)
 
 
 def score_variant(

@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         help="generated images per (scale, variant) are kept here: an interrupted run resumes, and several "
         "runs with different --variants can share the cores; the report needs all of them",
     )
+    parser.add_argument(
+        "--chain", action="store_true", help="above the native size, generate through the SDEdit chain"
+    )
     parser.add_argument("--generate-only", action="store_true", help="generate (into --cache), no report")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where quality.md goes ('' to skip)")
@@ -132,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
+    from diffusers import DiffusionPipeline
+
     from linfusion import LinFusion
     from linfusion.bench.harness import environment
-    from linfusion.bundled import MODEL_DIR, load_pipeline
+    from linfusion.bundled import MODEL_DIR
     from linfusion.bundled import classifier as classifier_lib
 
     from . import quality
@@ -148,19 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     steps_at = dict(zip([1, 2, 4], step_values)) if len(step_values) > 1 else {}
     steps_for = {scale: steps_at.get(scale, step_values[0]) for scale in scales}
     cache = Path(args.cache)
+    cache_tag = f"{args.tag}-chain" if args.chain else args.tag
     cache.mkdir(parents=True, exist_ok=True)
     pipe = distilled = None
     for scale in scales:
         for name in args.variants.split(","):
-            path = _cache_path(cache, args.tag, scale, name, steps_for[scale], args.n)
+            path = _cache_path(cache, cache_tag, scale, name, steps_for[scale], args.n)
             if path.exists():
                 continue
-            if pipe is None:
-                pipe = load_pipeline(model)
+            if pipe is None:  # the bundled UNet (StableDiffusionPipeline) or DiT (PixArtSigmaPipeline) folder
+                pipe = DiffusionPipeline.from_pretrained(
+                    str(model), dtype=torch.float32, local_files_only=True
+                )
+                pipe.set_progress_bar_config(disable=True)
             if distilled is None and name == "student":
                 distilled = LinFusion.from_pretrained(weights).to(torch.float32)
             images, seconds = quality.generate_variant(
-                pipe, distilled, name, prompts, scale, steps_for[scale], args.guidance
+                pipe, distilled, name, prompts, scale, steps_for[scale], args.guidance, chain=args.chain
             )
             with atomic_file(path) as handle:
                 np.savez_compressed(handle, images=images, seconds_per_image=seconds, threads=args.threads)
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for scale in scales:
         loaded = {
-            name: np.load(_cache_path(cache, args.tag, scale, name, steps_for[scale], args.n))
+            name: np.load(_cache_path(cache, cache_tag, scale, name, steps_for[scale], args.n))
             for name in quality.VARIANTS
         }
         teacher = loaded["teacher"]["images"]
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "start": args.start,
             "steps": steps_for,
             "guidance": args.guidance,
+            "chain": args.chain,
             "model": str(model),
             "linfusion": str(weights),
         },  # fmt: skip

@@ -4,15 +4,19 @@
 #   setsid nohup nice -n 19 scripts/bundled/rebuild.sh > artifacts/bundled/rebuild.log 2>&1 &
 # Stages: classifier (~3 min), VAE (~10 min), UNet + text encoder (14,100 steps of a 20,000-step LR
 # schedule, ~2.3 h), export (fp16) with the training logs, the teacher's quality gates, the distillation
-# of its LinFusion weights (1,500 steps, ~20 min), their fp16 export into the model folder.
-# MODEL (default: the package's bundled model folder) and LOGS choose where the results go; arguments
-# are passed to the UNet stage. Note: artifacts/bundled/distill resumes, so delete it to re-distil.
+# of its LinFusion weights (1,500 steps, ~20 min), their fp16 export into the model folder; then the tiny
+# DiT (PixArt transformer + T5 encoder on the same VAE, 5,500 steps, ~50 min), its export (fp16) with its
+# log, its gates, the distillation of its LinFusion weights and their export into the DiT folder.
+# MODEL and DIT_MODEL (default: the package's bundled folders) and LOGS choose where the results go;
+# arguments are passed to the UNet stage. Note: artifacts/bundled/distill and dit-distill resume, so delete
+# them to re-distil.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=scripts
 TRAIN="$PYTHON -m bundled.train --threads 1"
 MODEL="${MODEL:-src/linfusion/bundled/model}"
+DIT_MODEL="${DIT_MODEL:-src/linfusion/bundled/dit}"
 LOGS="${LOGS:-scripts/bundled/logs}"
 echo "[rebuild] $(date -u +%FT%TZ) classifier"
 if [ ! -f src/linfusion/bundled/classifier/model.safetensors ]; then
@@ -36,4 +40,17 @@ $PYTHON -m linfusion distill --teacher "$MODEL" --data artifacts/bundled/distill
 $TRAIN export-linfusion --distilled artifacts/bundled/distill --out "$MODEL/linfusion"
 cp artifacts/bundled/distill/train_log.jsonl "$LOGS/distill_log.jsonl"
 cp artifacts/bundled/unet/gates.jsonl "$LOGS/unet_gates.jsonl"
+echo "[rebuild] $(date -u +%FT%TZ) dit"
+$TRAIN dit --resume
+echo "[rebuild] $(date -u +%FT%TZ) export-dit"
+$TRAIN export-dit --out "$DIT_MODEL" --copy-logs "$LOGS"
+echo "[rebuild] $(date -u +%FT%TZ) dit-gates"
+$TRAIN dit-gates
+echo "[rebuild] $(date -u +%FT%TZ) dit-distill"
+$PYTHON -m linfusion distill --teacher "$DIT_MODEL" --data artifacts/bundled/distill-data \
+    --output artifacts/bundled/dit-distill --resolution 32 --batch-size 16 --max-steps 3000 \
+    --checkpoint-every 250 --cache-latents --resume latest
+$TRAIN export-linfusion --distilled artifacts/bundled/dit-distill --out "$DIT_MODEL/linfusion"
+cp artifacts/bundled/dit-distill/train_log.jsonl "$LOGS/dit_distill_log.jsonl"
+cp artifacts/bundled/dit/gates.jsonl "$LOGS/dit_gates.jsonl"
 echo "[rebuild] $(date -u +%FT%TZ) done"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 def main(root: str = "artifacts/bundled") -> int:
     base = Path(root)
-    for stage in ("classifier", "vae", "unet"):
+    for stage in ("classifier", "vae", "unet", "dit"):
         log = base / stage / "log.jsonl"
         if not log.exists():
             print(f"{stage}: not started")

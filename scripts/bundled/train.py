@@ -1,10 +1,12 @@
-"""Train the bundled model: ``vae``, ``unet``, ``classifier`` and ``export`` stages, all resumable.
+"""Train the bundled models: ``vae``, ``unet``, ``classifier``, ``dit`` and export stages, all resumable.
 
 Usage (one CPU core, from the repository root; ``scripts`` on the module path):
     PYTHONPATH=scripts python -m bundled.train vae --resume
     PYTHONPATH=scripts python -m bundled.train unet --resume
     PYTHONPATH=scripts python -m bundled.train classifier
     PYTHONPATH=scripts python -m bundled.train export
+    PYTHONPATH=scripts python -m bundled.train dit --resume      # the tiny DiT (PixArt) on the same VAE
+    PYTHONPATH=scripts python -m bundled.train export-dit
 Every stage writes under artifacts/bundled/<stage>/ (checkpoint.pt, log.jsonl); see docs/bundled-model.md.
 """
 
@@ -34,7 +36,7 @@ def _config(config_class: type, args: argparse.Namespace) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import classifier_training, components, training
+    from . import classifier_training, components, dit_training, training
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         ("vae", training.VaeConfig),
         ("unet", training.UnetConfig),
         ("classifier", classifier_training.ClassifierConfig),
+        ("dit", dit_training.DitConfig),
     ):
         stage = sub.add_parser(name)
         _add_config_args(stage, config_class)
@@ -59,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also copy the stages' log.jsonl (and gates.jsonl) into this folder, to commit them",
     )
+    export_dit = sub.add_parser("export-dit", help="save the DiT checkpoint as a PixArtSigmaPipeline folder")
+    export_dit.add_argument("--dit-checkpoint", default=str(training.ARTIFACTS / "dit" / "checkpoint.pt"))
+    export_dit.add_argument("--out", default=str(dit_training.dc.DIT_MODEL_DIR))
+    export_dit.add_argument("--no-ema", action="store_true")
+    export_dit.add_argument(
+        "--copy-logs", default=None, help="also copy the DiT's log.jsonl (and gates.jsonl) here"
+    )
     data = sub.add_parser("distill-data", help="write training-split scenes as a captioned image folder")
     data.add_argument("--out", default=str(training.ARTIFACTS / "distill-data"))
     data.add_argument("--count", type=int, default=8000)
@@ -68,17 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     linfusion.add_argument("--distilled", default=str(training.ARTIFACTS / "distill"))
     linfusion.add_argument("--out", default=str(components.MODEL_DIR / "linfusion"))
-    gates = sub.add_parser(
-        "gates", help="export the UNet checkpoint to a temp folder and run the quality gates"
-    )
-    gates.add_argument("--unet-checkpoint", default=str(training.ARTIFACTS / "unet" / "checkpoint.pt"))
-    gates.add_argument("--vae-dir", default=str(training.ARTIFACTS / "vae" / "final"))
-    gates.add_argument("--model", default=None, help="score this pipeline folder instead of a checkpoint")
-    gates.add_argument("--n", type=int, default=96)
-    gates.add_argument("--steps", type=int, default=20)
-    gates.add_argument("--guidance-scale", type=float, default=4.0)
-    gates.add_argument("--no-ema", action="store_true")
-    gates.add_argument("--log", default=str(training.ARTIFACTS / "unet" / "gates.jsonl"))
+    for name, what, checkpoint_flag, default_dir in (
+        ("gates", "UNet", "--unet-checkpoint", "unet"),
+        ("dit-gates", "DiT", "--dit-checkpoint", "dit"),
+    ):
+        gates = sub.add_parser(
+            name, help=f"export the {what} checkpoint to a temp folder and run the quality gates"
+        )
+        gates.add_argument(
+            checkpoint_flag,
+            dest="checkpoint",
+            default=str(training.ARTIFACTS / default_dir / "checkpoint.pt"),
+        )
+        if name == "gates":
+            gates.add_argument("--vae-dir", default=str(training.ARTIFACTS / "vae" / "final"))
+        gates.add_argument("--model", default=None, help="score this pipeline folder instead of a checkpoint")
+        gates.add_argument("--n", type=int, default=96)
+        gates.add_argument("--steps", type=int, default=20)
+        gates.add_argument("--guidance-scale", type=float, default=4.0)
+        gates.add_argument("--no-ema", action="store_true")
+        gates.add_argument("--log", default=str(training.ARTIFACTS / default_dir / "gates.jsonl"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         print(training.train_vae(_config(training.VaeConfig, args), resume=args.resume))
     elif args.stage == "unet":
         print(training.train_unet(_config(training.UnetConfig, args), resume=args.resume))
+    elif args.stage == "dit":
+        print(dit_training.train_dit(_config(dit_training.DitConfig, args), resume=args.resume))
+    elif args.stage == "export-dit":
+        print(dit_training.export_dit(args.dit_checkpoint, args.out, use_ema=not args.no_ema))
+        if args.copy_logs:
+            _copy_logs(args.copy_logs, stages=("dit",))
     elif args.stage == "classifier":
         config = _config(classifier_training.ClassifierConfig, args)
         classifier_training.train_classifier(config, resume=args.resume)
@@ -139,7 +164,7 @@ def _export_linfusion(distilled: str, out: str) -> str:
     return str(target)
 
 
-def _copy_logs(folder: str) -> None:
+def _copy_logs(folder: str, stages: tuple[str, ...] = ("classifier", "vae", "unet")) -> None:
     import shutil
     from pathlib import Path
 
@@ -147,7 +172,7 @@ def _copy_logs(folder: str) -> None:
 
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    for stage in ("classifier", "vae", "unet"):
+    for stage in stages:
         for name in ("log.jsonl", "gates.jsonl"):
             source = training.ARTIFACTS / stage / name
             if source.exists():
@@ -156,18 +181,20 @@ def _copy_logs(folder: str) -> None:
 
 
 def _gates(args: argparse.Namespace) -> dict:
-    from . import checkpoint, components, evaluate, training
+    from . import checkpoint, components, dit_components, dit_training, evaluate, training
 
+    dit = args.stage == "dit-gates"
     record: dict = {"guidance_scale": args.guidance_scale, "steps": args.steps, "ema": not args.no_ema}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
         if folder is None:
-            state = checkpoint.load(args.unet_checkpoint)
+            state = checkpoint.load(args.checkpoint)
             record["step"] = state["step"] if state else None
-            folder = training.export_pipeline(
-                args.unet_checkpoint, args.vae_dir, tmp, use_ema=not args.no_ema
-            )
-        pipe = components.load_pipeline(folder)
+            if dit:
+                folder = dit_training.export_dit(args.checkpoint, tmp, use_ema=not args.no_ema)
+            else:
+                folder = training.export_pipeline(args.checkpoint, args.vae_dir, tmp, use_ema=not args.no_ema)
+        pipe = dit_components.load_pipeline(folder) if dit else components.load_pipeline(folder)
         record.update(
             {
                 f"caption_{k}": v

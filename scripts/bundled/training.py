@@ -29,13 +29,15 @@ from . import components
 ARTIFACTS = Path("artifacts/bundled")
 
 
-def _progress(total: int, initial: int, desc: str) -> Any:
+def progress_bar(total: int, initial: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, mininterval=30.0, dynamic_ncols=False)
 
 
-def _images(step: int, batch_size: int, size: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+def training_images(
+    step: int, batch_size: int, size: int, split: str = "train"
+) -> tuple[torch.Tensor, list[str]]:
     seeds = [shapes.split_seed(step * batch_size + i, split) for i in range(batch_size)]
     images, scenes = shapes.batch(seeds, size)
     return shapes.to_tensor(images), [scene.caption() for scene in scenes]
@@ -88,7 +90,7 @@ def train_vae(config: VaeConfig, resume: bool = False) -> Path:
         log.write({"event": "config", "step": 0, **asdict(config)})
     else:
         log.write({"event": "resume", "step": start, **asdict(config)})
-    eval_x, _ = _images(0, 64, config.image_size, split="heldout")
+    eval_x, _ = training_images(0, 64, config.image_size, split="heldout")
 
     def save(step: int) -> None:
         ckpt.atomic_save(
@@ -103,13 +105,13 @@ def train_vae(config: VaeConfig, resume: bool = False) -> Path:
         )
 
     vae.train()
-    bar = _progress(config.steps, start, "vae")
+    bar = progress_bar(config.steps, start, "vae")
     window: list[dict[str, float]] = []
     tick = time.perf_counter()
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
-        x, _ = _images(step, config.batch_size, config.image_size)
+        x, _ = training_images(step, config.batch_size, config.image_size)
         loss, parts = _vae_losses(vae, x, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,25 +241,34 @@ def conditioning_errors(
     timesteps: list[int],
     seed: int = 1234,
 ) -> dict[str, float]:
-    """Mean prediction error with the prompt and with the empty prompt, per timestep and overall.
+    """Mean prediction error of the UNet with the prompt and with the empty prompt, per timestep and overall."""
+    cond = encode_prompts(tokenizer, text_encoder, prompts)
+    uncond = encode_prompts(tokenizer, text_encoder, [""] * len(prompts))
+
+    def denoise(noisy: torch.Tensor, steps: torch.Tensor, prompted: bool) -> torch.Tensor:
+        return unet(noisy, steps, cond if prompted else uncond).sample
+
+    return denoising_errors(denoise, scheduler, latents, timesteps, seed)
+
+
+@torch.no_grad()
+def denoising_errors(
+    denoise: Any, scheduler: Any, latents: torch.Tensor, timesteps: list[int], seed: int = 1234
+) -> dict[str, float]:
+    """Errors of ``denoise(noisy, steps, prompted)`` with and without the prompt, per timestep and overall.
 
     A model that ignores its caption has equal errors; a working conditioning path makes the prompted
     error clearly lower at high noise, where the caption is the only source of the image content.
     """
     generator = torch.Generator().manual_seed(seed)
-    cond = encode_prompts(tokenizer, text_encoder, prompts)
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * len(prompts))
     result: dict[str, float] = {}
     totals = [0.0, 0.0]
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=generator)
         steps = torch.full((latents.shape[0],), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, steps)
-        target = _target(scheduler, latents, noise, steps)
-        errors = []
-        for embeddings in (cond, uncond):
-            prediction = unet(noisy, steps, embeddings).sample
-            errors.append(F.mse_loss(prediction, target).item())
+        target = prediction_target(scheduler, latents, noise, steps)
+        errors = [F.mse_loss(denoise(noisy, steps, prompted), target).item() for prompted in (True, False)]
         result[f"cond_t{t}"], result[f"uncond_t{t}"] = errors
         totals[0] += errors[0]
         totals[1] += errors[1]
@@ -267,13 +278,15 @@ def conditioning_errors(
     return result
 
 
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def prediction_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor
+) -> torch.Tensor:
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, steps)
     return noise
 
 
-def _lr_factor(step: int, config: UnetConfig) -> float:
+def lr_factor(step: int, config: UnetConfig) -> float:
     """Linear warm-up, constant, then (optionally) cosine decay: resuming with a later ``steps`` and a
     ``lr_decay_start`` at or after the steps already done continues the same run."""
     factor = min(1.0, (step + 1) / config.warmup)
@@ -323,7 +336,7 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
     else:
         log.write({"event": "resume", "step": start, "scaling_factor": scaling, **asdict(config)})
 
-    eval_x, eval_prompts = _images(0, config.eval_batch, config.image_size, split="heldout")
+    eval_x, eval_prompts = training_images(0, config.eval_batch, config.image_size, split="heldout")
     with torch.no_grad():
         eval_latents = vae.encode(eval_x).latent_dist.mode() * scaling
 
@@ -344,15 +357,15 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
 
     unet.train()
     text_encoder.train()
-    bar = _progress(config.steps, start, "unet")
+    bar = progress_bar(config.steps, start, "unet")
     window: list[float] = []
     tick = time.perf_counter()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     end = config.steps if config.stop_at < 0 else min(config.steps, config.stop_at)
     for step in range(start, end):
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * _lr_factor(step, config)
-        x, prompts = _images(step, config.batch_size, config.image_size)
+            group["lr"] = group["base_lr"] * lr_factor(step, config)
+        x, prompts = training_images(step, config.batch_size, config.image_size)
         drop = torch.rand(len(prompts), generator=generator) < config.caption_dropout
         prompts = ["" if dropped else prompt for prompt, dropped in zip(prompts, drop.tolist())]
         with torch.no_grad():
@@ -362,7 +375,7 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
         noisy = scheduler.add_noise(latents, noise, steps)
         embeddings = encode_prompts(tokenizer, text_encoder, prompts)
         prediction = unet(noisy, steps, embeddings).sample
-        loss = F.mse_loss(prediction.float(), _target(scheduler, latents, noise, steps).float())
+        loss = F.mse_loss(prediction.float(), prediction_target(scheduler, latents, noise, steps).float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
