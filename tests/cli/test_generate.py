@@ -470,3 +470,25 @@ def test_upscale_reads_16_bit_pngs_and_refuses_images_beyond_the_planner(
     huge = png_header_only(tmp_path / "huge.png", 40000, 40000, "x")
     assert main(["upscale", str(huge), "--scale", "2", "--out", str(tmp_path / "y.png")]) == 2
     assert "40000x40000 pixels, more than the 268,435,456" in capsys.readouterr().err
+
+
+def test_upscale_without_a_prompt_asks_for_what_the_png_records(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model asked for new detail with words it was not trained on can lose what the image shows (the
+    bundled models know only their captions' words): the source PNG's own prompt is the better default."""
+    source = tmp_path / "source.png"
+    assert cli(model, source, "--negative-prompt", "blurry") == 0
+    up = ["upscale", str(source), "--scale", "2", "--model", str(model), "--steps", "2"]
+    assert main([*up, "--out", str(tmp_path / "recorded.png")]) == 0
+    recorded = read_png_parameters(tmp_path / "recorded.png")
+    assert (recorded.prompt, recorded.negative_prompt) == ("a red circle", "blurry")
+    assert "prompt 'a red circle', as source.png records it" in capsys.readouterr().err
+    assert main([*up, "--prompt", "a blue square", "--out", str(tmp_path / "asked.png")]) == 0
+    assert read_png_parameters(tmp_path / "asked.png").prompt == "a blue square"
+    plain = tmp_path / "plain.png"
+    Image.open(source).save(plain)  # the pixels without the parameters text
+    assert main([*up, "--out", str(tmp_path / "default.png"), "--quiet"]) == 0
+    assert main(["upscale", str(plain), "--scale", "2", "--model", str(model), "--steps", "2", "--quiet",
+                 "--out", str(tmp_path / "fallback.png")]) == 0  # fmt: skip
+    assert read_png_parameters(tmp_path / "fallback.png").prompt == "high quality, detailed"

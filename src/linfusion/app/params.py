@@ -240,6 +240,16 @@ def read_png_parameters(path: str | os.PathLike) -> GenerationParams:
     return GenerationParams.from_text(png_parameters_text(path))
 
 
+def recorded_prompts(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(prompt, negative prompt) recorded in a PNG written by ``linfusion generate`` (or a SD web UI), or
+    None when the file records none (another image, an unreadable text): what enlarging it should ask for."""
+    try:
+        recorded = read_png_parameters(path)
+    except GenerationError:
+        return None
+    return (recorded.prompt, recorded.negative_prompt) if recorded.prompt else None
+
+
 def ignored_settings(text: str) -> list[str]:
     """Notes on what a ``parameters`` text records that a replay cannot use (an unknown sampler)."""
     sampler = re.search(r"(?:^|, )Sampler: ((?:(?!, [A-Za-z ]+: ).)*)", text.strip().split("\n")[-1])

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..bundled.shapes import vocabulary_warning
+from ..errors import excerpt
 from ..images import ImageError, open_image
 from ..io import format_size
 from ..pipelines.chain import Stage, StageCallback
@@ -24,7 +25,7 @@ from ..planner import MAX_PLANNED_PIXELS
 from .checks import check_not_source, preflight
 from .execute import execute, returns_freed_memory
 from .loading import LoadedPipeline, is_bundled, load
-from .params import GenerationError, GenerationParams
+from .params import GenerationError, GenerationParams, recorded_prompts
 from .prepare import UPSCALE_PROMPT, Budgets, RunPlan, prepare, upscale_params
 from .timing import ANNOUNCE_SECONDS, describe_duration, predicted_seconds
 
@@ -155,9 +156,20 @@ def upscale_file(
     host_memory: int | None = None,
 ) -> Path:
     """Enlarge the image at ``source`` by ``scale`` with SDEdit (or, with ``params.mode`` "demofusion",
-    DemoFusion) stages guided by ``params.prompt``."""
+    DemoFusion) stages guided by ``params.prompt``; without one, by the prompt the PNG records (a model
+    asked for new detail with words it was not trained on can lose what the image shows), else
+    ``UPSCALE_PROMPT``."""
     out_path = Path(out)
     check_not_source(out_path, Path(source))
+    recorded = None if params.prompt else recorded_prompts(source)
+    if recorded is not None:
+        params = params.replace(prompt=recorded[0], negative_prompt=params.negative_prompt or recorded[1])
+        if progress:
+            name = Path(source).name
+            print(
+                f"note: prompt {excerpt(recorded[0])}, as {name} records it (--prompt to change it)",
+                file=sys.stderr,
+            )
     try:  # an image beyond the planner's reach could not be enlarged anyway
         image = open_image(source, max_pixels=MAX_PLANNED_PIXELS)
     except ImageError as error:
