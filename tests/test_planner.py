@@ -31,13 +31,25 @@ PROBE = Path(__file__).with_name("support") / "planner_probe.py"
 @pytest.mark.parametrize(("model", "size"), [("tiny", 512), ("tiny", 640), ("tiny", 768),
                                              ("bundled", 192), ("bundled", 256), ("bundled", 384)])  # fmt: skip
 def test_estimate_is_within_thirty_percent_of_the_measured_cpu_peak(model: str, size: int) -> None:
-    """Measured in a fresh process: the RSS high-water mark above the baseline, weights loaded."""
+    """Measured in a fresh process: the RSS high-water mark above the baseline, weights loaded.
+
+    The high-water mark depends on the heap's history and varies between fresh processes (bundled at 192 px:
+    152, 181 and 189 MB for the same estimate of 198 MB), so a measurement outside the bounds is taken twice
+    more and the median of the three is compared.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROBE), str(size), "100GB", model], capture_output=True,
-                            text=True, timeout=300, env=env, check=True)  # fmt: skip
-    probe = json.loads(result.stdout.strip().splitlines()[-1])
+
+    def probe_once() -> dict:
+        result = subprocess.run([sys.executable, str(PROBE), str(size), "100GB", model], capture_output=True,
+                                text=True, timeout=300, env=env, check=True)  # fmt: skip
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    probes = [probe_once()]
+    if not 0.7 <= probes[0]["estimate"] / probes[0]["measured"] <= 1.3:
+        probes += [probe_once(), probe_once()]
+    probe = sorted(probes, key=lambda found: found["measured"])[len(probes) // 2]
     assert probe["savers"] == ["none needed"]
-    assert 0.7 <= probe["estimate"] / probe["measured"] <= 1.3, probe
+    assert 0.7 <= probe["estimate"] / probe["measured"] <= 1.3, probes
 
 
 @pytest.mark.slow
