@@ -419,33 +419,22 @@ class Measurements:
         key = (width, height, guidance, sequential, device_store_bytes)
         if key in self._banded:
             return self._banded[key]
+        common = {
+            "dtype": self.dtype,
+            "batch": 2 if guidance and not sequential else 1,
+            "band_bytes": DEFAULT_BAND_BYTES,
+            "store_on_host": device_store_bytes is not None,
+            "device_store_bytes": device_store_bytes,
+            "vae_scale_factor": self.vae_factor,
+        }
         if self.dit:
-            self._banded[key] = banded_dit_cost(
-                self.meta_unet(),
-                width,
-                height,
-                dtype=self.dtype,
-                batch=2 if guidance and not sequential else 1,
-                band_bytes=DEFAULT_BAND_BYTES,
-                store_on_host=device_store_bytes is not None,
-                device_store_bytes=device_store_bytes,
-                vae_scale_factor=self.vae_factor,
-                caption_tokens=self.context_tokens,
+            cost = banded_dit_cost(
+                self.meta_unet(), width, height, caption_tokens=self.context_tokens, **common
             )
         else:
-            self._banded[key] = banded_unet_cost(
-                self.meta_unet(),
-                width,
-                height,
-                dtype=self.dtype,
-                batch=2 if guidance and not sequential else 1,
-                band_bytes=DEFAULT_BAND_BYTES,
-                store_on_host=device_store_bytes is not None,
-                device_store_bytes=device_store_bytes,
-                linfusion=self.linfusion is not None,
-                vae_scale_factor=self.vae_factor,
-                context_tokens=self.context_tokens,
-            )
+            cost = banded_unet_cost(self.meta_unet(), width, height, linfusion=self.linfusion is not None,
+                                    context_tokens=self.context_tokens, **common)  # fmt: skip
+        self._banded[key] = cost
         return self._banded[key]
 
     def tiled_vae_cost(
