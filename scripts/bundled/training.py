@@ -323,6 +323,10 @@ def train_unet(config: UnetConfig, resume: bool = False) -> Path:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
+        # The saved groups carry the old base LR: the LR asked for now wins, so a resumed run can go on
+        # from where an earlier schedule ended.
+        for group, base_lr in zip(optimizer.param_groups, (config.lr, config.text_lr)):
+            group["base_lr"] = base_lr
         ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(generator, state["rng"])
         start = state["step"]
