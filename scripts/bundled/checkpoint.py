@@ -49,6 +49,35 @@ def set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def save_run(
+    path: str | os.PathLike,
+    stateful: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    step: int,
+    **extra: Any,
+) -> None:
+    """Write a run's resumable state atomically: each of ``stateful``'s state dicts under its key, then
+    the optimizer, the RNG states, the step and ``extra`` (what ``restore_run`` reads back)."""
+    state = {key: value.state_dict() for key, value in stateful.items()}
+    state.update(optimizer=optimizer.state_dict(), rng=rng_state(generator), step=step, **extra)
+    atomic_save(state, path)
+
+
+def restore_run(
+    state: dict[str, Any],
+    stateful: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> int:
+    """Load a state written by ``save_run`` into ``stateful``, the optimizer and the RNGs; its step."""
+    for key, value in stateful.items():
+        value.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(generator, state["rng"])
+    return state["step"]
+
+
 class JsonlLog:
     """An append-only JSON-lines log; on resume, records after the checkpoint step are dropped."""
 
@@ -65,6 +94,14 @@ class JsonlLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
+
+
+def open_log(path: str | os.PathLike, resumed_at: int | None, facts: dict[str, Any]) -> JsonlLog:
+    """A run's log opened with a "config" record (fresh run) or a "resume" one at step ``resumed_at``."""
+    log = JsonlLog(path, resume_step=resumed_at)
+    event = "config" if resumed_at is None else "resume"
+    log.write({"event": event, "step": resumed_at or 0, **facts})
+    return log
 
 
 def _step_of(line: str) -> int:

@@ -75,12 +75,7 @@ def train_classifier(config: ClassifierConfig, resume: bool = False, save: bool 
     generator = torch.Generator().manual_seed(config.seed)
     state_path = Path(config.state_dir) / "checkpoint.pt"
     state = ckpt.load(state_path) if resume and save else None
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(generator, state["rng"])
-        start = state["step"]
+    start = 0 if state is None else ckpt.restore_run(state, {"model": model}, optimizer, generator)
     log = ckpt.JsonlLog(Path(config.state_dir) / "log.jsonl", start if state else None) if save else None
     if log is not None and state is None:
         log.write({"event": "config", "step": 0, **asdict(config)})
@@ -107,15 +102,7 @@ def train_classifier(config: ClassifierConfig, resume: bool = False, save: bool 
             )
             losses, tick = [], now
         if save and (done % config.checkpoint_every == 0 or done == config.steps):
-            ckpt.atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": ckpt.rng_state(generator),
-                    "step": done,
-                },
-                state_path,
-            )
+            ckpt.save_run(state_path, {"model": model}, optimizer, generator, done)
     model.eval()
     if save:
         save_classifier(model, config.out_dir)
