@@ -14,6 +14,7 @@ from linfusion.io import (
     atomic_write_text,
     format_size,
     parse_size,
+    probe_writable,
     size_flag,
     umask_mode_for_new_files,
 )
@@ -60,6 +61,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         handle.write("half of the new")
         raise RuntimeError("disk on fire")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_the_write_probe_names_the_folder_it_tried_and_leaves_nothing(tmp_path: Path) -> None:
+    assert probe_writable(tmp_path) == tmp_path
+    assert probe_writable(tmp_path / "new" / "deeper") == tmp_path  # the nearest existing parent
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(NotADirectoryError) as refused:
+        probe_writable(tmp_path / "a-file" / "out")
+    assert refused.value.filename == str(tmp_path / "a-file")
+    with pytest.raises(OSError) as refused:  # root passes os.access here, yet cannot write
+        probe_writable("/proc/linfusion-out")
+    assert refused.value.filename == "/proc" and not isinstance(refused.value, NotADirectoryError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_a_folder_is_swapped_in_only_when_complete(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ replaces an existing file (a bare ``mkstemp`` would leave ``0600``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -67,6 +68,28 @@ def current_umask() -> int:
 def new_file_mode() -> int:
     """The mode a newly created file gets under the current umask (``0o666 & ~umask``)."""
     return 0o666 & ~current_umask()
+
+
+def probe_writable(folder: str | os.PathLike) -> Path:
+    """Prove, before any work, that entries can be made under ``folder``; returns the folder probed.
+
+    That is ``folder`` itself or, while it does not exist, its nearest existing parent. Permissions alone do
+    not tell (root passes every permission check, yet cannot write under ``/proc``), so a temporary folder
+    is made there and removed at once: nothing is left behind. Raises :class:`NotADirectoryError` when the
+    nearest existing path is a file, or the probe's :class:`OSError`; both name the probed path
+    (``filename``).
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linfusion-write-test.", dir=existing))
+    except OSError as error:
+        error.filename = str(existing)
+        raise
+    return existing
 
 
 @contextlib.contextmanager
@@ -171,6 +194,7 @@ __all__ = [
     "format_size",
     "new_file_mode",
     "parse_size",
+    "probe_writable",
     "replace_folder",
     "size_flag",
     "torch_save",
