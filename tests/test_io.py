@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +15,7 @@ from linfusion.io import (
     atomic_file,
     atomic_folder,
     atomic_write_text,
+    disk_full_message,
     format_size,
     parse_size,
     probe_writable,
@@ -61,6 +65,33 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         handle.write("half of the new")
         raise RuntimeError("disk on fire")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_a_full_disk_names_the_file_asked_for_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out" / "x.png"
+    target.parent.mkdir()
+    with pytest.raises(OSError) as full, atomic_file(target) as handle:
+        handle.write(b"half of the image")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert full.value.filename == str(target) and list(target.parent.iterdir()) == []
+
+    usage = SimpleNamespace(total=10**9, used=10**9 - 3 * 2**20, free=3 * 2**20)
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: asked.append(Path(path)) or usage)
+    assert disk_full_message(full.value) == (
+        f"cannot write {target} (No space left on device, 3 MiB free on its disk); "
+        "free some space there or write to another disk"
+    )
+    assert asked == [target.parent]  # the file is not there: its nearest existing folder is asked
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(target))
+    assert disk_full_message(quota) == (  # the disk's free space says nothing of a quota
+        f"cannot write {target} (Disk quota exceeded); free some space there or write to another disk"
+    )
+    assert disk_full_message(OSError(errno.ENOSPC, "No space left on device")) == (
+        "an output could not be written: No space left on device; free some space or write to another disk"
+    )
 
 
 def test_the_write_probe_names_the_folder_it_tried_and_leaves_nothing(tmp_path: Path) -> None:
