@@ -15,11 +15,13 @@ from linfusion.io import (
     atomic_file,
     atomic_folder,
     atomic_write_text,
+    disk_full_behind,
     disk_full_message,
     format_size,
     parse_size,
     probe_writable,
     size_flag,
+    torch_save,
     umask_mode_for_new_files,
 )
 
@@ -92,6 +94,53 @@ def test_a_full_disk_names_the_file_asked_for_and_leaves_no_temporary(
     assert disk_full_message(OSError(errno.ENOSPC, "No space left on device")) == (
         "an output could not be written: No space left on device; free some space or write to another disk"
     )
+
+
+class FullDisk:
+    """A file with ``room`` bytes left on its disk: a longer write fails with ENOSPC, as the kernel's does."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def test_a_full_disk_under_torch_save_is_the_os_error_not_torchs_writer_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FullDisk(real_fdopen(*args, **kwargs), 4096))
+    target = tmp_path / "optimizer.pt"
+    with pytest.raises(OSError) as full:  # torch's zip writer raises a RuntimeError over it on the way out
+        torch_save({"state": torch.zeros(100_000)}, target)
+    assert (full.value.errno, full.value.filename) == (errno.ENOSPC, str(target))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_full_disk_behind_an_error_is_found_and_nothing_else() -> None:
+    rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    found = disk_full_behind(rust, "/out/weights")
+    assert found is not None and (found.errno, found.filename) == (errno.ENOSPC, "/out/weights")
+    quota = disk_full_behind(OSError(errno.EDQUOT, "Disk quota exceeded"), Path("/out/x.png"))
+    assert quota is not None and (quota.errno, quota.filename) == (errno.EDQUOT, "/out/x.png")
+    assert disk_full_behind(RuntimeError("I/O error: Permission denied (os error 13)"), "/out") is None
+    assert disk_full_behind(OSError(errno.EACCES, "Permission denied"), "/out") is None
+    assert disk_full_behind(KeyboardInterrupt(), "/out") is None
 
 
 def test_the_write_probe_names_the_folder_it_tried_and_leaves_nothing(tmp_path: Path) -> None:

@@ -80,6 +80,25 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
+def disk_full_behind(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The full-disk :class:`OSError` behind ``error``, naming ``path``; None when the disk was not full.
+
+    That is ``error`` itself, the one a writer's clean-up raised over (``torch.save``'s zip writer raises
+    a ``RuntimeError`` while handling it), or a Rust writer's ``... (os error 28)`` (safetensors).
+    """
+    seen = error
+    while seen is not None and not is_disk_full(seen):
+        seen = seen.__context__
+    if seen is None:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None or int(found.group(1)) not in DISK_FULL_ERRNOS:
+            return None
+        seen = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    assert isinstance(seen, OSError)
+    seen.filename = os.fspath(path)  # the file asked for, not a temporary one (gone by now)
+    return seen
+
+
 def disk_full_message(error: OSError) -> str:
     """One line for a write that failed on a full disk: what could not be written, the space left on that
     disk (for ``ENOSPC``; a quota is not what the disk reports free), what to do."""
@@ -90,7 +109,8 @@ def disk_full_message(error: OSError) -> str:
     free = ""
     if error.errno == errno.ENOSPC:
         with contextlib.suppress(OSError):
-            free = f", {format_size(shutil.disk_usage(nearest_existing(path)).free)} free on its disk"
+            left = shutil.disk_usage(nearest_existing(path)).free
+            free = f", {format_size(left) if left >= MIB else f'{left:,} bytes'} free on its disk"
     return f"cannot write {path} ({reason}{free}); free some space there or write to another disk"
 
 
@@ -140,8 +160,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         os.replace(temporary, target)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        if is_disk_full(error):
-            error.filename = str(target)  # the file the user asked for, not the temporary one (now gone)
+        full = disk_full_behind(error, target)
+        if full is not None and full is not error:
+            raise full from None
         raise
 
 
@@ -168,8 +189,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         replace_folder(temporary, final)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        if is_disk_full(error):
-            error.filename = str(final)
+        full = disk_full_behind(error, final)
+        if full is not None and full is not error:
+            raise full from None
         raise
 
 
@@ -226,6 +248,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write_text",
     "current_umask",
+    "disk_full_behind",
     "disk_full_message",
     "format_size",
     "is_disk_full",
