@@ -141,6 +141,23 @@ def test_save_pretrained_writes_the_published_key_names(tmp_path: Path) -> None:
     )
 
 
+def test_a_full_disk_under_save_pretrained_is_an_os_error_naming_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs) -> None:  # what safetensors raises on a full disk (seen on a tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as raised:
+        LinFusion.from_unet(tiny_unet("sd15")).save_pretrained(tmp_path / "weights")
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "weights"))
+
+
 # ---------------------------------------------------------------- building untrained modules
 def test_projection_mid_dim_defaults_and_overrides() -> None:
     sd15, sdxl = tiny_unet("sd15"), tiny_unet("sdxl")

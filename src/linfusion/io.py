@@ -4,12 +4,15 @@ Every file the package writes (images, weights, checkpoints, logs, benchmark res
 :func:`atomic_file` or :func:`atomic_folder`: the content is written to a temporary sibling and renamed
 over the target only once complete, so a crash or a kill never leaves half a file. The result gets the
 permissions the process umask gives a new file (``0644`` under the usual umask ``022``), also when it
-replaces an existing file (a bare ``mkstemp`` would leave ``0600``).
+replaces an existing file (a bare ``mkstemp`` would leave ``0600``). A write refused by a full disk
+(:func:`is_disk_full`) leaves no temporary behind and names the file asked for, which
+:func:`disk_full_message` puts in one line for the user.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -69,6 +72,76 @@ def new_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, or the user's quota spent
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write refused for want of space (``ENOSPC``) or of quota (``EDQUOT``)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_behind(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The full-disk :class:`OSError` behind ``error``, naming ``path``; None when the disk was not full.
+
+    That is ``error`` itself, the one a writer's clean-up raised over (``torch.save``'s zip writer raises
+    a ``RuntimeError`` while handling it), or a Rust writer's ``... (os error 28)`` (safetensors).
+    """
+    seen = error
+    while seen is not None and not is_disk_full(seen):
+        seen = seen.__context__
+    if seen is None:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None or int(found.group(1)) not in DISK_FULL_ERRNOS:
+            return None
+        seen = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    assert isinstance(seen, OSError)
+    seen.filename = os.fspath(path)  # the file asked for, not a temporary one (gone by now)
+    return seen
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line for a write that failed on a full disk: what could not be written, the space left on that
+    disk (for ``ENOSPC``; a quota is not what the disk reports free), what to do."""
+    reason = error.strerror or os.strerror(error.errno or errno.ENOSPC)
+    if error.filename is None:
+        return f"an output could not be written: {reason}; free some space or write to another disk"
+    path = Path(os.fsdecode(error.filename))
+    free = ""
+    if error.errno == errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            left = shutil.disk_usage(nearest_existing(path)).free
+            free = f", {format_size(left) if left >= MIB else f'{left:,} bytes'} free on its disk"
+    return f"cannot write {path} ({reason}{free}); free some space there or write to another disk"
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def probe_writable(folder: str | os.PathLike) -> Path:
+    """Prove, before any work, that entries can be made under ``folder``; returns the folder probed.
+
+    That is ``folder`` itself or, while it does not exist, its nearest existing parent. Permissions alone do
+    not tell (root passes every permission check, yet cannot write under ``/proc``), so a temporary folder
+    is made there and removed at once: nothing is left behind. Raises :class:`NotADirectoryError` when the
+    nearest existing path is a file, or the probe's :class:`OSError`; both name the probed path
+    (``filename``).
+    """
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linfusion-write-test.", dir=existing))
+    except OSError as error:
+        error.filename = str(existing)
+        raise
+    return existing
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """``with atomic_file(path) as handle: ...`` writes ``path`` completely or not at all.
@@ -85,8 +158,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(handle.fileno())
         os.chmod(temporary, new_file_mode())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        full = disk_full_behind(error, target)
+        if full is not None and full is not error:
+            raise full from None
         raise
 
 
@@ -111,8 +187,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes 0700
         replace_folder(temporary, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        full = disk_full_behind(error, final)
+        if full is not None and full is not error:
+            raise full from None
         raise
 
 
@@ -162,15 +241,21 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 __all__ = [
+    "DISK_FULL_ERRNOS",
     "GIB",
     "MIB",
     "atomic_file",
     "atomic_folder",
     "atomic_write_text",
     "current_umask",
+    "disk_full_behind",
+    "disk_full_message",
     "format_size",
+    "is_disk_full",
+    "nearest_existing",
     "new_file_mode",
     "parse_size",
+    "probe_writable",
     "replace_folder",
     "size_flag",
     "torch_save",

@@ -23,7 +23,7 @@ from torch import nn
 from .attention import GeneralizedLinearAttention
 from .errors import UserError
 from .hub import load_failure_message
-from .io import umask_mode_for_new_files
+from .io import disk_full_behind, umask_mode_for_new_files
 from .patches.base import Patch, PatchOrderError, replace_submodule, set_attribute
 from .registry import (
     SUPPORTED_DENOISERS,
@@ -314,9 +314,16 @@ class LinFusion(ModelMixin, ConfigMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained`` (the published layout); the files get the umask's mode, as
-        every file linfusion writes does (safetensors alone would make the weights ``0600``)."""
-        with umask_mode_for_new_files(save_directory):
-            super().save_pretrained(save_directory, **kwargs)
+        every file linfusion writes does (safetensors alone would make the weights ``0600``). A full disk is
+        an :class:`OSError` naming the folder (safetensors reports it as its own error)."""
+        try:
+            with umask_mode_for_new_files(save_directory):
+                super().save_pretrained(save_directory, **kwargs)
+        except Exception as error:
+            full = disk_full_behind(error, save_directory)
+            if full is not None and full is not error:
+                raise full from None
+            raise
 
     @classmethod
     def construct_for(

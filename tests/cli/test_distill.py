@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,6 +115,38 @@ def test_resuming_after_a_kill_logs_every_step_once_and_files_get_the_umask_mode
     folders = [path for path in output.rglob("*") if path.is_dir()]
     assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in folders} == {"0o755"}
     LinFusion.from_pretrained(output)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_no_partial_checkpoint(
+    teacher: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, target, *args, **kwargs) -> None:
+        if isinstance(obj, dict) and "param_groups" in obj:  # the optimizer's state, into its file
+            target.write(b"PK\x03\x04 the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, target, *args, **kwargs)
+
+    usage = SimpleNamespace(total=10**9, used=10**9 - 5 * 2**20, free=5 * 2**20)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    output = tmp_path / "run"
+    err = refused_message(capsys, distill(teacher, images, output))
+    written = output / "checkpoints" / ".tmp-step-000002" / "optimizer.pt"
+    message = (
+        f"linfusion distill: cannot write {written} (No space left on device, 5 MiB free on its disk); "
+        "free some space there or write to another disk"
+    )
+    assert message in err.split("\n") and err.count("linfusion distill:") == 1  # among the progress bars
+    left = sorted(str(path.relative_to(output)) for path in output.rglob("*"))
+    assert left == ["checkpoints", "distill_config.json", "train_log.jsonl"]  # no partial checkpoint
 
 
 # ---------------------------------------------------------------- hostile input: refused before any work

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,6 +119,31 @@ def test_empty_prompt_and_unwritable_output(model: Path, tmp_path: Path, capsys)
     assert cli(model, blocker / "out.png") == 2
     assert "cannot write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_save = Image.Image.save
+
+    def save(image: Image.Image, target, *args, **kwargs) -> None:
+        if image.size == (64, 32):  # the second stage's PNG, written (to a temporary file) before --out
+            target.write(b"the first bytes of a PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(image, target, *args, **kwargs)
+
+    usage = SimpleNamespace(total=10**9, used=10**9 - 5 * 2**20, free=5 * 2**20)
+    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    stages, out = tmp_path / "stages", tmp_path / "big.png"
+    assert cli(model, out, "--mode", "sdedit", "--size", "64x32", "--save-stages", str(stages)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"linfusion generate: cannot write {stages / 'stage-2-64x32.png'} (No space left on device, "
+        "5 MiB free on its disk); free some space there or write to another disk\n"
+    )
+    assert sorted(p.name for p in stages.iterdir()) == ["stage-1-32x16.png"]  # no temporary, no half PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stages"]
 
 
 def test_sdedit_mode_and_upscale_commands(model: Path, tmp_path: Path) -> None:

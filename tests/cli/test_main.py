@@ -100,6 +100,27 @@ def test_a_closed_or_full_stdout_is_one_line_not_a_traceback(
     assert capsys.readouterr().err == message
 
 
+@pytest.mark.parametrize(("error", "status", "message"), [
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/data/out.json"), 2,
+     "linfusion plan: cannot write /data/out.json (Disk quota exceeded); free some space there or write to "
+     "another disk\n"),
+    (OSError(errno.EACCES, "Permission denied", "/data/out.json"), 1,
+     "linfusion plan: internal error: PermissionError: [Errno 13] Permission denied: '/data/out.json' "
+     "(run with -v for the traceback; please report it)\n"),
+])  # fmt: skip
+def test_a_full_disk_is_the_users_to_fix_and_other_os_errors_stay_bugs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, error: OSError, status: int, message: str
+) -> None:
+    from linfusion.cli import main
+
+    def failing(request):
+        raise error
+
+    plan_in_process(monkeypatch, failing)
+    assert main(["plan", "--size", "64x64", "--device", "cpu", "--max-memory", "1GB"]) == status
+    assert capsys.readouterr().err == message
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_plan_into_a_closed_pipe_or_dev_full_in_a_shell(tmp_path: Path) -> None:

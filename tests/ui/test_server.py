@@ -79,6 +79,14 @@ def test_outputs_naming_a_file_says_so(capsys: pytest.CaptureFixture, tmp_path) 
     assert afile.read_text() == "mine"
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_anything_loads(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["ui", "--outputs", "/proc"]) == 2  # root passes os.access there, yet cannot write
+    err = capsys.readouterr().err
+    assert "the outputs folder /proc is not writable" in err and "Traceback" not in err
+
+
 def test_gradios_files_stay_under_the_outputs_folder_and_go_at_exit(tmp_path, monkeypatch) -> None:
     import os
 

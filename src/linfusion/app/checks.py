@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..choices import BUNDLED_MODEL_NAME
-from ..io import format_size, size_flag
+from ..io import format_size, probe_writable, size_flag
 from ..pipelines.demofusion import DEMOFUSION_ON_DIT
 from .loading import check_model_exists, names_dit, resolve_device
 from .params import GenerationError, GenerationParams
@@ -26,10 +25,7 @@ PNG_BYTES_PER_PIXEL = 3  # the most an 8-bit RGB PNG takes per pixel (noise does
 
 
 def check_folder_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` when missing and prove it writable by creating and deleting a file there.
-
-    ``os.access`` alone says yes for root on read-only places such as ``/proc``.
-    """
+    """Create ``folder`` when missing and prove it writable (:func:`linfusion.io.probe_writable`)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -37,8 +33,7 @@ def check_folder_writable(folder: Path, what: str) -> None:
             f"cannot write {what}: cannot create folder {folder} ({error.strerror})"
         ) from error
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".linfusion-check-"):
-            pass
+        probe_writable(folder)
     except OSError as error:
         raise GenerationError(
             f"cannot write {what}: folder {folder} is not writable ({error.strerror})"

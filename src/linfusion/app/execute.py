@@ -68,11 +68,14 @@ def save_png_or_keep(image: Image.Image, params: GenerationParams, out: Path) ->
         return save_png(image, params, out)
     except OSError as error:
         why = error.strerror or str(error)
+        kept = None
         try:
             descriptor, kept = tempfile.mkstemp(prefix=f"linfusion-{out.stem}-", suffix=".png")
             os.close(descriptor)
             save_png(image, params, Path(kept))
         except OSError as again:
+            if kept is not None:
+                Path(kept).unlink(missing_ok=True)  # no empty file left where the copy failed
             raise GenerationError(
                 f"cannot write {out} ({why}), nor a copy in {tempfile.gettempdir()} "
                 f"({again.strerror or again}): the image is lost; free some space and run again"

@@ -7,11 +7,12 @@ These modules hold argparse only: the application is imported inside those calla
 
 :func:`main` is the one place that decides how a command ends: a :class:`~linfusion.errors.UserError`
 (bad numbers, unreadable images, folders that would be clobbered, budgets that cannot fit) is printed as
-one paragraph with exit status 2 (:data:`USER_ERROR`); any other exception is a bug: one "internal error"
-line and exit status 1 (:data:`INTERNAL_ERROR`), its traceback with ``-v``, which shows everything. Ctrl-C
-is one line and status 130 (:data:`INTERRUPTED`); a standard output whose reader went away (``| head``)
-ends quietly with 141 (:data:`BROKEN_PIPE`), one that cannot be written (``> /dev/full``) with one line and
-status 1. It also sets the process up as :mod:`linfusion.runtime` describes (glibc keeps freed memory;
+one paragraph with exit status 2 (:data:`USER_ERROR`), and so is an output that did not fit on its disk
+(``ENOSPC`` or ``EDQUOT``: the file, the space left there, what to do); any other exception is a bug:
+one "internal error" line and exit status 1 (:data:`INTERNAL_ERROR`), its traceback with ``-v``, which
+shows everything. Ctrl-C is one line and status 130 (:data:`INTERRUPTED`); a standard output whose reader
+went away (``| head``) ends quietly with 141 (:data:`BROKEN_PIPE`), one that cannot be written
+(``> /dev/full``) with one line and status 1. It also sets the process up as :mod:`linfusion.runtime` describes (glibc keeps freed memory;
 third-party notices silenced unless ``-v``).
 """
 
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import UserError
+from ..io import disk_full_message, is_disk_full
 from ..runtime import keep_freed_memory, quiet_third_party_notices
 
 USER_ERROR = 2  # the request cannot work as given (argparse uses 2 for bad arguments too)
@@ -87,12 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"linfusion {command}: cannot write to standard output: {error.strerror}", file=sys.stderr)
         return INTERNAL_ERROR
     except UserError as error:
-        if verbose:
-            traceback.print_exc()
-        print(f"linfusion {command}: {error}", file=sys.stderr)
-        return USER_ERROR
+        return report_user_error(command, str(error), verbose)
+    except OSError as error:
+        if is_disk_full(error):  # an output that did not fit on its disk: the user's to fix, not a bug
+            return report_user_error(command, disk_full_message(error), verbose)
+        return report_bug(command, error, verbose)
     except Exception as error:  # a bug: say so in one line, the traceback with -v
         return report_bug(command, error, verbose)
+
+
+def report_user_error(command: str, message: str, verbose: bool) -> int:
+    """The user's mistake as one paragraph on stderr (the traceback first with ``-v``); its exit status."""
+    if verbose:
+        traceback.print_exc()
+    print(f"linfusion {command}: {message}", file=sys.stderr)
+    return USER_ERROR
 
 
 def report_bug(command: str, error: BaseException, verbose: bool) -> int:

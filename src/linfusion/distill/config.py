@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io import probe_writable
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # diffusers' get_scheduler names that need nothing more than warmup and total steps.
@@ -187,22 +186,15 @@ class DistillConfig:
 
 
 def check_writable(folder: Path) -> None:
-    """Refuse a folder this process cannot create or write in, before any work and leaving nothing behind.
-
-    Permissions alone do not tell (root passes every permission check, yet cannot write under ``/proc``),
-    so a temporary folder is made in the folder, or in its nearest existing parent, and removed at once.
-    """
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DistillConfigError(
-            f"--output {folder} cannot be created: {existing} is a file, not a folder; choose another --output"
-        )
+    """Refuse an ``--output`` this process cannot create or write in, before any work, leaving nothing behind."""
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".linfusion-write-test.", dir=existing))
+        probe_writable(folder)
+    except NotADirectoryError as error:
+        raise DistillConfigError(
+            f"--output {folder} cannot be created: {error.filename} is a file, not a folder; choose another --output"
+        ) from error
     except OSError as error:
-        place = "folder" if existing == folder else f"folder's parent {existing}"
+        place = "folder" if Path(error.filename) == folder else f"folder's parent {error.filename}"
         raise DistillConfigError(
             f"--output {folder}: cannot write in the {place} ({error.strerror or error}); choose a folder "
             "you can write to"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..io import atomic_write_text, replace_folder, torch_save
+from ..io import atomic_file, atomic_write_text, replace_folder, torch_save
 from ..model import LinFusion, denoiser_of
 from ..registry import is_dit, is_sdxl
 from .config import RUN_MARKER, DistillConfig, DistillConfigError
@@ -354,7 +354,9 @@ class Distiller:
     def _write_checkpoint(self, temporary: Path, final: Path) -> None:
         self.accelerator.wait_for_everyone()
         rank = self.accelerator.process_index
-        torch.save(
+        # torch_save writes through a Python file: a full disk is an OSError naming the file (torch.save
+        # given a path reports it as an anonymous RuntimeError of its C++ writer)
+        torch_save(
             {
                 "generator": self.generator.get_state(),
                 "torch": torch.get_rng_state(),
@@ -366,10 +368,10 @@ class Distiller:
         )
         if self.is_main:
             self.linfusion.save_pretrained(temporary / "linfusion")
-            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), temporary / "lr_scheduler.pt")
+            torch_save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            torch_save(self.lr_scheduler.state_dict(), temporary / "lr_scheduler.pt")
             if self.accelerator.scaler is not None:
-                torch.save(self.accelerator.scaler.state_dict(), temporary / "scaler.pt")
+                torch_save(self.accelerator.scaler.state_dict(), temporary / "scaler.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             state = {
@@ -463,7 +465,8 @@ class Distiller:
                         generator=torch.Generator(self.device).manual_seed(index),
                         **exact,
                     ).images[0]
-                image.save(folder / f"{index:02d}.png")
+                with atomic_file(folder / f"{index:02d}.png") as handle:
+                    image.save(handle, format="PNG")
         finally:
             self.linfusion.train()
         return folder
@@ -497,53 +500,56 @@ class Distiller:
             truncate_log(log_path, self.step)  # a resumed run logs the steps after its checkpoint again
         if config.report_to:
             self.accelerator.init_trackers("linfusion-distill", config=json.loads(config.to_json()))
-        progress = tqdm(
+        with tqdm(
             total=config.max_steps,
             initial=self.step,
             desc="distill",
             disable=not self.is_main,
             dynamic_ncols=True,
-        )
-        sums: dict[str, float] = {}
-        micro = 0
-        started = time.perf_counter()
-        batches = self._batches()
-        while self.step < config.max_steps:
-            batch = next(batches)
-            self.skipped_images += batch["skipped"]
-            if "caption" not in batch:
-                continue  # a batch of unreadable images only
-            losses = self.losses(batch)
-            self.accelerator.backward(losses["loss"] / config.grad_accum)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / config.grad_accum
-            micro += 1
-            if micro % config.grad_accum:
-                continue
-            self._sync_gradients()
-            if config.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.linfusion.parameters(), config.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            logs = {**sums, "lr": self.lr_scheduler.get_last_lr()[0], "skipped_images": self.skipped_images}
-            logs["seconds"] = time.perf_counter() - started
-            sums = {}
-            if self.is_main:
-                progress.update(1)
-                progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "noise", "kd", "feat")})
-                with open(log_path, "a") as log:
-                    log.write(json.dumps({"step": self.step, **logs}) + "\n")
-            if config.report_to:
-                self.accelerator.log(logs, step=self.step)
-            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
-                self.save_checkpoint()
-            if config.validate_every and self.step % config.validate_every == 0 and self.is_main:
-                self.validate()
-            if callback is not None:
-                callback(self.step, logs)
-        progress.close()
+        ) as progress:  # closed on errors too: the error starts on a line of its own
+            sums: dict[str, float] = {}
+            micro = 0
+            started = time.perf_counter()
+            batches = self._batches()
+            while self.step < config.max_steps:
+                batch = next(batches)
+                self.skipped_images += batch["skipped"]
+                if "caption" not in batch:
+                    continue  # a batch of unreadable images only
+                losses = self.losses(batch)
+                self.accelerator.backward(losses["loss"] / config.grad_accum)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() / config.grad_accum
+                micro += 1
+                if micro % config.grad_accum:
+                    continue
+                self._sync_gradients()
+                if config.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.linfusion.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                logs = {
+                    **sums,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "skipped_images": self.skipped_images,
+                }
+                logs["seconds"] = time.perf_counter() - started
+                sums = {}
+                if self.is_main:
+                    progress.update(1)
+                    progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "noise", "kd", "feat")})
+                    with open(log_path, "a") as log:
+                        log.write(json.dumps({"step": self.step, **logs}) + "\n")
+                if config.report_to:
+                    self.accelerator.log(logs, step=self.step)
+                if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                    self.save_checkpoint()
+                if config.validate_every and self.step % config.validate_every == 0 and self.is_main:
+                    self.validate()
+                if callback is not None:
+                    callback(self.step, logs)
         if self.skipped_images:
             logger.warning("skipped %d unreadable images", self.skipped_images)
         self.accelerator.wait_for_everyone()

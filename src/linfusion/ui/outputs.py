@@ -77,7 +77,7 @@ class OutputFolder:
 def read_parameters(path: str | os.PathLike, model_names: Sequence[str]) -> tuple[dict[str, Any], str]:
     """The page's field values recorded in a PNG, and a note for the page (what was restored)."""
     name = Path(path).name
-    image = open_image(path, name)
+    image = open_page_file(path, name)
     try:
         text = image.info.get("parameters")
         if image.format != "PNG":
@@ -134,7 +134,14 @@ def reserve_output(folder: Path, stem: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def open_image(path: str | os.PathLike | None, name: str) -> Image.Image:
+def open_page_file(path: str | os.PathLike | None, name: str) -> Image.Image:
+    """A file the page handed in, opened lazily: its integrity verified, nothing decoded, its format and
+    text chunks kept; :class:`UserError` naming it as ``name`` only.
+
+    Not :func:`linfusion.images.open_image`, which returns a decoded RGB copy (format and chunks gone) and
+    names the file by its path: the callers here refuse by format, size and chunks before any decoding, and
+    the page is never told where the server keeps its uploads.
+    """
     if not path:
         raise UserError("no file was uploaded")
     try:
@@ -154,7 +161,7 @@ def open_image(path: str | os.PathLike | None, name: str) -> Image.Image:
 def open_upload(path: str | os.PathLike | None) -> Image.Image:
     """An uploaded image to enlarge, as RGB; :class:`UserError` saying what is wrong otherwise."""
     name = Path(path).name if path else "the upload"
-    image = open_image(path, name)
+    image = open_page_file(path, name)
     with image:
         if image.format not in UPLOAD_FORMATS:
             raise UserError(f"{name} is a {image.format} image; upload a PNG, JPEG or WebP")
@@ -191,7 +198,7 @@ __all__ = [
     "UPLOAD_FORMATS",
     "OutputFolder",
     "Result",
-    "open_image",
+    "open_page_file",
     "open_upload",
     "read_parameters",
     "reserve_output",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io import probe_writable
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -79,8 +80,10 @@ def outputs_folder(outputs: str | os.PathLike) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ServerError(f"cannot create the outputs folder {folder}: {error.strerror}") from error
-    if not os.access(folder, os.W_OK):
-        raise ServerError(f"the outputs folder {folder} is not writable")
+    try:
+        probe_writable(folder)
+    except OSError as error:
+        raise ServerError(f"the outputs folder {folder} is not writable ({error.strerror})") from error
     return folder
 
 
