@@ -146,6 +146,11 @@ class DiTRun:
         self.working_peak = 0
         self._traces: dict[Any, tuple[int, int, int, int]] = {}
 
+    @property
+    def plain_flops(self) -> int:
+        """The FLOPs of the unbanded forward: the banded ones less what the bands repeat."""
+        return self.flops - self.repeated_flops
+
     def measured(self, work: Callable[[], Any]) -> Any:
         """``work()``; a dry run counts its FLOPs."""
         if not self.dry:
