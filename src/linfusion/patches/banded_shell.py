@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..banding import BandStore, HostArena, Transfers
+from ..banding import BandPasses, BandStore, HostArena
 from .base import Patch, set_attribute
 
 DEFAULT_BAND_BYTES = 256 * 2**20
@@ -139,19 +139,6 @@ def install_banded_forward(banded: BandedForward) -> Patch:
     return patch
 
 
-class TracedRun(Protocol):
-    """The accounts a dry banded run keeps (both families' runs have them)."""
-
-    store: BandStore
-    transfers: Transfers
-    flops: int
-    passes: int
-    working_peak: int
-
-    @property
-    def plain_flops(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class BandedCost:
     """What one banded call costs (activations only: the weights come on top of ``device_peak``).
@@ -171,13 +158,13 @@ class BandedCost:
         return self.flops / self.plain_flops
 
     @classmethod
-    def of_run(cls: type[CostT], run: TracedRun) -> CostT:
-        """The cost of the call ``run`` traced."""
+    def of_run(cls: type[CostT], run: BandPasses, plain_flops: int) -> CostT:
+        """The cost of the call ``run`` traced, whose unbanded forward takes ``plain_flops``."""
         return cls(
             device_peak=max(run.working_peak, run.store.peak["device"]),
             host_peak=run.store.peak["host"],
             flops=run.flops,
-            plain_flops=run.plain_flops,
+            plain_flops=plain_flops,
             moved_bytes=run.transfers.fetched + run.transfers.written,
             passes=run.passes,
         )
@@ -187,7 +174,6 @@ __all__ = [
     "DEFAULT_BAND_BYTES",
     "BandedCost",
     "BandedForward",
-    "TracedRun",
     "UnsupportedBanding",
     "check_basic_block",
     "check_eval_mode",

@@ -74,7 +74,7 @@ def banded_dit_cost(
     captions = inputs.pop("encoder_hidden_states")
     timestep = inputs.pop("timestep")
     run = banded.traced_cost(hidden, captions, timestep, **inputs)
-    return DiTCost.of_run(run)
+    return DiTCost.of_run(run, plain_flops=run.flops - run.repeated_flops)
 
 
 __all__ = ["DiTCost", "banded_dit_cost", "meta_dit_inputs"]

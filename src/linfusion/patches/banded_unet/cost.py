@@ -112,7 +112,7 @@ def banded_unet_cost(
         device_store_bytes=device_store_bytes,
     )
     run = banded.traced_cost(**inputs)
-    return UNetCost.of_run(run)
+    return UNetCost.of_run(run, plain_flops=run.plain_flops)
 
 
 __all__ = ["UNetCost", "banded_unet_cost", "meta_unet_inputs"]
