@@ -6,12 +6,14 @@ banded UNet), or over stripes on several ranks (spatial parallelism), exactly.
   accounting per side, and the band copies between them;
 - :mod:`.passes`: the passes of one call over its bands (each fetch issued one band ahead), one band
   traced on ``meta`` for a cost model, and the accounts (FLOPs, passes, device peak, bytes moved);
-- :mod:`.rows`: band ranges, the input rows a convolution or an upsampler reads for an output band, the
-  convolutions those rules cover, and a rough band size per layer.
+- :mod:`.rows`: band ranges, the input rows a convolution or an upsampler reads for an output band (and
+  :class:`ConvRows`, the two chained for one convolution), the convolutions those rules cover, and a rough
+  band size per layer.
 """
 
 from .passes import BandPasses, BandTrace, Body, Fetch
 from .rows import (
+    ConvRows,
     RowWindow,
     band_conv_problem,
     band_ranges,
@@ -30,6 +32,7 @@ __all__ = [
     "BandStore",
     "BandTrace",
     "Body",
+    "ConvRows",
     "Fetch",
     "GroupNormAffine",
     "HostArena",

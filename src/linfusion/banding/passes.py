@@ -43,7 +43,7 @@ class BandPasses:
         self.working_peak = 0  # store bytes on the device plus one band's working bytes, at the highest
 
     def fetches_ahead(self, bands: list[tuple[int, int]]) -> bool:
-        """Whether a pass over ``bands`` issues each fetch one band ahead (a separate store, several bands)."""
+        """Whether a pass over ``bands`` fetches one band ahead (a separate store and several bands)."""
         return self.store.separate and len(bands) > 1
 
     def run_bands(self, bands: list[tuple[int, int]], fetch: Fetch, body: Body) -> None:

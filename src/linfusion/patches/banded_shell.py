@@ -27,7 +27,8 @@ CostT = TypeVar("CostT", bound="BandedCost")
 
 
 class UnsupportedBanding(NotImplementedError):
-    """The model (or the call) has something a banded forward cannot compute exactly; the message says what."""
+    """The model (or the call) has something a banded forward cannot compute exactly (the message says
+    what); each family raises its own subclass."""
 
     engine = "the banded forward"
 
@@ -39,7 +40,7 @@ class UnsupportedBanding(NotImplementedError):
 
 
 def check_eval_mode(model: nn.Module, error: type[UnsupportedBanding], where: str, name: str) -> None:
-    """Refuse active dropout: bands would draw their own masks (``name`` is the variable to call ``eval()`` on)."""
+    """Refuse active dropout, whose masks the bands would draw apart (``name``: what to call ``eval()`` on)."""
     dropping = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
     error.require(not dropping, where, f"active dropout (call {name}.eval())")
 
