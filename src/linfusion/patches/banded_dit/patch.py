@@ -35,6 +35,7 @@ class BandedDiT(BandedForward):
 
     @property
     def transformer(self) -> nn.Module:
+        """The transformer this forward belongs to."""
         return self.model
 
     def _run(self, sample: torch.Tensor, captions: torch.Tensor, timestep: Any, options: dict[str, Any],

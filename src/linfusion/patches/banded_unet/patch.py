@@ -37,6 +37,7 @@ class BandedUNet(BandedForward):
 
     @property
     def unet(self) -> nn.Module:
+        """The UNet this forward belongs to."""
         return self.model
 
     def _conditioning(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
