@@ -1,5 +1,6 @@
 """Row rules: a convolution computed band by band from its halo rows equals the whole convolution (stride 1,
-stride 2, after nearest upsampling); the supported convolutions; band ranges and sizes."""
+stride 2, after nearest upsampling, through :class:`ConvRows` and through the rules it chains); the supported
+convolutions; band ranges and sizes."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from linfusion.banding import (
+    ConvRows,
     band_conv_problem,
     band_ranges,
     conv_window,
     convolve_band,
     estimate_band_rows,
-    nearest_source_rows,
-    source_span,
-    upsample_band,
 )
 
 
@@ -25,13 +24,12 @@ def conv(kernel: int, stride: int = 1, seed: int = 0) -> nn.Conv2d:
     return nn.Conv2d(3, 4, kernel, stride=stride, padding=kernel // 2).double()
 
 
-def banded(layer: nn.Conv2d, x: torch.Tensor, out_height: int, rows: int) -> torch.Tensor:
-    """The layer's output rows computed band by band, each from the input rows its window reads."""
-    kernel, stride, padding = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+def banded(rules: ConvRows, x: torch.Tensor, out_height: int, rows: int) -> torch.Tensor:
+    """The layer's output rows computed band by band, each from the stored rows ``rules`` say it reads."""
     parts = []
     for start, stop in band_ranges(out_height, rows):
-        window = conv_window(start, stop, kernel=kernel, stride=stride, padding=padding, in_height=x.shape[2])
-        parts.append(convolve_band(x[:, :, window.low : window.high], layer, window))
+        low, high = rules.stored_rows(start, stop)
+        parts.append(rules.convolve(rules.input_band(x[:, :, low:high], start, stop), start, stop))
     return torch.cat(parts, dim=2)
 
 
@@ -41,7 +39,7 @@ def test_stride_one_bands_reproduce_the_whole_conv(kernel: int, rows: int) -> No
     layer = conv(kernel)
     x = torch.randn(2, 3, 13, 9, dtype=torch.float64)
     expected = layer(x)
-    torch.testing.assert_close(banded(layer, x, 13, rows), expected, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(banded(ConvRows(layer, 13), x, 13, rows), expected, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("height", [12, 13])
@@ -51,7 +49,8 @@ def test_stride_two_downsampler_bands_reproduce_the_whole_conv(height: int, rows
     x = torch.randn(1, 3, height, 8, dtype=torch.float64)
     expected = layer(x)
     assert expected.shape[2] == (height + 1) // 2
-    torch.testing.assert_close(banded(layer, x, expected.shape[2], rows), expected, rtol=1e-13, atol=1e-13)
+    result = banded(ConvRows(layer, height), x, expected.shape[2], rows)
+    torch.testing.assert_close(result, expected, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("height", [8, 9])
@@ -92,16 +91,16 @@ def test_upsample_rule_reproduces_interpolate_then_conv(
     else:
         upsampled = F.interpolate(x, scale_factor=2.0, mode="nearest")
     expected = layer(upsampled)
-    source_rows = nearest_source_rows(height, out_height, by_size=by_size)
+    rules = ConvRows.upsampled(layer, height, out_height, out_width, by_size=by_size)
+    source_rows = rules.source_rows
+    assert source_rows is not None
     assert len(source_rows) == out_height and source_rows[0] == 0 and source_rows[-1] == height - 1
-    parts = []
     for start, stop in band_ranges(out_height, rows):
-        window = conv_window(start, stop, kernel=3, stride=1, padding=1, in_height=out_height)
-        first, last = source_span(source_rows, window.low, window.high)
+        window = rules.window(start, stop)
+        first, last = rules.stored_rows(start, stop)
         assert last - first <= (window.high - window.low + 1) // 2 + 1  # only the rows it needs
-        band = upsample_band(x[:, :, first:last], source_rows, window.low, window.high, out_width)
-        parts.append(convolve_band(band, layer, window))
-    torch.testing.assert_close(torch.cat(parts, dim=2), expected, rtol=1e-13, atol=1e-13)
+    result = banded(rules, x, out_height, rows)
+    torch.testing.assert_close(result, expected, rtol=1e-13, atol=1e-13)
 
 
 class LoRAConv(nn.Conv2d):

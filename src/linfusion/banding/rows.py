@@ -6,11 +6,14 @@ passes the image border (:func:`conv_window`, :func:`convolve_band`). It then co
 whole convolution computes on those rows, for stride 1 and for stride-2 downsamplers alike. A nearest
 upsampler maps each output row to one source row by the interpolation's own rule
 (:func:`nearest_source_rows`), so an upsampled band needs only the source rows its rows map to
-(:func:`upsample_band`). :func:`band_conv_problem` says which convolutions these rules cover.
+(:func:`upsample_band`). :class:`ConvRows` chains these rules for one convolution (after an optional
+upsampling): the stored rows a band reads, and the band computed from them. :func:`band_conv_problem` says
+which convolutions these rules cover.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -102,6 +105,56 @@ def upsample_band(
     return F.interpolate(band, size=(high - low, out_width), mode="nearest")
 
 
+@dataclass(frozen=True)
+class ConvRows:
+    """The row rules of one convolution over ``in_height`` rows, read from a stored input: the stored rows
+    an output band reads (:meth:`stored_rows`), its input rows from them (:meth:`input_band`) and the band
+    computed from those (:meth:`convolve`; two steps, so that the stored rows can be freed in between).
+
+    With ``source_rows`` (:meth:`upsampled`) the convolution reads a nearest upsampling of the stored input
+    to ``in_height`` x ``upsampled_width``; a band then reads only the stored rows its rows copy.
+    """
+
+    conv: nn.Conv2d
+    in_height: int
+    source_rows: list[int] | None = None
+    upsampled_width: int = 0
+
+    @classmethod
+    def upsampled(
+        cls, conv: nn.Conv2d, height: int, out_height: int, out_width: int, by_size: bool
+    ) -> ConvRows:
+        """``conv`` after nearest upsampling from ``height`` rows to ``out_height`` x ``out_width``
+        (``by_size``: as ``F.interpolate(size=...)``, else ``scale_factor=2``)."""
+        return cls(conv, out_height, nearest_source_rows(height, out_height, by_size), out_width)
+
+    def window(self, start: int, stop: int) -> RowWindow:
+        """The rows of the convolution's input (upsampled, if so) that output rows ``[start, stop)`` read."""
+        kernel, stride, padding = self.conv.kernel_size[0], self.conv.stride[0], self.conv.padding[0]
+        return conv_window(
+            start, stop, kernel=kernel, stride=stride, padding=padding, in_height=self.in_height
+        )
+
+    def stored_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The stored input rows ``[low, high)`` that output rows ``[start, stop)`` read."""
+        window = self.window(start, stop)
+        if self.source_rows is None:
+            return window.low, window.high
+        return source_span(self.source_rows, window.low, window.high)
+
+    def input_band(self, stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The convolution's input rows for output rows ``[start, stop)`` from ``stored``, the rows of
+        :meth:`stored_rows`: upsampled when the convolution reads an upsampling, else ``stored`` itself."""
+        if self.source_rows is None:
+            return stored
+        window = self.window(start, stop)
+        return upsample_band(stored, self.source_rows, window.low, window.high, self.upsampled_width)
+
+    def convolve(self, band: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output rows ``[start, stop)`` from ``band``, their :meth:`input_band`."""
+        return convolve_band(band, self.conv, self.window(start, stop))
+
+
 def band_conv_problem(conv: Any, stride: int = 1, padding: int | None = None) -> str | None:
     """What keeps ``conv`` from running band by band with :func:`convolve_band`, or None.
 
@@ -122,6 +175,7 @@ def band_conv_problem(conv: Any, stride: int = 1, padding: int | None = None) ->
 
 
 __all__ = [
+    "ConvRows",
     "RowWindow",
     "band_conv_problem",
     "band_ranges",

@@ -7,6 +7,7 @@ Each submodule holds one family of patches; every ``apply``-style function retur
 - :mod:`.tiling`: the exact tiled VAE behind ``vae.encode`` / ``vae.decode``;
 - :mod:`.vae_attention`: the linear kernel for the VAE mid-block attention;
 - :mod:`.dilation`: DemoFusion's dilated convolutions and its dilated global branch;
+- :mod:`.banded_shell`: what the two banded forwards share (their patch, store, refusals and cost record);
 - :mod:`.banded_unet`: the whole UNet band by band, exact, in bounded device memory (and its cost model);
 - :mod:`.banded_dit`: a PixArt transformer with LinFusion block by block over token bands, exact, bounded
   (and its cost model);

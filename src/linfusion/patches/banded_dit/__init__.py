@@ -26,7 +26,9 @@ depends on all keys through its normalization, so a band cannot be finished from
 mount LinFusion first.
 
 Modules: :mod:`.checks` (what is supported), :mod:`.engine` (the passes, their store and accounts),
-:mod:`.patch` (the forward and its reversible patch), :mod:`.cost` (the cost model the planner uses).
+:mod:`.patch` (the forward and its reversible patch), :mod:`.cost` (the cost model the planner uses). The
+store and passes come from :mod:`linfusion.banding`, the patch's shell (shared with the banded UNet) from
+:mod:`linfusion.patches.banded_shell`.
 """
 
 from .checks import UnsupportedDiT, check_banded_dit

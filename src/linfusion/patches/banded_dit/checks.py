@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...attention import GeneralizedLinearAttention
+from ..banded_shell import UnsupportedBanding, check_basic_block, check_eval_mode
 
 SOFTMAX_REFUSAL = (
     "softmax self-attention cannot be banded this way: every output token of a softmax attention depends on "
@@ -18,20 +19,18 @@ SOFTMAX_REFUSAL = (
 )
 
 
-class UnsupportedDiT(NotImplementedError):
+class UnsupportedDiT(UnsupportedBanding):
     """The transformer (or the call) has something the banded DiT cannot compute exactly; the message says what."""
 
+    engine = "the banded DiT"
 
-def require(condition: bool, where: str, what: str) -> None:
-    """Raise :class:`UnsupportedDiT` naming ``where`` and ``what`` unless ``condition`` holds."""
-    if not condition:
-        raise UnsupportedDiT(f"the banded DiT does not support {where}: {what}")
+
+require = UnsupportedDiT.require
 
 
 def check_banded_dit(transformer: nn.Module) -> None:
     """Raise :class:`UnsupportedDiT` unless every layer of ``transformer`` has an exact banded form."""
     from diffusers import PixArtTransformer2DModel
-    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.embeddings import PatchEmbed
 
     require(
@@ -43,11 +42,7 @@ def check_banded_dit(transformer: nn.Module) -> None:
     require(embed.pos_embed_max_size is None, "pos_embed", "a cropped position table (pos_embed_max_size)")
     for index, block in enumerate(transformer.transformer_blocks):
         where = f"transformer_blocks.{index}"
-        require(type(block) is BasicTransformerBlock, where, f"a {type(block).__name__}")
-        require(block.norm_type == "ada_norm_single", where, f"norm_type {block.norm_type}")
-        require(
-            block.pos_embed is None and not block.only_cross_attention, where, "a block position embedding"
-        )
+        check_basic_block(block, where, "ada_norm_single", UnsupportedDiT)
         require(not hasattr(block, "fuser"), where, "GLIGEN")
         if not isinstance(block.attn1, GeneralizedLinearAttention):
             raise UnsupportedDiT(f"the banded DiT needs LinFusion on {where}.attn1: {SOFTMAX_REFUSAL}")
@@ -58,8 +53,7 @@ def check_banded_dit(transformer: nn.Module) -> None:
             where,
             "spatial parallelism (the banded DiT runs on one process)",
         )
-    dropping = [m for m in transformer.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
-    require(not dropping, "the transformer", "active dropout (call transformer.eval())")
+    check_eval_mode(transformer, UnsupportedDiT, "the transformer", "transformer")
 
 
 def check_call(transformer: nn.Module, sample: torch.Tensor, options: dict[str, Any]) -> None:

@@ -9,26 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .patch import DEFAULT_BAND_BYTES, BandedDiT
+from ..banded_shell import DEFAULT_BAND_BYTES, BandedCost
+from .patch import BandedDiT
 
 
 @dataclass(frozen=True)
-class DiTCost:
-    """What one banded DiT call costs (activations only: the weights come on top of ``device_peak``).
-
-    FLOPs count multiply-adds as two, as ``torch.utils.flop_counter.FlopCounterMode`` does.
-    """
-
-    device_peak: int  # bytes on the transformer's device: its share of the store plus one band's working set
-    host_peak: int  # bytes of the stream kept on the store device (0 without a separate store)
-    flops: int  # the banded forward
-    plain_flops: int  # the unbanded LinFusion forward (the same less the captions' per-band projections)
-    moved_bytes: int  # bytes copied between the store device and the transformer's device
-    passes: int  # passes over the whole sequence (blocks + 1)
-
-    @property
-    def flop_overhead(self) -> float:
-        return self.flops / self.plain_flops
+class DiTCost(BandedCost):
+    """What one banded DiT call costs; ``plain_flops`` are the unbanded LinFusion forward's (the banded
+    ones less the captions' keys and values projected again for every band)."""
 
 
 def meta_dit_inputs(
@@ -86,14 +74,7 @@ def banded_dit_cost(
     captions = inputs.pop("encoder_hidden_states")
     timestep = inputs.pop("timestep")
     run = banded.traced_cost(hidden, captions, timestep, **inputs)
-    return DiTCost(
-        device_peak=max(run.working_peak, run.store.peak["device"]),
-        host_peak=run.store.peak["host"],
-        flops=run.flops,
-        plain_flops=run.flops - run.repeated_flops,
-        moved_bytes=run.transfers.fetched + run.transfers.written,
-        passes=run.passes,
-    )
+    return DiTCost.of_run(run, plain_flops=run.flops - run.repeated_flops)
 
 
 __all__ = ["DiTCost", "banded_dit_cost", "meta_dit_inputs"]

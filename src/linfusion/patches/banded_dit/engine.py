@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...banding import BandStore, StoredActivation, Transfers, band_ranges
-from ...tracing import FusedAttentionStandIn, LiveBytes
+from ...banding import BandPasses, BandStore, BandTrace, Body, Fetch, StoredActivation, band_ranges
 from ..banded_unet.attention import LinearAttentionPasses, transformer_rows
 from ..banded_unet.schedule import linear_flops
 from ..banded_unet.transformer import as_tokens
@@ -128,7 +127,7 @@ def output_band(
     return torch.einsum("nhwpqc->nchpwq", hidden).reshape(-1, channels, rows * patch, width * patch)
 
 
-class DiTRun:
+class DiTRun(BandPasses):
     """One banded call's passes over the bands, its store and transfers, and their accounts.
 
     ``dry`` (the cost model) walks the same passes on ``meta`` but traces one band of each size and kind of
@@ -137,14 +136,9 @@ class DiTRun:
     """
 
     def __init__(self, store: BandStore, dry: bool = False) -> None:
-        self.store = store
-        self.transfers = Transfers(store.device, store)
-        self.dry = dry
-        self.flops = 0
+        super().__init__(store, dry)
         self.repeated_flops = 0  # projections the bands repeat (the captions' keys and values)
-        self.passes = 0
-        self.working_peak = 0
-        self._traces: dict[Any, tuple[int, int, int, int]] = {}
+        self._traces: dict[Any, BandTrace] = {}
 
     def measured(self, work: Callable[[], Any]) -> Any:
         """``work()``; a dry run counts its FLOPs."""
@@ -158,71 +152,26 @@ class DiTRun:
         self.flops += int(counter.get_total_flops())
         return result
 
-    def passes_over(
-        self,
-        bands: list[tuple[int, int]],
-        fetch: Callable[[int, int], Any],
-        body: Callable[[int, int, Any], None],
-        kind: Any,
-    ) -> None:
+    def passes_over(self, bands: list[tuple[int, int]], fetch: Fetch, body: Body, kind: Any) -> None:
         """``body(start, stop, inputs)`` for every band, ``inputs`` from ``fetch(start, stop)`` (dry: traced
-        once per band size and ``kind``).
+        once per band size and ``kind``, FLOPs counted on the attention's math path).
 
         With a separate store the next band's fetch is issued before the current band's body runs (on CUDA
         the copy then overlaps the compute); a dry trace keeps a second fetch alive to stand for it.
         """
         self.passes += 1
-        ahead = self.store.separate and len(bands) > 1
         if not self.dry:
-            if not ahead:
-                for start, stop in bands:
-                    body(start, stop, self.transfers.ready(fetch(start, stop)))
-            else:
-                upcoming = fetch(*bands[0])
-                for index, (start, stop) in enumerate(bands):
-                    current = upcoming
-                    upcoming = fetch(*bands[index + 1]) if index + 1 < len(bands) else None
-                    body(start, stop, self.transfers.ready(current))
+            self.run_bands(bands, fetch, body)
             self.transfers.finish()
             return
+        ahead = self.fetches_ahead(bands)
         for rows, count in Counter(stop - start for start, stop in bands).items():
             if (kind, rows) not in self._traces:
-                band = next(b for b in bands if b[1] - b[0] == rows)
-                self._traces[(kind, rows)] = self._trace(fetch, body, *band, ahead=ahead)
-            working, flops, fetched, written = self._traces[(kind, rows)]
-            self.working_peak = max(self.working_peak, self.store.live["device"] + working)
-            self.flops += flops * count
-            self.transfers.fetched += fetched * count
-            self.transfers.written += written * count
-
-    def _trace(
-        self,
-        fetch: Callable[[int, int], Any],
-        body: Callable[[int, int, Any], None],
-        start: int,
-        stop: int,
-        ahead: bool,
-    ) -> tuple[int, int, int, int]:
-        """(working bytes, FLOPs, bytes fetched, bytes written) of one band, on ``meta``."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        before = (self.transfers.fetched, self.transfers.written)
-
-        def one_band() -> None:
-            inputs = self.transfers.ready(fetch(start, stop))
-            issued_ahead = fetch(start, stop) if ahead else None  # noqa: F841 - alive during the body
-            body(start, stop, inputs)
-
-        live = LiveBytes()
-        with torch.no_grad(), FusedAttentionStandIn(), live:
-            one_band()  # fused attention: the memory of a real kernel
-        fetched = (self.transfers.fetched - before[0]) // (2 if ahead else 1)
-        written = self.transfers.written - before[1]
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            body(start, stop, self.transfers.ready(fetch(start, stop)))  # the math path: attention FLOPs
-        self.transfers.fetched, self.transfers.written = before
-        return live.peak, int(counter.get_total_flops()), fetched, written
+                start, stop = next(b for b in bands if b[1] - b[0] == rows)
+                self._traces[(kind, rows)] = self.trace_band(
+                    fetch, body, start, stop, ahead, count_flops=True
+                )
+            self.account(self._traces[(kind, rows)], count)
 
 
 def run_blocks(

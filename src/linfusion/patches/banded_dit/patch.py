@@ -8,19 +8,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...banding import BandStore, HostArena
-from ..base import Patch, set_attribute
-from .checks import check_banded_dit, check_call, require
+from ..banded_shell import DEFAULT_BAND_BYTES, BandedForward, install_banded_forward
+from ..base import Patch
+from .checks import UnsupportedDiT, check_banded_dit, check_call
 from .engine import DiTRun, dit_conditioning, run_blocks
 
-DEFAULT_BAND_BYTES = 256 * 2**20
 
-
-class BandedDiT:
+class BandedDiT(BandedForward):
     """The banded forward of one PixArt transformer, what :func:`apply_banded_dit` installs as its ``forward``.
 
     Takes the arguments of ``PixArtTransformer2DModel.forward`` and returns what it returns.
     """
+
+    error = UnsupportedDiT
+    label = "the transformer"
+    patch_name = "banded DiT"
 
     def __init__(
         self,
@@ -29,43 +31,25 @@ class BandedDiT:
         store_device: torch.device | str | None = None,
         device_store_bytes: int | None = None,
     ) -> None:
-        if band_bytes < 1:
-            raise ValueError(f"band_bytes must be >= 1; got {band_bytes}")
-        self.transformer = transformer
-        self.band_bytes = band_bytes
-        self.store_device = store_device
-        self.device_store_bytes = device_store_bytes
-        self.last_store_peak: dict[str, int] = {}
-        self.host_arena: HostArena | None = None
+        super().__init__(transformer, band_bytes, store_device, device_store_bytes)
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The transformer this forward belongs to."""
+        return self.model
 
     def _run(self, sample: torch.Tensor, captions: torch.Tensor, timestep: Any, options: dict[str, Any],
              dry: bool) -> tuple[torch.Tensor, DiTRun]:  # fmt: skip
         transformer = self.transformer
         check_call(transformer, sample, options)
         check_banded_dit(transformer)
-        device = transformer.pos_embed.proj.weight.device
-        arena = None
-        if not dry and self.store_device is not None:
-            if self.host_arena is None:
-                self.host_arena = HostArena(pin=device.type == "cuda")
-            arena = self.host_arena
-            arena.begin()
-        store = BandStore(device, self.store_device, self.device_store_bytes or 0, arena=arena)
-        run = DiTRun(store, dry=dry)
-        conditioning = run.measured(
-            lambda: dit_conditioning(transformer, sample, captions, timestep, options)
-        )
-        result = run_blocks(run, transformer, sample, conditioning, self.band_bytes)
-        self.last_store_peak = dict(store.peak)
-        if arena is not None:
-            arena.finish()
+        with self.call_store(transformer.pos_embed.proj.weight.device, dry) as store:
+            run = DiTRun(store, dry=dry)
+            conditioning = run.measured(
+                lambda: dit_conditioning(transformer, sample, captions, timestep, options)
+            )
+            result = run_blocks(run, transformer, sample, conditioning, self.band_bytes)
         return result, run
-
-    def release_host_memory(self) -> None:
-        """Give back the host arena kept between calls (the next call rebuilds it)."""
-        if self.host_arena is not None:
-            self.host_arena.drop()
-            self.host_arena = None
 
     @torch.no_grad()
     def traced_cost(
@@ -91,18 +75,16 @@ class BandedDiT:
             "cross_attention_kwargs": cross_attention_kwargs,
             "encoder_attention_mask": encoder_attention_mask,
         }
-        if torch.is_grad_enabled():
-            needs_grad = hidden_states.requires_grad or any(
-                p.requires_grad for p in self.transformer.parameters()
-            )
-            require(not needs_grad, "the call", "gradients (inference only: call it under torch.no_grad())")
-        with torch.no_grad():
-            output, _ = self._run(hidden_states, encoder_hidden_states, timestep, options, dry=False)
-        if not return_dict:
-            return (output,)
+        return self.inference(
+            hidden_states,
+            lambda: self._run(hidden_states, encoder_hidden_states, timestep, options, dry=False)[0],
+            return_dict,
+        )
+
+    def output(self, sample: torch.Tensor) -> Any:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        return Transformer2DModelOutput(sample=output)
+        return Transformer2DModelOutput(sample=sample)
 
 
 def apply_banded_dit(
@@ -124,17 +106,10 @@ def apply_banded_dit(
     CPU offload hooks.
     """
     check_banded_dit(transformer)
-    require(
-        not hasattr(transformer, "_hf_hook"),
-        "the transformer",
-        "accelerate hooks (apply this patch before CPU offload)",
-    )
     banded = BandedDiT(
         transformer, band_bytes=band_bytes, store_device=store_device, device_store_bytes=device_store_bytes
     )
-    patch = set_attribute(transformer, "forward", banded, patch_name="banded DiT")
-    patch.on_remove(banded.release_host_memory)
-    return patch
+    return install_banded_forward(banded)
 
 
 __all__ = ["DEFAULT_BAND_BYTES", "BandedDiT", "apply_banded_dit"]

@@ -32,8 +32,9 @@ VAE does, and only bands are on the device:
 The package, one job per module: :mod:`.checks` (what is supported), :mod:`.schedule` (the band passes,
 their store and accounts), :mod:`.layers` (convolutions, ResNets, residuals), :mod:`.attention` and
 :mod:`.transformer` (the transformer passes), :mod:`.walk` (the UNet's layer order), :mod:`.patch` (the
-forward and its patch), :mod:`.cost` (the cost model). Statistics, store and row rules come from
-:mod:`linfusion.banding`.
+forward and its patch), :mod:`.cost` (the cost model). Statistics, store, passes and row rules come from
+:mod:`linfusion.banding`; the patch's shell, shared with the banded DiT, from
+:mod:`linfusion.patches.banded_shell`.
 
 The result equals the plain UNet up to float summation order (tested within 1e-4 in fp32). Batches of any
 size run in one pass per layer, so the two classifier-free-guidance branches share every band pass; with

@@ -10,16 +10,16 @@ from torch import nn
 
 from ...attention import GeneralizedLinearAttention
 from ...banding import band_conv_problem
+from ..banded_shell import UnsupportedBanding, check_basic_block, check_eval_mode
 
 
-class UnsupportedUNet(NotImplementedError):
+class UnsupportedUNet(UnsupportedBanding):
     """The UNet (or the call) has something the banded forward cannot compute exactly; the message says what."""
 
+    engine = "the banded UNet"
 
-def require(condition: bool, where: str, what: str) -> None:
-    """Raise :class:`UnsupportedUNet` naming ``where`` and ``what`` unless ``condition`` holds."""
-    if not condition:
-        raise UnsupportedUNet(f"the banded UNet does not support {where}: {what}")
+
+require = UnsupportedUNet.require
 
 
 def _check_conv(conv: Any, where: str, stride: int = 1) -> None:
@@ -84,7 +84,6 @@ def _check_self_attention(attention: Any, where: str) -> None:
 
 
 def _check_transformer(transformer: Any, where: str) -> None:
-    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     require(type(transformer) is Transformer2DModel, where, f"a {type(transformer).__name__}")
@@ -94,11 +93,7 @@ def _check_transformer(transformer: Any, where: str) -> None:
     _check_pointwise(transformer.proj_out, f"{where}.proj_out")
     for index, block in enumerate(transformer.transformer_blocks):
         name = f"{where}.transformer_blocks.{index}"
-        require(type(block) is BasicTransformerBlock, name, f"a {type(block).__name__}")
-        require(block.norm_type == "layer_norm", name, f"norm_type={block.norm_type}")
-        require(
-            block.pos_embed is None and not block.only_cross_attention, name, "positional or cross-only attn1"
-        )
+        check_basic_block(block, name, "layer_norm", UnsupportedUNet)
         _check_self_attention(block.attn1, f"{name}.attn1")
         if block.attn2 is not None:
             require(
@@ -163,8 +158,7 @@ def check_banded_unet(unet: nn.Module) -> None:
                 "an upsampler other than nearest x2 + conv",
             )
             _check_conv(upsampler.conv, f"{where}.upsamplers.0.conv")
-    dropping = [m for m in unet.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
-    require(not dropping, "the UNet", "active dropout (call unet.eval())")
+    check_eval_mode(unet, UnsupportedUNet, "the UNet", "unet")
     # spatial parallelism swaps every GroupNorm's forward for one that merges the stripes' statistics: the
     # bands would read one rank's stripe as the whole image
     split = [m for m in unet.modules() if isinstance(m, nn.GroupNorm) and "forward" in vars(m)]

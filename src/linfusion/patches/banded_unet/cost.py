@@ -13,27 +13,13 @@ import torch
 from torch import nn
 
 from ...attention import GeneralizedLinearAttention
-from .patch import DEFAULT_BAND_BYTES, BandedUNet
+from ..banded_shell import DEFAULT_BAND_BYTES, BandedCost
+from .patch import BandedUNet
 
 
 @dataclass(frozen=True)
-class UNetCost:
-    """What one banded UNet call costs (activations only: the weights come on top of ``device_peak``).
-
-    FLOPs count multiply-adds of convolutions, linear layers and attention products as two, as
-    ``torch.utils.flop_counter.FlopCounterMode`` does.
-    """
-
-    device_peak: int  # bytes on the UNet's device: its share of the store plus one band's working memory
-    host_peak: int  # bytes of activations parked on the store device (0 without a separate store)
-    flops: int  # the banded forward
-    plain_flops: int  # the plain UNet forward
-    moved_bytes: int  # bytes copied between the store device and the UNet's device
-    passes: int  # passes over the whole latent (each a synchronisation point)
-
-    @property
-    def flop_overhead(self) -> float:
-        return self.flops / self.plain_flops
+class UNetCost(BandedCost):
+    """What one banded UNet call costs; FLOPs count convolutions, linear layers and attention products."""
 
 
 def meta_unet_inputs(
@@ -126,14 +112,7 @@ def banded_unet_cost(
         device_store_bytes=device_store_bytes,
     )
     run = banded.traced_cost(**inputs)
-    return UNetCost(
-        device_peak=max(run.working_peak, run.store.peak["device"]),
-        host_peak=run.store.peak["host"],
-        flops=run.flops,
-        plain_flops=run.plain_flops,
-        moved_bytes=run.transfers.fetched + run.transfers.written,
-        passes=run.passes,
-    )
+    return UNetCost.of_run(run, plain_flops=run.plain_flops)
 
 
 __all__ = ["UNetCost", "banded_unet_cost", "meta_unet_inputs"]

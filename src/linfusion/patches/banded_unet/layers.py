@@ -14,18 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...banding import (
-    Moments,
-    RowWindow,
-    StoredActivation,
-    band_ranges,
-    conv_window,
-    convolve_band,
-    estimate_band_rows,
-    nearest_source_rows,
-    source_span,
-    upsample_band,
-)
+from ...banding import ConvRows, Moments, StoredActivation, band_ranges, estimate_band_rows
 from .schedule import BandRun, Conditioning, conv_flops, linear_flops
 
 
@@ -81,15 +70,13 @@ def conv_pass(
     """
     batch, _, height, width = inputs[0].shape
     kernel, padding, stride = conv.kernel_size[0], conv.padding[0], conv.stride[0]
-    source_rows = None
     if mode == "up":
         out_height, out_width = up_size or (2 * height, 2 * width)
-        source_rows = nearest_source_rows(height, out_height, by_size=up_size is not None)
-        in_height = out_height
+        rules = ConvRows.upsampled(conv, height, out_height, out_width, by_size=up_size is not None)
     else:
         out_height = (height + 2 * padding - kernel) // stride + 1
         out_width = (width + 2 * padding - kernel) // stride + 1
-        in_height = height
+        rules = ConvRows(conv, height)
     normalize = None
     if norm is not None:
         normalize = Moments.concatenated([x.moments for x in inputs]).normalizer(norm)  # type: ignore[misc]
@@ -101,28 +88,20 @@ def conv_pass(
     run.count(flops)
     rows = estimate_band_rows(run.band_bytes, batch * (conv.in_channels + conv.out_channels), out_width)
 
-    def window(start: int, stop: int) -> RowWindow:
-        return conv_window(start, stop, kernel=kernel, stride=stride, padding=padding, in_height=in_height)
-
     def fetch(start: int, stop: int) -> Any:
-        rows_read = window(start, stop)
-        low, high = rows_read.low, rows_read.high
-        if source_rows is not None:
-            low, high = source_span(source_rows, low, high)
+        low, high = rules.stored_rows(start, stop)
         fetched = [run.transfers.fetch(x, low, high) for x in inputs]
         if residual is not None:
             fetched += [run.transfers.fetch(x, start, stop) for x in residual]
         return fetched
 
     def body(start: int, stop: int, fetched: list[torch.Tensor]) -> None:
-        rows_read = window(start, stop)
         parts, skip_parts = fetched[: len(inputs)], fetched[len(inputs) :]
         band = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if normalize is not None:
             band = F.silu(normalize(band), inplace=True).to(run.dtype)
-        if source_rows is not None:
-            band = upsample_band(band, source_rows, rows_read.low, rows_read.high, out_width)
-        result = convolve_band(band, conv, rows_read)
+        band = rules.input_band(band, start, stop)
+        result = rules.convolve(band, start, stop)
         del band
         if bias is not None:
             result = result + bias

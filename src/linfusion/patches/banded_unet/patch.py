@@ -9,20 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...banding import BandStore, HostArena
-from ..base import Patch, set_attribute
-from .checks import check_banded_unet, check_call, require
+from ..banded_shell import DEFAULT_BAND_BYTES, BandedForward, install_banded_forward
+from ..base import Patch
+from .checks import UnsupportedUNet, check_banded_unet, check_call
 from .schedule import BandRun, Conditioning, linear_flops
 from .walk import walk_unet
 
-DEFAULT_BAND_BYTES = 256 * 2**20
 
-
-class BandedUNet:
+class BandedUNet(BandedForward):
     """The banded forward of one UNet, what :func:`apply_banded_unet` installs as ``unet.forward``.
 
     Takes the arguments of ``UNet2DConditionModel.forward`` and returns what it returns.
     """
+
+    error = UnsupportedUNet
+    label = "the UNet"
+    patch_name = "banded UNet"
 
     def __init__(
         self,
@@ -31,14 +33,12 @@ class BandedUNet:
         store_device: torch.device | str | None = None,
         device_store_bytes: int | None = None,
     ) -> None:
-        if band_bytes < 1:
-            raise ValueError(f"band_bytes must be >= 1; got {band_bytes}")
-        self.unet = unet
-        self.band_bytes = band_bytes
-        self.store_device = store_device
-        self.device_store_bytes = device_store_bytes
-        self.last_store_peak: dict[str, int] = {}
-        self.host_arena: HostArena | None = None
+        super().__init__(unet, band_bytes, store_device, device_store_bytes)
+
+    @property
+    def unet(self) -> nn.Module:
+        """The UNet this forward belongs to."""
+        return self.model
 
     def _conditioning(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                       options: dict[str, Any]) -> Conditioning:  # fmt: skip
@@ -75,37 +75,21 @@ class BandedUNet:
         unet = self.unet
         check_call(unet, sample, options)
         check_banded_unet(unet)
-        device = unet.conv_in.weight.device
-        arena = None
-        if not dry and self.store_device is not None:
-            if self.host_arena is None:
-                self.host_arena = HostArena(pin=device.type == "cuda")
-            arena = self.host_arena
-            arena.begin()
-        store = BandStore(device, self.store_device, self.device_store_bytes or 0, arena=arena)
-        run = BandRun(unet, self.band_bytes, store, dry=dry)
-        if unet.config.center_input_sample:
-            sample = 2 * sample - 1.0
-        conditioning = self._conditioning(sample, timestep, encoder_hidden_states, options)
-        run.count(self._embedding_flops(sample.shape[0], conditioning.context.shape[1]))
-        down = options.get("down_block_additional_residuals")
-        result = walk_unet(
-            run,
-            sample,
-            conditioning,
-            list(down) if down is not None else None,
-            options.get("mid_block_additional_residual"),
-        )
-        self.last_store_peak = dict(store.peak)
-        if arena is not None:
-            arena.finish()
+        with self.call_store(unet.conv_in.weight.device, dry) as store:
+            run = BandRun(unet, self.band_bytes, store, dry=dry)
+            if unet.config.center_input_sample:
+                sample = 2 * sample - 1.0
+            conditioning = self._conditioning(sample, timestep, encoder_hidden_states, options)
+            run.count(self._embedding_flops(sample.shape[0], conditioning.context.shape[1]))
+            down = options.get("down_block_additional_residuals")
+            result = walk_unet(
+                run,
+                sample,
+                conditioning,
+                list(down) if down is not None else None,
+                options.get("mid_block_additional_residual"),
+            )
         return result, run
-
-    def release_host_memory(self) -> None:
-        """Give back the host arena kept between calls (the next call rebuilds it)."""
-        if self.host_arena is not None:
-            self.host_arena.drop()
-            self.host_arena = None
 
     def _embedding_flops(self, batch: int, context_tokens: int) -> int:
         unet = self.unet
@@ -149,16 +133,16 @@ class BandedUNet:
             "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
             "encoder_attention_mask": encoder_attention_mask,
         }
-        if torch.is_grad_enabled():
-            needs_grad = sample.requires_grad or any(p.requires_grad for p in self.unet.parameters())
-            require(not needs_grad, "the call", "gradients (inference only: call it under torch.no_grad())")
-        with torch.no_grad():
-            sample_out, _ = self._run(sample, timestep, encoder_hidden_states, options, dry=False)
-        if not return_dict:
-            return (sample_out,)
+        return self.inference(
+            sample,
+            lambda: self._run(sample, timestep, encoder_hidden_states, options, dry=False)[0],
+            return_dict,
+        )
+
+    def output(self, sample: torch.Tensor) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        return UNet2DConditionOutput(sample=sample_out)
+        return UNet2DConditionOutput(sample=sample)
 
 
 def apply_banded_unet(
@@ -179,15 +163,10 @@ def apply_banded_unet(
     accelerate's CPU offload hooks.
     """
     check_banded_unet(unet)
-    require(
-        not hasattr(unet, "_hf_hook"), "the UNet", "accelerate hooks (apply this patch before CPU offload)"
-    )
     banded = BandedUNet(
         unet, band_bytes=band_bytes, store_device=store_device, device_store_bytes=device_store_bytes
     )
-    patch = set_attribute(unet, "forward", banded, patch_name="banded UNet")
-    patch.on_remove(banded.release_host_memory)
-    return patch
+    return install_banded_forward(banded)
 
 
 __all__ = ["DEFAULT_BAND_BYTES", "BandedUNet", "apply_banded_unet"]

@@ -10,15 +10,13 @@ overlap compute) and its result written back. :class:`BandRun` runs those loops 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...banding import BandStore, Moments, StoredActivation, Transfers
-from ...tracing import traced_peak
+from ...banding import BandPasses, BandStore, BandTrace, Body, Fetch, Moments, StoredActivation
 
 
 def linear_flops(module: nn.Module, tokens: int) -> int:
@@ -43,7 +41,7 @@ class Conditioning:
     cross_attention: dict[str, Any]  # keyword arguments of every attn2 call
 
 
-class BandRun:
+class BandRun(BandPasses):
     """One banded UNet call's passes over bands, its store and transfers, and their accounting.
 
     ``dry`` (the cost model) walks the same schedule on ``meta`` but traces only one band of every pass:
@@ -51,19 +49,14 @@ class BandRun:
     """
 
     def __init__(self, unet: nn.Module, band_bytes: int, store: BandStore, dry: bool = False) -> None:
+        super().__init__(store, dry)
         self.unet = unet
         weight = unet.conv_in.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.band_bytes = band_bytes
-        self.store = store
-        self.transfers = Transfers(self.device, store)
-        self.dry = dry
-        self.flops = 0
         self.plain_flops = 0
-        self.passes = 0
-        self.working_peak = 0  # store bytes on the device plus one band's working bytes, at the highest
         self.context_tokens = 0
-        self._dry_traces: dict[Any, tuple[int, int, int]] = {}
+        self._dry_traces: dict[Any, BandTrace] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def count(self, banded: int, plain: int | None = None) -> None:
@@ -86,63 +79,25 @@ class BandRun:
             stored.moments = Moments.empty(shape[0], shape[1], self.device)
         return stored
 
-    def passes_over(
-        self,
-        bands: list[tuple[int, int]],
-        fetch: Callable[[int, int], Any],
-        body: Callable[[int, int, Any], None],
-        alike: Any = None,
-    ) -> None:
+    def passes_over(self, bands: list[tuple[int, int]], fetch: Fetch, body: Body, alike: Any = None) -> None:
         """``body(start, stop, inputs)`` for every band, ``inputs`` from ``fetch(start, stop)``.
 
         With a separate store the next band's fetch is issued before the current band's body runs (on CUDA
-        the copies then overlap the compute). Dry runs trace one full band instead, with a second fetch
-        alive to stand for the one issued ahead; passes given the same ``alike`` key (a transformer's
-        identical middle blocks) reuse the first one's trace.
+        the copies then overlap the compute). Dry runs trace one full band instead (an inner one: both
+        halos), with a second fetch alive to stand for the one issued ahead; passes given the same ``alike``
+        key (a transformer's identical middle blocks) reuse the first one's trace.
         """
         self.passes += 1
-        ahead = self.store.separate and len(bands) > 1
-        if self.dry:
-            if alike is None or alike not in self._dry_traces:
-                trace = self._trace_band(bands, fetch, body, ahead)
-                if alike is not None:
-                    self._dry_traces[alike] = trace
-            working, fetched, written = self._dry_traces.get(alike) or trace
-            self.working_peak = max(self.working_peak, self.store.live["device"] + working)
-            self.transfers.fetched += fetched * len(bands)
-            self.transfers.written += written * len(bands)
+        if not self.dry:
+            self.run_bands(bands, fetch, body)
             return
-        if not ahead:
-            for start, stop in bands:
-                body(start, stop, self.transfers.ready(fetch(start, stop)))
-            return
-        upcoming = fetch(*bands[0])
-        for index, (start, stop) in enumerate(bands):
-            current = upcoming
-            upcoming = fetch(*bands[index + 1]) if index + 1 < len(bands) else None
-            body(start, stop, self.transfers.ready(current))
-
-    def _trace_band(
-        self,
-        bands: list[tuple[int, int]],
-        fetch: Callable[[int, int], Any],
-        body: Callable[[int, int, Any], None],
-        ahead: bool,
-    ) -> tuple[int, int, int]:
-        """Working bytes of one full band (an inner one: both halos), and its bytes fetched and written."""
-        start, stop = max(bands, key=lambda band: (band[1] - band[0], band[0] > 0))
-        fetched, written = self.transfers.fetched, self.transfers.written
-
-        def one_band() -> None:
-            inputs = self.transfers.ready(fetch(start, stop))
-            issued_ahead = fetch(start, stop) if ahead else None  # noqa: F841 - alive during the body
-            body(start, stop, inputs)
-
-        working = traced_peak(one_band)
-        band_fetched = (self.transfers.fetched - fetched) // (2 if ahead else 1)
-        band_written = self.transfers.written - written
-        self.transfers.fetched, self.transfers.written = fetched, written
-        return working, band_fetched, band_written
+        trace = self._dry_traces.get(alike) if alike is not None else None
+        if trace is None:
+            start, stop = max(bands, key=lambda band: (band[1] - band[0], band[0] > 0))
+            trace = self.trace_band(fetch, body, start, stop, ahead=self.fetches_ahead(bands))
+            if alike is not None:
+                self._dry_traces[alike] = trace
+        self.account(trace, len(bands))
 
 
 __all__ = ["BandRun", "Conditioning", "conv_flops", "linear_flops"]
