@@ -232,6 +232,14 @@ def pixart_image(pipe: object, size: tuple[int, int]) -> np.ndarray:
     ).images  # fmt: skip
 
 
+def test_dit_plan_reads_the_caption_tokens_the_pipeline_encodes() -> None:
+    """PixArt-Alpha pads captions to 120 T5 tokens, Sigma to 300: a loaded pipeline is planned for its own."""
+    from linfusion.planner.measure import Measurements
+
+    for family, tokens in (("pixart-alpha", 120), ("pixart-sigma", 300)):
+        assert Measurements(tiny_pipeline(family)).context_tokens == tokens
+
+
 @pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma"])
 def test_dit_plan_chooses_the_banded_dit_when_only_it_fits_and_the_image_is_unchanged(family: str) -> None:
     """The transformer's savers ladder on a PixArt pipeline: plain, CFG branches in turn, feed-forward

@@ -11,6 +11,7 @@ mirrors and local folders.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -152,6 +153,10 @@ CLIP_BIG_G: dict[str, int] = {
 }
 
 
+# Caption tokens of a diffusion transformer whose pipeline does not say: PixArt-Sigma's default, the longest.
+DIT_CAPTION_TOKENS = 300
+
+
 def is_sdxl(model: Any) -> bool:
     """True for an SD-XL pipeline (two text encoders) or an SD-XL-shaped UNet (added time ids)."""
     if getattr(model, "text_encoder_2", None) is not None:
@@ -165,6 +170,22 @@ def is_dit(model: Any) -> bool:
     if hasattr(model, "components"):
         return getattr(model, "unet", None) is None and getattr(model, "transformer", None) is not None
     return type(model).__name__ == "PixArtTransformer2DModel"
+
+
+def max_sequence_length(pipe: Any) -> int:
+    """The T5 tokens a PixArt pipeline (or pipeline class) reads by default (PixArt-Alpha 120, PixArt-Sigma
+    300): a planning view carries the number as its ``max_sequence_length``, else the ``__call__`` default
+    says it; :data:`DIT_CAPTION_TOKENS`, the longest PixArt default, where neither does."""
+    if isinstance(getattr(pipe, "max_sequence_length", None), int):
+        return pipe.max_sequence_length
+    pipeline_class = pipe if isinstance(pipe, type) else type(pipe)
+    try:
+        parameter = inspect.signature(pipeline_class.__call__).parameters.get("max_sequence_length")
+    except (TypeError, ValueError):  # a class with no Python __call__ of its own
+        parameter = None
+    if parameter is None or not isinstance(parameter.default, int):
+        return DIT_CAPTION_TOKENS
+    return parameter.default
 
 
 def check_linearizable(model: nn.Module) -> None:

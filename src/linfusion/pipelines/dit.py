@@ -16,7 +16,6 @@ run time with the trained ``interpolation_scale`` (see docs/high-resolution.md).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..model import denoiser_of
+from ..registry import max_sequence_length
 from .latents import encode_image
 
 
@@ -55,16 +55,6 @@ class RunningPipeline:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
-
-
-def max_sequence_length(pipe: Any) -> int:
-    """The T5 tokens the pipeline (or pipeline class) reads by default (PixArt-Alpha 120, PixArt-Sigma 300);
-    a planning view of a pipeline carries the number as its ``max_sequence_length``."""
-    if isinstance(getattr(pipe, "max_sequence_length", None), int):
-        return pipe.max_sequence_length
-    pipeline_class = pipe if isinstance(pipe, type) else type(pipe)
-    default = inspect.signature(pipeline_class.__call__).parameters["max_sequence_length"].default
-    return int(default)
 
 
 def encode_conditioning(

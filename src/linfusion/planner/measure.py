@@ -28,7 +28,7 @@ from ..patches.banded_unet import UNetCost, UnsupportedUNet, banded_unet_cost, c
 from ..patches.savers import apply_memory_savers
 from ..patches.stage import DEFAULT_BAND_BYTES, Savers
 from ..patches.vae_attention import apply_vae_attention
-from ..registry import is_dit
+from ..registry import is_dit, max_sequence_length
 from ..tiled_vae import ExactTiler, StoreBudgetError, UnsupportedVAE, tiled_vae_cost
 from ..tracing import traced_flops, traced_peak
 from ..vae_attention import vae_attention_mode
@@ -107,9 +107,6 @@ def _polynomial_through(points: list[tuple[int, int]], x: int) -> float:
 # chunking is in its linear regime at the reference sizes), FLOPs (exact polynomials) far smaller.
 TRACE_LIMIT_TOKENS = 96 * 96
 FLOPS_LIMIT_TOKENS = 32 * 32
-# Caption tokens a DiT call attends to when the tokenizer does not say fewer: PixArt-Sigma's default
-# ``max_sequence_length`` (PixArt-Alpha's is 120).
-DIT_CAPTION_TOKENS = 300
 DENOISERS = ("unet", "controlnet", "transformer")  # the models of the denoising phase
 
 
@@ -193,15 +190,10 @@ class Measurements:
     @property
     def context_tokens(self) -> int:
         """Text tokens the denoiser's cross-attention reads: the tokenizer's length (CLIP's 77 without one);
-        for a DiT the ``max_sequence_length`` a planning view carries, else at most :data:`DIT_CAPTION_TOKENS`
-        (the longest PixArt default: a loaded PixArt-Alpha pipeline is planned for more than its 120)."""
-        tokens = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
+        for a DiT the pipeline's ``max_sequence_length`` (PixArt-Alpha 120, PixArt-Sigma 300)."""
         if self.dit:
-            carried = getattr(self.pipe, "max_sequence_length", None)
-            if isinstance(carried, int):
-                return carried
-            return min(tokens or DIT_CAPTION_TOKENS, DIT_CAPTION_TOKENS)
-        return tokens or 77
+            return max_sequence_length(self.pipe)
+        return getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None) or 77
 
     def unet_inputs(self, height: int, width: int, batch: int) -> tuple[Any, ...]:
         config = self.denoiser.config
@@ -486,7 +478,6 @@ class Measurements:
 
 __all__ = [
     "DENOISERS",
-    "DIT_CAPTION_TOKENS",
     "FLOPS_LIMIT_TOKENS",
     "OVERHEAD",
     "TRACE_LIMIT_TOKENS",
