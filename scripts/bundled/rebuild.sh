@@ -52,7 +52,7 @@ echo "[rebuild] $(date -u +%FT%TZ) dit-gates"
 $TRAIN dit-gates
 echo "[rebuild] $(date -u +%FT%TZ) dit-distill"
 $PYTHON -m linfusion distill --teacher "$DIT_MODEL" --data artifacts/bundled/distill-data \
-    --output artifacts/bundled/dit-distill --resolution 32 --batch-size 16 --max-steps 3000 \
+    --output artifacts/bundled/dit-distill --resolution 32 --batch-size 16 --max-steps 5000 \
     --checkpoint-every 250 --cache-latents --resume latest
 $TRAIN export-linfusion --distilled artifacts/bundled/dit-distill --out "$DIT_MODEL/linfusion"
 cp artifacts/bundled/dit-distill/train_log.jsonl "$LOGS/dit_distill_log.jsonl"

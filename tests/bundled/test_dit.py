@@ -19,10 +19,11 @@ from linfusion.bundled.paths import DIT_MODEL_DIR
 PROMPT = "a small red circle on the left , on a white background"
 GATES_N = 48
 SEEDS = 8
-# The teacher's gates (docs/bundled-model.md) that this DiT meets, on 48 held-out one-object captions. Its
-# shape gate (found_shape >= 0.70) is NOT met (0.36 on 96 captions: circle, square and triangle come out as
-# blobs; docs/bundled-model.md), so it is not asserted on held-out captions.
-MET_GATES = {"background": 0.80, "found_colour": 0.70}
+# The teacher's gates (docs/bundled-model.md), on 48 held-out one-object captions. Its shape gate
+# (found_shape >= 0.70) is met on 96 captions by a small margin (0.72; 0.71 on these 48), so the test asks
+# for 0.60 there: far above chance (0.33) and the 0.36 of the DiT before its LR decays, without failing on
+# one image read differently.
+MET_GATES = {"background": 0.80, "found_colour": 0.70, "found_shape": 0.60}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_linfusion_weights_fit_every_self_attention(pipe, linfusion) -> None:
 
 def test_student_draws_a_small_red_circle_on_the_left(pipe, linfusion) -> None:
     """Eight seeds: at least six images read back as exactly the caption's red circle in the left slot on
-    white (seed 0 gives an orange square, with the teacher too; this DiT's shapes are weak in general)."""
+    white."""
     with linfusion.mount(pipe.transformer):
         images = evaluate.generate(pipe, [PROMPT] * SEEDS, seed=0)
     assert images.shape == (SEEDS, 32, 32, 3)
@@ -101,7 +102,7 @@ def test_student_draws_a_small_red_circle_on_the_left(pipe, linfusion) -> None:
 
 
 @pytest.mark.slow
-def test_teacher_meets_its_colour_and_background_gates_and_follows_the_slot(pipe) -> None:
+def test_teacher_meets_its_gates_and_follows_the_slot(pipe) -> None:
     scores = evaluate.caption_scores(pipe, n=GATES_N)
     assert all(scores[key] >= threshold for key, threshold in MET_GATES.items()), scores
     assert scores["position"] >= 0.9, scores
