@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 
@@ -118,6 +120,21 @@ def test_a_failing_job_reports_and_the_next_one_runs(runner: JobRunner) -> None:
     assert (refused.state, refused.error) == (FAILED, "width 33 is not a positive multiple of 8")
     assert crashed.state == FAILED and crashed.error.startswith("internal error (RuntimeError): boom;")
     assert (fine.state, fine.result) == (DONE, 42)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_not_an_internal_error(runner: JobRunner, tmp_path) -> None:
+    target = tmp_path / "outputs" / "00001-7.png"
+
+    def write(job):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    job = runner.submit("page", "full", write)
+    wait_until_finished(runner, job)
+    assert job.state == FAILED
+    assert job.error.startswith(f"cannot write {target} (No space left on device, ")
+    assert (
+        job.error.endswith("free some space there or write to another disk") and "internal" not in job.error
+    )
 
 
 def test_a_full_queue_refuses_with_a_message(runner: JobRunner) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
+from ..io import disk_full_message, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +294,12 @@ class JobRunner:
                 self._end(job, CANCELLED)
             except UserError as error:
                 self._end(job, FAILED, str(error))
-            except Exception as error:  # a bug: logged with its traceback; the worker survives anything
-                logger.exception("job %s (%s) failed", job.id, job.label)
-                self._end(job, FAILED, INTERNAL_ERROR.format(kind=type(error).__name__, error=error))
+            except Exception as error:  # the worker survives anything
+                if is_disk_full(error):  # the user's to fix: one line saying what and where
+                    self._end(job, FAILED, disk_full_message(error))
+                else:  # a bug: logged with its traceback
+                    logger.exception("job %s (%s) failed", job.id, job.label)
+                    self._end(job, FAILED, INTERNAL_ERROR.format(kind=type(error).__name__, error=error))
             else:
                 self._end(job, DONE, result=result)
 
