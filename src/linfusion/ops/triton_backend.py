@@ -59,6 +59,121 @@ if AVAILABLE:
         # before fp32 underflow, and the min() keeps the unused branch finite.
         return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
 
+    # Building blocks shared by the kernels below. Triton inlines @triton.jit calls, so they cost nothing
+    # at run time and each kernel computes exactly what it would with them written out.
+
+    @triton.jit
+    def _program_head(H):
+        # This program's index on the B*H grid axis and its (b, h), in int64: B*H*N*d passes 2^31 at a
+        # few M tokens.
+        pid_bh = tl.program_id(0)
+        return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+    @triton.jit
+    def _span(start, BLOCK: tl.constexpr, limit):
+        # Offsets of one block of a head dim and which of them lie inside it.
+        offs = start + tl.arange(0, BLOCK)
+        return offs, offs < limit
+
+    @triton.jit
+    def _token_span(start, BLOCK: tl.constexpr, limit):
+        # Offsets of one block of tokens (int64: they multiply the sequence stride) and which are < limit.
+        offs = (start + tl.arange(0, BLOCK)).to(tl.int64)
+        return offs, offs < limit
+
+    @triton.jit
+    def _token_program(H, N, BLOCK_N: tl.constexpr):
+        # Prologue of the kernels on the grid (B*H, token blocks, ...): head, (b, h) and the token block.
+        pid_bh, b, h = _program_head(H)
+        offs_n, mask_n = _token_span(tl.program_id(1) * BLOCK_N, BLOCK_N, N)
+        return pid_bh, b, h, offs_n, mask_n
+
+    @triton.jit
+    def _split_program(H, N, D, E, tokens_per_split, BLOCK_D: tl.constexpr, N_E_TILES: tl.constexpr):
+        # Prologue of the split-sequence kernels on the grid (B*H, splits, d-tiles * e-tiles): head,
+        # (b, h), the program's (d, e) tile of the state and its slice [start, end) of the sequence.
+        pid_bh, b, h = _program_head(H)
+        pid_split = tl.program_id(1)
+        pid_tile = tl.program_id(2)
+        tile_d = pid_tile // N_E_TILES
+        tile_e = pid_tile % N_E_TILES
+        offs_d, mask_d = _span(tile_d * BLOCK_D, BLOCK_D, D)
+        offs_e, mask_e = _span(tile_e * BLOCK_D, BLOCK_D, E)
+        start = pid_split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, N)
+        return pid_bh, b, h, offs_d, mask_d, offs_e, mask_e, tile_e, start, end
+
+    @triton.jit
+    def _load_tile(base, rows, cols, row_stride, col_stride, row_mask, col_mask):
+        # A (rows, cols) tile, zero outside the masks, in the stored dtype.
+        return tl.load(
+            base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def _store_tile(base, rows, cols, row_stride, col_stride, row_mask, col_mask, value):
+        # Store a (rows, cols) tile inside the masks, cast to the destination's dtype.
+        tl.store(
+            base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+            value.to(base.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
+
+    @triton.jit
+    def _phi_tile(
+        base, rows, cols, row_stride, col_stride, row_mask, col_mask, ZERO_MASKED_ROWS: tl.constexpr
+    ):
+        # phi of a (tokens, head dim) tile in fp32, zero in the padding columns. The state kernels sum over
+        # tokens and also need the padding rows zeroed (phi(0) = 1); elsewhere those rows are never stored.
+        x = _load_tile(base, rows, cols, row_stride, col_stride, row_mask, col_mask).to(tl.float32)
+        keep = col_mask[None, :]
+        if ZERO_MASKED_ROWS:
+            keep = row_mask[:, None] & col_mask[None, :]
+        return tl.where(keep, _phi(x), 0.0)
+
+    @triton.jit
+    def _load_column(s_base, offs_d, mask_d, ssr, ssc, E):
+        # Rows offs_d of the last column of an fp32 [S | m] state: the key mean m (or its gradient).
+        return tl.load(s_base + offs_d * ssr + E * ssc, mask=mask_d, other=0.0)
+
+    @triton.jit
+    def _load_row_stats(z_ptr, c_ptr, pid_bh, N, offs_n, mask_n):
+        # The backward's per-token scalars z and c of one head (z = 1 at padding tokens: never 0 / 0).
+        row = pid_bh * N + offs_n
+        return tl.load(z_ptr + row, mask=mask_n, other=1.0), tl.load(c_ptr + row, mask=mask_n, other=0.0)
+
+    @triton.jit
+    def _store_partial(
+        part_ptr, pid_bh, spb, sps, spr, spc, E, offs_d, mask_d, offs_e, mask_e, tile_e, tile, column
+    ):
+        # This split's partial [tile | column] of a (d, e + 1) state; the column once per d-tile (e-tile 0).
+        p_base = part_ptr + pid_bh * spb + tl.program_id(1) * sps
+        _store_tile(p_base, offs_d, offs_e, spr, spc, mask_d, mask_e, tile)
+        if tile_e == 0:
+            tl.store(p_base + offs_d * spr + E * spc, column, mask=mask_d)
+
+    @triton.jit
+    def _store_through_phi(grad_phi, x_base, sxn, sxd, dx_base, sdn, sdd, offs_n, offs_d, mask_n, mask_d):
+        # dx = grad_phi * phi'(x) with phi'(t) = min(phi(t), 1), stored in dx's dtype.
+        xt = _load_tile(x_base, offs_n, offs_d, sxn, sxd, mask_n, mask_d).to(tl.float32)
+        _store_tile(dx_base, offs_n, offs_d, sdn, sdd, mask_n, mask_d, grad_phi * tl.minimum(_phi(xt), 1.0))
+
+    @triton.jit
+    def _phi_times_state(
+        x_base, sxn, sxd, offs_n, mask_n, s_base, ssr, ssc, offs_e, mask_e, D,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):  # fmt: skip
+        # phi(x) S[:, e-tile] for a block of tokens, accumulated in fp32 over the d-tiles.
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d, mask_d = _span(d0, BLOCK_D, D)
+            phi = _phi_tile(x_base, offs_n, offs_d, sxn, sxd, mask_n, mask_d, False)
+            st = _load_tile(s_base, offs_d, offs_e, ssr, ssc, mask_d, mask_e)
+            acc = tl.dot(phi, st, acc, input_precision=DOT_PREC)
+        return acc
+
     @triton.jit
     def _state_kernel(
         k_ptr, v_ptr, part_ptr,
@@ -68,47 +183,22 @@ if AVAILABLE:
         spb, sps, spr, spc,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_E_TILES: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        pid_bh = tl.program_id(0)
-        pid_split = tl.program_id(1)
-        pid_tile = tl.program_id(2)
-        tile_d = pid_tile // N_E_TILES
-        tile_e = pid_tile % N_E_TILES
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_e = tile_e * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        mask_e = offs_e < E
-        start = pid_split * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, N)
+        pid_bh, b, h, offs_d, mask_d, offs_e, mask_e, tile_e, start, end = _split_program(
+            H, N, D, E, tokens_per_split, BLOCK_D, N_E_TILES
+        )
         acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         ksum = tl.zeros((BLOCK_D,), dtype=tl.float32)
         k_base = k_ptr + b * skb + h * skh
         v_base = v_ptr + b * svb + h * svh
         for n0 in range(start, end, BLOCK_N):
-            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            mask_n = offs_n < end
-            kt = tl.load(
-                k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            phi = tl.where(mask_n[:, None] & mask_d[None, :], _phi(kt), 0.0)
-            vt = tl.load(
-                v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
-                mask=mask_n[:, None] & mask_e[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            offs_n, mask_n = _token_span(n0, BLOCK_N, end)
+            phi = _phi_tile(k_base, offs_n, offs_d, skn, skd, mask_n, mask_d, True)
+            vt = _load_tile(v_base, offs_n, offs_e, svn, svd, mask_n, mask_e).to(tl.float32)
             acc = tl.dot(tl.trans(phi), vt, acc, input_precision=DOT_PREC)
             ksum += tl.sum(phi, axis=0)
-        p_base = part_ptr + pid_bh * spb + pid_split * sps
-        tl.store(
-            p_base + offs_d[:, None] * spr + offs_e[None, :] * spc,
-            acc,
-            mask=mask_d[:, None] & mask_e[None, :],
+        _store_partial(
+            part_ptr, pid_bh, spb, sps, spr, spc, E, offs_d, mask_d, offs_e, mask_e, tile_e, acc, ksum
         )
-        if tile_e == 0:
-            tl.store(p_base + offs_d * spr + E * spc, ksum, mask=mask_d)
 
     @triton.jit
     def _output_kernel(
@@ -119,43 +209,21 @@ if AVAILABLE:
         sob, soh, son, sod,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        tile_e = tl.program_id(2)
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
-        offs_e = tile_e * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_e = offs_e < E
+        pid_bh, b, h, offs_n, mask_n = _token_program(H, N, BLOCK_N)
+        offs_e, mask_e = _span(tl.program_id(2) * BLOCK_D, BLOCK_D, E)
         q_base = q_ptr + b * sqb + h * sqh
         s_base = st_ptr + pid_bh * ssb
         num = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         z = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            qt = tl.load(
-                q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            phi = tl.where(mask_d[None, :], _phi(qt), 0.0)
-            st = tl.load(
-                s_base + offs_d[:, None] * ssr + offs_e[None, :] * ssc,
-                mask=mask_d[:, None] & mask_e[None, :],
-                other=0.0,
-            )
-            mean = tl.load(s_base + offs_d * ssr + E * ssc, mask=mask_d, other=0.0)
+            offs_d, mask_d = _span(d0, BLOCK_D, D)
+            phi = _phi_tile(q_base, offs_n, offs_d, sqn, sqd, mask_n, mask_d, False)
+            st = _load_tile(s_base, offs_d, offs_e, ssr, ssc, mask_d, mask_e)
+            mean = _load_column(s_base, offs_d, mask_d, ssr, ssc, E)
             num = tl.dot(phi, st, num, input_precision=DOT_PREC)
             z += tl.sum(phi * mean[None, :], axis=1)
         out = num / (z + eps)[:, None]
-        o_base = o_ptr + b * sob + h * soh
-        tl.store(
-            o_base + offs_n[:, None] * son + offs_e[None, :] * sod,
-            out.to(o_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_e[None, :],
-        )
+        _store_tile(o_ptr + b * sob + h * soh, offs_n, offs_e, son, sod, mask_n, mask_e, out)
 
     @triton.jit
     def _bwd_rowstats_kernel(
@@ -167,53 +235,25 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         # z_i = phi(q_i) . m + eps and c_i = sum_e g_ie * u_ie / z_i^2 (u = phi(q) S), per token.
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
+        pid_bh, b, h, offs_n, mask_n = _token_program(H, N, BLOCK_N)
         q_base = q_ptr + b * sqb + h * sqh
         g_base = g_ptr + b * sgb + h * sgh
         s_base = st_ptr + pid_bh * ssb
         z = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            qt = tl.load(
-                q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            phi = tl.where(mask_d[None, :], _phi(qt), 0.0)
-            mean = tl.load(s_base + offs_d * ssr + E * ssc, mask=mask_d, other=0.0)
+            offs_d, mask_d = _span(d0, BLOCK_D, D)
+            phi = _phi_tile(q_base, offs_n, offs_d, sqn, sqd, mask_n, mask_d, False)
+            mean = _load_column(s_base, offs_d, mask_d, ssr, ssc, E)
             z += tl.sum(phi * mean[None, :], axis=1)
         z += eps
         gu = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for e0 in range(0, E, BLOCK_D):
-            offs_e = e0 + tl.arange(0, BLOCK_D)
-            mask_e = offs_e < E
-            num = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                qt = tl.load(
-                    q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                phi = tl.where(mask_d[None, :], _phi(qt), 0.0)
-                st = tl.load(
-                    s_base + offs_d[:, None] * ssr + offs_e[None, :] * ssc,
-                    mask=mask_d[:, None] & mask_e[None, :],
-                    other=0.0,
-                )
-                num = tl.dot(phi, st, num, input_precision=DOT_PREC)
-            gt = tl.load(
-                g_base + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
-                mask=mask_n[:, None] & mask_e[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            offs_e, mask_e = _span(e0, BLOCK_D, E)
+            num = _phi_times_state(
+                q_base, sqn, sqd, offs_n, mask_n, s_base, ssr, ssc, offs_e, mask_e, D,
+                BLOCK_N, BLOCK_D, DOT_PREC,
+            )  # fmt: skip
+            gt = _load_tile(g_base, offs_n, offs_e, sgn, sgd, mask_n, mask_e).to(tl.float32)
             gu += tl.sum(gt * num, axis=1)
         row = pid_bh * N + offs_n
         tl.store(z_ptr + row, z, mask=mask_n)
@@ -229,50 +269,24 @@ if AVAILABLE:
         sdb, sdh, sdn, sdd,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        # dq = (sum_e (g / z) S^T - c m) * phi'(q), phi'(t) = min(phi(t), 1); one d-tile per program.
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        tile_d = tl.program_id(2)
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
-        offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        # dq = (sum_e (g / z) S^T - c m) * phi'(q); one d-tile per program.
+        pid_bh, b, h, offs_n, mask_n = _token_program(H, N, BLOCK_N)
+        offs_d, mask_d = _span(tl.program_id(2) * BLOCK_D, BLOCK_D, D)
         g_base = g_ptr + b * sgb + h * sgh
         s_base = st_ptr + pid_bh * ssb
-        row = pid_bh * N + offs_n
-        z = tl.load(z_ptr + row, mask=mask_n, other=1.0)
-        c = tl.load(c_ptr + row, mask=mask_n, other=0.0)
+        z, c = _load_row_stats(z_ptr, c_ptr, pid_bh, N, offs_n, mask_n)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for e0 in range(0, E, BLOCK_D):
-            offs_e = e0 + tl.arange(0, BLOCK_D)
-            mask_e = offs_e < E
-            gt = tl.load(
-                g_base + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
-                mask=mask_n[:, None] & mask_e[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            offs_e, mask_e = _span(e0, BLOCK_D, E)
+            gt = _load_tile(g_base, offs_n, offs_e, sgn, sgd, mask_n, mask_e).to(tl.float32)
             w = gt / z[:, None]
-            st_t = tl.load(
-                s_base + offs_d[None, :] * ssr + offs_e[:, None] * ssc,
-                mask=mask_d[None, :] & mask_e[:, None],
-                other=0.0,
-            )  # (BLOCK_E, BLOCK_D) = S[d-tile, e-tile]^T
+            st_t = _load_tile(s_base, offs_e, offs_d, ssc, ssr, mask_e, mask_d)  # S[d-tile, e-tile]^T
             acc = tl.dot(w, st_t, acc, input_precision=DOT_PREC)
-        mean = tl.load(s_base + offs_d * ssr + E * ssc, mask=mask_d, other=0.0)
+        mean = _load_column(s_base, offs_d, mask_d, ssr, ssc, E)
         acc -= c[:, None] * mean[None, :]
-        qt = tl.load(
-            q_ptr + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dq = acc * tl.minimum(_phi(qt), 1.0)
-        tl.store(
-            dq_ptr + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
-            dq.to(dq_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_d[None, :],
-        )
+        q_base = q_ptr + b * sqb + h * sqh
+        dq_base = dq_ptr + b * sdb + h * sdh
+        _store_through_phi(acc, q_base, sqn, sqd, dq_base, sdn, sdd, offs_n, offs_d, mask_n, mask_d)
 
     @triton.jit
     def _bwd_dstate_kernel(
@@ -284,50 +298,23 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_E_TILES: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         # Partial dA = sum_i phi(q_i)^T [g_i / z_i | -c_i] over this program's slice of the sequence.
-        pid_bh = tl.program_id(0)
-        pid_split = tl.program_id(1)
-        pid_tile = tl.program_id(2)
-        tile_d = pid_tile // N_E_TILES
-        tile_e = pid_tile % N_E_TILES
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_e = tile_e * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        mask_e = offs_e < E
-        start = pid_split * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, N)
+        pid_bh, b, h, offs_d, mask_d, offs_e, mask_e, tile_e, start, end = _split_program(
+            H, N, D, E, tokens_per_split, BLOCK_D, N_E_TILES
+        )
         acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         dm = tl.zeros((BLOCK_D,), dtype=tl.float32)
         q_base = q_ptr + b * sqb + h * sqh
         g_base = g_ptr + b * sgb + h * sgh
         for n0 in range(start, end, BLOCK_N):
-            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            mask_n = offs_n < end
-            qt = tl.load(
-                q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            phi = tl.where(mask_n[:, None] & mask_d[None, :], _phi(qt), 0.0)
-            row = pid_bh * N + offs_n
-            z = tl.load(z_ptr + row, mask=mask_n, other=1.0)
-            c = tl.load(c_ptr + row, mask=mask_n, other=0.0)
-            gt = tl.load(
-                g_base + offs_n[:, None] * sgn + offs_e[None, :] * sgd,
-                mask=mask_n[:, None] & mask_e[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            offs_n, mask_n = _token_span(n0, BLOCK_N, end)
+            phi = _phi_tile(q_base, offs_n, offs_d, sqn, sqd, mask_n, mask_d, True)
+            z, c = _load_row_stats(z_ptr, c_ptr, pid_bh, N, offs_n, mask_n)
+            gt = _load_tile(g_base, offs_n, offs_e, sgn, sgd, mask_n, mask_e).to(tl.float32)
             acc = tl.dot(tl.trans(phi), gt / z[:, None], acc, input_precision=DOT_PREC)
             dm -= tl.sum(phi * c[:, None], axis=0)
-        p_base = part_ptr + pid_bh * spb + pid_split * sps
-        tl.store(
-            p_base + offs_d[:, None] * spr + offs_e[None, :] * spc,
-            acc,
-            mask=mask_d[:, None] & mask_e[None, :],
+        _store_partial(
+            part_ptr, pid_bh, spb, sps, spr, spc, E, offs_d, mask_d, offs_e, mask_e, tile_e, acc, dm
         )
-        if tile_e == 0:
-            tl.store(p_base + offs_d * spr + E * spc, dm, mask=mask_d)
 
     @triton.jit
     def _bwd_dk_kernel(
@@ -340,45 +327,21 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         # dk = (v dS^T + dm) * phi'(k), with [dS | dm] = dA / N; one d-tile per program.
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        tile_d = tl.program_id(2)
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
-        offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        pid_bh, b, h, offs_n, mask_n = _token_program(H, N, BLOCK_N)
+        offs_d, mask_d = _span(tl.program_id(2) * BLOCK_D, BLOCK_D, D)
         s_base = dst_ptr + pid_bh * ssb
         v_base = v_ptr + b * svb + h * svh
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for e0 in range(0, E, BLOCK_D):
-            offs_e = e0 + tl.arange(0, BLOCK_D)
-            mask_e = offs_e < E
-            vt = tl.load(
-                v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
-                mask=mask_n[:, None] & mask_e[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            ds_t = tl.load(
-                s_base + offs_d[None, :] * ssr + offs_e[:, None] * ssc,
-                mask=mask_d[None, :] & mask_e[:, None],
-                other=0.0,
-            )
+            offs_e, mask_e = _span(e0, BLOCK_D, E)
+            vt = _load_tile(v_base, offs_n, offs_e, svn, svd, mask_n, mask_e).to(tl.float32)
+            ds_t = _load_tile(s_base, offs_e, offs_d, ssc, ssr, mask_e, mask_d)  # dS[d-tile, e-tile]^T
             acc = tl.dot(vt, ds_t, acc, input_precision=DOT_PREC)
-        dm = tl.load(s_base + offs_d * ssr + E * ssc, mask=mask_d, other=0.0)
+        dm = _load_column(s_base, offs_d, mask_d, ssr, ssc, E)
         acc += dm[None, :]
-        kt = tl.load(
-            k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dk = acc * tl.minimum(_phi(kt), 1.0)
-        tl.store(
-            dk_ptr + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
-            dk.to(dk_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_d[None, :],
-        )
+        k_base = k_ptr + b * skb + h * skh
+        dk_base = dk_ptr + b * sdb + h * sdh
+        _store_through_phi(acc, k_base, skn, skd, dk_base, sdn, sdd, offs_n, offs_d, mask_n, mask_d)
 
     @triton.jit
     def _bwd_dv_kernel(
@@ -390,38 +353,14 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         # dv = phi(k) dS; one e-tile per program.
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        tile_e = tl.program_id(2)
-        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B*H*N*d passes 2^31 at a few M tokens
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
-        offs_e = tile_e * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_e = offs_e < E
+        pid_bh, b, h, offs_n, mask_n = _token_program(H, N, BLOCK_N)
+        offs_e, mask_e = _span(tl.program_id(2) * BLOCK_D, BLOCK_D, E)
         k_base = k_ptr + b * skb + h * skh
         s_base = dst_ptr + pid_bh * ssb
-        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            kt = tl.load(
-                k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            phi = tl.where(mask_d[None, :], _phi(kt), 0.0)
-            ds = tl.load(
-                s_base + offs_d[:, None] * ssr + offs_e[None, :] * ssc,
-                mask=mask_d[:, None] & mask_e[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(phi, ds, acc, input_precision=DOT_PREC)
-        tl.store(
-            dv_ptr + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_e[None, :] * sdd,
-            acc.to(dv_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_e[None, :],
+        acc = _phi_times_state(
+            k_base, skn, skd, offs_n, mask_n, s_base, ssr, ssc, offs_e, mask_e, D, BLOCK_N, BLOCK_D, DOT_PREC
         )
+        _store_tile(dv_ptr + b * sdb + h * sdh, offs_n, offs_e, sdn, sdd, mask_n, mask_e, acc)
 
 
 # Launch parameters. BLOCK_D tiles the head dims (64 covers SD's 40 and 64 in one tile, 80 in two and 160
@@ -431,8 +370,10 @@ BLOCK_D_MAX = 64
 TARGET_PROGRAMS = 1024
 
 
-def _block_d(d: int, e: int) -> int:
-    return max(16, min(BLOCK_D_MAX, triton.next_power_of_2(max(d, e))))
+def _head_tiles(d: int, e: int) -> tuple[int, int, int]:
+    """BLOCK_D for head dims d and e, and how many BLOCK_D tiles each takes."""
+    block_d = max(16, min(BLOCK_D_MAX, triton.next_power_of_2(max(d, e))))
+    return block_d, triton.cdiv(d, block_d), triton.cdiv(e, block_d)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -440,6 +381,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     whose 10-bit mantissa matches the inputs' own precision while keeping fp32's range (phi never
     underflows as it would in fp16); accumulation is fp32 either way."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _constants(block_d: int, dtype: torch.dtype) -> dict[str, int | str]:
+    """The compile-time constants every kernel takes; the dot precision follows the inputs' dtype."""
+    return {"BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "DOT_PREC": _dot_precision(dtype)}
 
 
 def _splits(bh: int, tiles: int, n: int) -> tuple[int, int]:
@@ -450,37 +396,40 @@ def _splits(bh: int, tiles: int, n: int) -> tuple[int, int]:
     return triton.cdiv(n, per_split), per_split
 
 
-def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Every stride of each tensor in turn, as the kernels take them."""
+    return tuple(stride for t in tensors for stride in t.stride())
+
+
+def _sum_over_splits(kernel, x: torch.Tensor, y: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
+    """Run a split-sequence kernel over x (B, H, N, d) and y (B, H, N, e), grid (B*H, splits, d-tiles *
+    e-tiles), and sum its fp32 partial (d, e + 1) states over the splits (deterministic)."""
+    b, h, n, d = x.shape
+    e = y.shape[-1]
+    block_d, n_d, n_e = _head_tiles(d, e)
+    splits, per_split = _splits(b * h, n_d * n_e, n)
+    part = torch.empty(b * h, splits, d, e + 1, dtype=torch.float32, device=x.device)
+    kernel[(b * h, splits, n_d * n_e)](
+        x, y, *per_token, part, h, n, d, e, per_split, *_strides(x, y, part),
+        N_E_TILES=n_e, **_constants(block_d, x.dtype),
+    )  # fmt: skip
+    return part.sum(dim=1)
 
 
 def triton_state(k: torch.Tensor, v: torch.Tensor, total_tokens: int | None = None) -> torch.Tensor:
     """[S | m] as (B*H, d, e + 1) fp32: phi(k)^T v / N and the key mean (N: total_tokens if given)."""
-    b, h, n, d = k.shape
-    e = v.shape[-1]
-    block_d = _block_d(d, e)
-    n_d, n_e = triton.cdiv(d, block_d), triton.cdiv(e, block_d)
-    splits, per_split = _splits(b * h, n_d * n_e, n)
-    part = torch.empty(b * h, splits, d, e + 1, dtype=torch.float32, device=k.device)
-    _state_kernel[(b * h, splits, n_d * n_e)](
-        k, v, part, h, n, d, e, per_split,
-        *_strides4(k), *_strides4(v), *_strides4(part),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, N_E_TILES=n_e, DOT_PREC=_dot_precision(k.dtype),
-    )  # fmt: skip
-    return part.sum(dim=1).div_(n if total_tokens is None else total_tokens)
+    n = k.shape[2]
+    return _sum_over_splits(_state_kernel, k, v).div_(n if total_tokens is None else total_tokens)
 
 
 def triton_read(q: torch.Tensor, state: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """out = phi(q) S / (phi(q) . m + eps) for the fp32 state A = [S | m], (B*H, d, e + 1)."""
     b, h, n, d = q.shape
     e = state.shape[-1] - 1
-    block_d = _block_d(d, e)
-    grid = (b * h, triton.cdiv(n, BLOCK_N), triton.cdiv(e, block_d))
-    _output_kernel[grid](
-        q, state, out, h, n, d, e, float(eps),
-        *_strides4(q), state.stride(0), state.stride(1), state.stride(2), *_strides4(out),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype),
-    )  # fmt: skip
+    block_d, _, n_e = _head_tiles(d, e)
+    _output_kernel[(b * h, triton.cdiv(n, BLOCK_N), n_e)](
+        q, state, out, h, n, d, e, float(eps), *_strides(q, state, out), **_constants(block_d, q.dtype)
+    )
     return out
 
 
@@ -500,46 +449,26 @@ def triton_backward(
     """dq, dk, dv (input dtypes) by recomputation; see chunked_backward for the algebra."""
     b, h, n, d = q.shape
     e = v.shape[-1]
-    block_d = _block_d(d, e)
-    n_d, n_e = triton.cdiv(d, block_d), triton.cdiv(e, block_d)
-    prec = _dot_precision(q.dtype)
-    n_blocks = triton.cdiv(n, BLOCK_N)
-    s_strides = (state.stride(0), state.stride(1), state.stride(2))
+    block_d, n_d, n_e = _head_tiles(d, e)
+    constants = _constants(block_d, q.dtype)
+    token_blocks = (b * h, triton.cdiv(n, BLOCK_N))
     z = torch.empty(b * h, n, dtype=torch.float32, device=q.device)
     c = torch.empty_like(z)
-    _bwd_rowstats_kernel[(b * h, n_blocks)](
-        q, grad, state, z, c, h, n, d, e, float(eps),
-        *_strides4(q), *_strides4(grad), *s_strides,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=prec,
-    )  # fmt: skip
+    _bwd_rowstats_kernel[token_blocks](
+        q, grad, state, z, c, h, n, d, e, float(eps), *_strides(q, grad, state), **constants
+    )
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(b * h, n_blocks, n_d)](
-        q, grad, state, z, c, dq, h, n, d, e,
-        *_strides4(q), *_strides4(grad), *s_strides, *_strides4(dq),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=prec,
-    )  # fmt: skip
-    splits, per_split = _splits(b * h, n_d * n_e, n)
-    part = torch.empty(b * h, splits, d, e + 1, dtype=torch.float32, device=q.device)
-    _bwd_dstate_kernel[(b * h, splits, n_d * n_e)](
-        q, grad, z, c, part, h, n, d, e, per_split,
-        *_strides4(q), *_strides4(grad), *_strides4(part),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, N_E_TILES=n_e, DOT_PREC=prec,
-    )  # fmt: skip
-    d_state = part.sum(dim=1).div_(n)
-    del part, z, c
-    ds_strides = (d_state.stride(0), d_state.stride(1), d_state.stride(2))
+    _bwd_dq_kernel[(*token_blocks, n_d)](
+        q, grad, state, z, c, dq, h, n, d, e, *_strides(q, grad, state, dq), **constants
+    )
+    d_state = _sum_over_splits(_bwd_dstate_kernel, q, grad, z, c).div_(n)
+    del z, c
     dk = torch.empty_like(k)
-    _bwd_dk_kernel[(b * h, n_blocks, n_d)](
-        k, v, d_state, dk, h, n, d, e,
-        *_strides4(k), *_strides4(v), *ds_strides, *_strides4(dk),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=prec,
-    )  # fmt: skip
+    _bwd_dk_kernel[(*token_blocks, n_d)](
+        k, v, d_state, dk, h, n, d, e, *_strides(k, v, d_state, dk), **constants
+    )
     dv = torch.empty_like(v)
-    _bwd_dv_kernel[(b * h, n_blocks, n_e)](
-        k, d_state, dv, h, n, d, e,
-        *_strides4(k), *ds_strides, *_strides4(dv),
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_PREC=prec,
-    )  # fmt: skip
+    _bwd_dv_kernel[(*token_blocks, n_e)](k, d_state, dv, h, n, d, e, *_strides(k, d_state, dv), **constants)
     return dq, dk, dv
 
 
