@@ -23,6 +23,7 @@ from linfusion.testing import tiny_pipeline
 from linfusion.tiled_vae import tiled_vae_cost
 from linfusion.tracing import traced_peak
 
+GIB = 2**30
 PROBE = Path(__file__).with_name("support") / "planner_probe.py"
 
 
@@ -317,3 +318,47 @@ def test_one_rank_of_a_spatial_parallel_run_is_never_planned_banded(family: str)
     assert any(o.savers.banded_unet or o.savers.banded_dit for o in alone)
     assert rank and not any(o.savers.banded_unet or o.savers.banded_dit for o in rank)
     assert [o.savers for o in rank] == [o.savers for o in alone][: len(rank)]
+
+
+def test_stage_plan_with_the_prompt_encoded_on_the_cpu_moves_the_text_phase_to_the_host() -> None:
+    """Under model offload the text phase holds the text encoders on the device (the rest of ``weights``);
+    encoded on the CPU it holds nothing there, and every model waits in host memory meanwhile."""
+    from linfusion.planner import StagePlan
+
+    def stage(savers: Savers) -> StagePlan:
+        return StagePlan(64, 64, savers, weights=100, unet_activations=10, vae_activations=5, unet_weights=20,
+                         vae_weights=4, unet_host=3, vae_host=1)  # fmt: skip
+
+    offloaded = stage(Savers(model_offload=True))
+    assert offloaded.text_weights == 76
+    assert (offloaded.peak, offloaded.host_peak) == (76, 97)  # T5 alone; the VAE's phase parks 96 + 1
+    on_cpu = stage(Savers(model_offload=True, text_encoder_on_cpu=True))
+    assert (on_cpu.peak, on_cpu.host_peak) == (30, 100)  # the transformer's phase; all 100 while encoding
+    assert on_cpu.to_json()["savers"] == ["model CPU offload", "prompt encoded on the CPU"]
+
+
+def test_dit_plan_encodes_the_prompt_on_the_cpu_only_below_the_text_phase() -> None:
+    """random-pixart-sigma for CUDA: model offload alone leaves T5-XXL's 8.9 GiB on the device while it encodes.
+    A smaller budget is planned with the prompt encoded on the CPU (T5's weights not moved, counted in host
+    memory); a budget above the text phase is planned as before; a UNet's plan never encodes on the CPU."""
+    from linfusion.app.loading import load_structure
+
+    planner = MemoryPlanner(load_structure("random-pixart-sigma", torch.float16), device="cuda")
+    weights, text = planner.weights(), planner.weights(("text_encoder",))
+    size, host = (1024, 512), 64 * GIB
+    small = planner.plan_stage(*size, budget=6 * GIB, host_budget=host, unet_calls=2)
+    assert small.savers.model_offload and small.savers.text_encoder_on_cpu
+    assert small.peak <= 6 * GIB < text and small.text_weights == text
+    assert small.host_peak == weights  # T5 and the idle transformer and VAE, all in host memory
+    # only the transformer and the VAE go to the device and back; the VAE's phase leads the device peak
+    assert small.transfer_bytes == 2 * (weights - text)
+    assert small.peak == max(
+        small.unet_weights + small.unet_activations, small.vae_weights + small.vae_activations
+    )
+    large = planner.plan_stage(*size, budget=12 * GIB, host_budget=host, unet_calls=2)
+    assert not large.savers.text_encoder_on_cpu and large.peak >= text
+    assert planner.plan([size], budget=6 * GIB, host_budget=host).fits
+    with pytest.raises(MemoryBudgetError, match="smallest workable budget"):
+        planner.plan([size], budget=6 * GIB, host_budget=weights - 1)  # T5 must fit in host memory too
+    unet = MemoryPlanner(tiny_pipeline("sd15"), device="cuda")
+    assert not unet.plan_stage(256, 256, budget=1, host_budget=host).savers.text_encoder_on_cpu

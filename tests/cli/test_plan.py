@@ -191,6 +191,8 @@ def test_16k_pixart_sigma_fits_12_gib(capsys: pytest.CaptureFixture) -> None:
     assert (last["width"], last["height"]) == (16384, 8192)
     assert "model CPU offload" in last["savers"]
     assert any("banded DiT" in saver for stage in result["stages"] for saver in stage["savers"])
+    # T5 fits the budget alone: the prompt is encoded on the device, as the plan always did
+    assert not any("prompt encoded on the CPU" in stage["savers"] for stage in result["stages"])
     assert all(stage["flops"] > 0 and stage["predicted_seconds"] > 0 for stage in result["stages"])
     assert last["transfer_bytes"] > 0 and last["transfer_seconds"] > 0
     calls = last[
@@ -208,6 +210,26 @@ def test_16k_pixart_sigma_at_10_gib_runs_the_banded_dit(capsys: pytest.CaptureFi
     (stage,) = result["stages"]
     assert any(saver.startswith("banded DiT") for saver in stage["savers"]), stage["savers"]
     assert stage["device_peak_bytes"] <= 10 * GIB
+
+
+@pytest.mark.slow
+def test_16k_pixart_sigma_fits_6_gib_with_the_prompt_encoded_on_the_cpu(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Below T5-XXL's 8.9 GiB the prompt is encoded on the CPU: the text phase takes no device memory, T5's
+    weights wait in host memory, and the predicted time counts the CPU encode of every stage."""
+    code, result = plan(capsys, "--model", "random-pixart-sigma", "--size", "16384x8192", "--max-memory", "6GB",
+                        "--host-memory", "64GB")  # fmt: skip
+    assert code == 0 and result["fits"] is True, result
+    assert set(result) == PLAN_KEYS and all(set(stage) == STAGE_KEYS for stage in result["stages"])
+    assert result["device_peak_bytes"] <= 6 * GIB and result["host_peak_bytes"] <= 64 * GIB
+    t5 = 2 * 4_762_310_656
+    for stage in result["stages"]:
+        assert stage["savers"][-2:] == ["model CPU offload", "prompt encoded on the CPU"], stage["savers"]
+        assert stage["host_peak_bytes"] > t5
+        encode = stage["predicted_seconds"] - stage["transfer_seconds"] - stage["flops"] / (989.4e12 * 0.35)
+        assert encode > 1.0  # 5.6 TFLOP on the CPU (prompt and negative prompt, 300 tokens each): not free
+    assert any(saver.startswith("banded DiT") for saver in result["stages"][-1]["savers"])
 
 
 @pytest.mark.parametrize("model", ["random-pixart-sigma", "random-pixart-alpha"])

@@ -153,3 +153,24 @@ def test_sdedit_chain_on_pixart_is_text_to_image_then_refine() -> None:
 def test_demofusion_is_refused_on_a_dit_with_the_reason() -> None:
     with pytest.raises(ValueError, match="no convolution .* use --mode sdedit"):
         demofusion(tiny_pipeline("pixart-sigma"), "a red circle", 64, 64, num_inference_steps=2)
+
+
+def test_the_prompt_is_encoded_where_the_text_encoder_is_and_moved_to_the_execution_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A text encoder kept on the CPU (off the offload hooks) encodes there; its states and mask are moved to
+    the execution device, faked here as ``meta`` so that the move shows."""
+    pipe = tiny_pipeline("pixart-sigma")
+    on_cpu = dit.encode_conditioning(pipe, "a red circle", "blue", 3.0, 32, 32)
+    seen: list[torch.device] = []
+    pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("meta")))
+    assert dit.text_encoder_device(pipe) == torch.device("cpu")
+    moved = dit.encode_conditioning(pipe, "a red circle", "blue", 3.0, 32, 32)
+    assert seen == [torch.device("cpu")] * 2  # the prompt and the negative prompt, encoded on the CPU
+    assert moved.embeds.device.type == "meta" and moved.mask.device.type == "meta"
+    assert moved.embeds.shape == on_cpu.embeds.shape and moved.mask.shape == on_cpu.mask.shape
+    assert moved.embeds.dtype == on_cpu.embeds.dtype
+    # under accelerate's offload hooks the text encoder runs on the execution device, wherever it waits
+    monkeypatch.setattr(pipe.text_encoder, "_hf_hook", object(), raising=False)
+    assert dit.text_encoder_device(pipe) == torch.device("meta")

@@ -5,7 +5,8 @@ The pipeline is built on the ``meta`` device from its configs (:func:`~linfusion
 so a plan for an 80 GB GPU can be made on a laptop. Times are *predictions*, never measurements: FLOPs
 divided by the GPU's published peak dense fp16/bf16 (tf32 for fp32) throughput times :data:`EFFICIENCY`,
 plus the bytes the stage moves between host and device divided by the link's rate (:data:`LINKS` times
-:data:`LINK_EFFICIENCY`), the two added (no overlap assumed).
+:data:`LINK_EFFICIENCY`), the two added (no overlap assumed). A plan that encodes the prompt on the CPU
+(a PixArt T5-XXL larger than the device) adds that encode's FLOPs at this machine's CPU rate.
 """
 
 from __future__ import annotations
@@ -117,12 +118,28 @@ class PlannedRun:
             f"{LINKS[self.link] / 1e9:.0f} GB/s, not overlapped"
         )
 
+    def text_encode_seconds(self) -> list[float]:
+        """Each stage's predicted time encoding the prompt on the CPU, where the plan keeps the text encoders
+        there: their FLOPs at this machine's measured matrix-multiply rate in the plan's dtype times
+        CPU_EFFICIENCY (the CPU the plan is made on stands for the GPU's host). Elsewhere 0: an encode on
+        the device is not counted."""
+        on_cpu = [stage.savers.text_encoder_on_cpu for stage in self.plan.stages]
+        if self.planner is None or not any(on_cpu):
+            return [0.0 for _ in on_cpu]
+        import torch
+
+        from .timing import cpu_matmul_rate
+
+        rate = cpu_matmul_rate(getattr(torch, self.request.dtype_name)) * CPU_EFFICIENCY
+        seconds = self.planner.text_encoder_flops(self.request.guidance > 1.0) / rate
+        return [seconds if kept else 0.0 for kept in on_cpu]
+
     def predicted_seconds(self) -> list[float]:
         """Each stage's predicted time on ``request.gpu`` (or this CPU): FLOPs / throughput plus its transfer
-        seconds (no overlap assumed)."""
+        seconds (no overlap assumed) plus its prompt encoding on the CPU, if the plan puts it there."""
         throughput = self.throughput()
-        transfers = self.transfer_seconds()
-        return [stage.flops / throughput + moved for stage, moved in zip(self.plan.stages, transfers)]
+        extra = [moved + text for moved, text in zip(self.transfer_seconds(), self.text_encode_seconds())]
+        return [stage.flops / throughput + more for stage, more in zip(self.plan.stages, extra)]
 
     def to_json(self) -> dict[str, Any]:
         data = self.plan.to_json()
@@ -169,14 +186,18 @@ class PlannedRun:
             f"VAE attention {self.vae_attention}{rank}",
             f"budgets: device {format_size(plan.budget)}{host}",
         ]
-        timed = zip(plan.stages, self.predicted_seconds(), self.transfer_seconds())
-        for index, (planned, seconds, moved) in enumerate(timed):
+        timed = zip(
+            plan.stages, self.predicted_seconds(), self.transfer_seconds(), self.text_encode_seconds()
+        )
+        for index, (planned, seconds, moved, text) in enumerate(timed):
             parked = format_size(planned.host_peak) if planned.host_peak else "0"
             transfers = (
                 f", {format_size(planned.transfer_bytes)} host<->device ({moved:.1f} s of it)"
                 if planned.transfer_bytes
                 else ""
             )
+            if planned.savers.text_encoder_on_cpu:
+                transfers += f", prompt encoded on this machine's CPU ({text:.1f} s of it)"
             lines.append(
                 f"  stage {index + 1} {planned.width}x{planned.height}: device {format_size(planned.peak)}, "
                 f"host {parked}, {planned.flops:.3g} FLOPs ({planned.flops / max(planned.plain_flops, 1):.2f}x "

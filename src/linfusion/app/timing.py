@@ -53,9 +53,10 @@ ANNOUNCE_SECONDS = 60.0  # runs predicted to last longer are announced before th
 
 
 @functools.cache
-def cpu_matmul_rate() -> float:
-    """FLOP/s of an fp32 512 x 512 matrix multiply with this process's threads (best of a few, ~20 ms)."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
+def cpu_matmul_rate(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a 512 x 512 matrix multiply in ``dtype`` with this process's threads (best of a few: ~20 ms
+    in fp32; fp16 can be tens of times slower on CPUs without native half-precision arithmetic)."""
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
     torch.mm(a, b)  # warm-up: the first call loads kernels
     best = float("inf")
     for _ in range(5):

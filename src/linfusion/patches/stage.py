@@ -17,12 +17,13 @@ from ..io import MIB, format_size
 from ..model import denoiser_of
 from .banded_dit import apply_banded_dit
 from .banded_unet import apply_banded_unet
-from .base import Patch
+from .base import Patch, set_attribute
 from .savers import apply_memory_savers
 from .tiling import apply_exact_tiling
 
 # The working memory of one band of the banded UNet and of one pass of the tiled VAE, as planned.
 DEFAULT_BAND_BYTES = 256 * MIB
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline components that encode the prompt
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Savers:
     skip_offload: bool = False
     tiled_vae: bool = False
     model_offload: bool = False  # only the model at work on the device (diffusers' model CPU offload)
+    # with model offload: the text encoders stay on the CPU and encode the prompt there (a DiT's T5-XXL)
+    text_encoder_on_cpu: bool = False
     banded_unet: bool = False  # the UNet layer by layer over row bands (exact, bounded memory)
     banded_dit: bool = False  # a PixArt transformer block by block over token bands (exact, bounded)
     unet_store_on_host: bool = False  # the banded UNet's (or DiT's) whole activations in host memory
@@ -70,11 +73,14 @@ class Savers:
             names.append(f"exact tiled VAE (store on the {where}{limit})")
         if self.model_offload:
             names.append("model CPU offload")
+        if self.text_encoder_on_cpu:
+            names.append("prompt encoded on the CPU")
         return names or ["none needed"]
 
 
 def apply_savers(pipe: Any, savers: Savers) -> Patch:
-    """Turn on what ``savers`` says on ``pipe`` (the denoiser's savers, exact VAE tiling, model offload).
+    """Turn on what ``savers`` says on ``pipe`` (the denoiser's savers, exact VAE tiling, model offload, the
+    text encoders kept on the CPU).
 
     The one place a stage plan becomes patches; ``remove()`` restores the pipeline as it was. The denoiser
     is ``pipe.unet`` or, on a diffusion-transformer pipeline, ``pipe.transformer``.
@@ -120,6 +126,8 @@ def apply_savers(pipe: Any, savers: Savers) -> Patch:
             )
         if savers.model_offload:
             patch.add(apply_model_offload(pipe))
+        if savers.text_encoder_on_cpu:
+            patch.add(apply_text_encoder_on_cpu(pipe))
     except BaseException:
         patch.remove()
         raise
@@ -145,4 +153,43 @@ def apply_model_offload(pipe: Any) -> Patch:
     return patch
 
 
-__all__ = ["DEFAULT_BAND_BYTES", "Savers", "apply_model_offload", "apply_savers"]
+def apply_text_encoder_on_cpu(pipe: Any) -> Patch:
+    """Take the text encoders out of model CPU offload's hooks and keep them on the CPU.
+
+    The prompt is then encoded on the CPU (:func:`linfusion.pipelines.dit.encode_conditioning` encodes on
+    the text encoder's device) and only its small embeddings reach the device, so a T5-XXL larger than the
+    device never needs to fit there. Apply it after model CPU offload; ``remove()`` puts the encoders'
+    offload hooks back as they were.
+    """
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    encoders = {name: getattr(pipe, name, None) for name in TEXT_ENCODERS}
+    encoders = {name: encoder for name, encoder in encoders.items() if isinstance(encoder, torch.nn.Module)}
+    if any(getattr(encoder, "_hf_hook", None) is None for encoder in encoders.values()):
+        raise ValueError(
+            "the prompt is encoded on the CPU only under model CPU offload: turn offload on first"
+        )
+    patch = Patch("prompt encoded on the CPU")
+    try:
+        for encoder in encoders.values():
+            hook = encoder._hf_hook
+            remove_hook_from_module(encoder)
+            patch.on_remove(lambda encoder=encoder, hook=hook: add_hook_to_module(encoder, hook))
+            encoder.to("cpu")
+        # diffusers' ``_execution_device`` skips these models: it reads the device from the offloaded ones
+        excluded = [*pipe._exclude_from_cpu_offload, *encoders]
+        patch.add(set_attribute(pipe, "_exclude_from_cpu_offload", excluded, "text encoders kept on the CPU"))
+    except BaseException:
+        patch.remove()
+        raise
+    return patch
+
+
+__all__ = [
+    "DEFAULT_BAND_BYTES",
+    "TEXT_ENCODERS",
+    "Savers",
+    "apply_model_offload",
+    "apply_savers",
+    "apply_text_encoder_on_cpu",
+]

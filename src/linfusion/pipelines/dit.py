@@ -57,20 +57,36 @@ class RunningPipeline:
         return getattr(self.pipe, name)
 
 
+def text_encoder_device(pipe: Any) -> torch.device:
+    """Where the prompt is encoded: the execution device while the text encoder is under accelerate's
+    offload hooks (which bring it there), else wherever the text encoder is."""
+    encoder = pipe.text_encoder
+    if getattr(encoder, "_hf_hook", None) is not None:
+        return pipe._execution_device
+    return encoder.device
+
+
 def encode_conditioning(
     pipe: Any, prompt: str, negative_prompt: str | None, guidance_scale: float, width: int, height: int
 ) -> DiTConditioning:
-    """The prompt's T5 states (and the negative prompt's, under guidance) and the micro-conditions."""
+    """The prompt's T5 states (and the negative prompt's, under guidance) and the micro-conditions.
+
+    The prompt is encoded where the text encoder is (:func:`text_encoder_device`: the CPU when the plan
+    keeps T5 there) and its states and mask are moved to the execution device.
+    """
     device = pipe._execution_device
     guided = guidance_scale > 1.0
     embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
         prompt,
         guided,
         negative_prompt=negative_prompt or "",
-        device=device,
+        device=text_encoder_device(pipe),
         clean_caption=False,
         max_sequence_length=max_sequence_length(pipe),
     )
+    embeds, mask = embeds.to(device), mask.to(device)
+    if guided:
+        negative_embeds, negative_mask = negative_embeds.to(device), negative_mask.to(device)
     if guided:
         embeds, mask = torch.cat([negative_embeds, embeds]), torch.cat([negative_mask, mask])
     added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
@@ -230,5 +246,6 @@ __all__ = [
     "max_sequence_length",
     "refine_latents",
     "refine_timesteps",
+    "text_encoder_device",
     "text_to_image",
 ]

@@ -63,16 +63,23 @@ class StagePlan:
             return max(
                 self.unet_weights + self.unet_activations,
                 self.vae_weights + self.vae_activations,
-                self.weights - self.unet_weights - self.vae_weights,
+                0 if self.savers.text_encoder_on_cpu else self.text_weights,
             )
         return self.weights + max(self.unet_activations, self.vae_activations)
 
     @property
+    def text_weights(self) -> int:
+        """The text encoders' share of ``weights`` (all that is neither the denoiser nor the VAE)."""
+        return self.weights - self.unet_weights - self.vae_weights
+
+    @property
     def host_peak(self) -> int:
-        """Host bytes the stage parks at once (model offload also parks the idle models' weights)."""
+        """Host bytes the stage parks at once (model offload also parks the idle models' weights; with the
+        prompt encoded on the CPU, every model is in host memory while it is encoded)."""
         idle_unet = self.weights - self.unet_weights if self.savers.model_offload else 0
         idle_vae = self.weights - self.vae_weights if self.savers.model_offload else 0
-        return max(self.unet_host + idle_unet, self.vae_host + idle_vae)
+        text_phase = self.weights if self.savers.text_encoder_on_cpu else 0
+        return max(self.unet_host + idle_unet, self.vae_host + idle_vae, text_phase)
 
     def to_json(self) -> dict[str, Any]:
         return {

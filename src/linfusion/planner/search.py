@@ -2,9 +2,10 @@
 
 Each phase of a stage (the UNet's calls, the VAE) has a ladder of options, cheapest first (FLOPs, then
 fewer savers), measured only when asked for (:class:`~linfusion.planner.measure.Measurements`); the first
-that fits is taken. Model CPU offload (CUDA only) is the last resort. When nothing fits, the closest plan
-is kept and :class:`~linfusion.planner.plan.MemoryBudgetError` names the smallest workable budgets; sizes
-beyond any plan are refused from an analytic lower bound before anything is traced.
+that fits is taken. Model CPU offload (CUDA only) is the last resort, then (a DiT's T5-XXL) the prompt
+encoded on the CPU. When nothing fits, the closest plan is kept and
+:class:`~linfusion.planner.plan.MemoryBudgetError` names the smallest workable budgets; sizes beyond any
+plan are refused from an analytic lower bound before anything is traced.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class MemoryPlanner(Measurements):
 
         The UNet and VAE phases are chosen apart, each the cheapest option (FLOPs, then fewer savers)
         whose device and host bytes fit. Model CPU offload (CUDA only) is the last resort: it keeps only
-        the model at work on the device, at the price of moving weights every call. When nothing fits, the
+        the model at work on the device, at the price of moving weights every call; after it, for a DiT,
+        the text encoders kept on the CPU (the prompt encoded there, slowly, so that T5-XXL never occupies
+        the device). When nothing fits, the
         choice with the smallest device peak is kept, so the plan's peak is the smallest workable budget.
         """
         weights = self.weights()
@@ -152,8 +155,13 @@ class MemoryPlanner(Measurements):
             within_host = [option for option, host_fits in seen if host_fits]
             return min(within_host or [option for option, _ in seen], key=lambda option: option.device)
 
+        # (model offload, text encoders on the CPU), cheapest first; a DiT's T5-XXL alone can outgrow the device
+        modes = [(False, False)]
+        if self.device.type == "cuda":
+            modes += [(True, False), (True, True)] if self.dit else [(True, False)]
+        text_weights = weights - unet_weights - vae_weights
         best: StagePlan | None = None
-        for offload in (False, True) if self.device.type == "cuda" else (False,):
+        for offload, text_on_cpu in modes:
             unet_resident = unet_weights if offload else weights
             unet = choose(
                 self.unet_options(
@@ -182,10 +190,12 @@ class MemoryPlanner(Measurements):
                 vae_store_limit_bytes=vae.savers.vae_store_limit_bytes,
                 vae_device_store_bytes=vae.savers.vae_device_store_bytes,
                 model_offload=offload,
+                text_encoder_on_cpu=text_on_cpu,
             )
             # model CPU offload brings each model onto the device and back once per stage (the VAE twice
-            # when it also encodes, before and after the UNet)
-            offloaded = 2 * (weights + (vae_weights if encode else 0)) if offload else 0
+            # when it also encodes, before and after the UNet; the text encoders not when kept on the CPU)
+            moved_weights = weights - (text_weights if text_on_cpu else 0) + (vae_weights if encode else 0)
+            offloaded = 2 * moved_weights if offload else 0
             stage = StagePlan(
                 width, height, savers, weights, unet.device, vae.device, unet_weights, vae_weights,
                 unet.host, vae.host, unet.flops + vae.flops, plain_flops, unet.moved + vae.moved + offloaded,
