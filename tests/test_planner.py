@@ -349,7 +349,9 @@ def test_dit_plan_encodes_the_prompt_on_the_cpu_only_below_the_text_phase() -> N
     small = planner.plan_stage(*size, budget=6 * GIB, host_budget=host, unet_calls=2)
     assert small.savers.model_offload and small.savers.text_encoder_on_cpu
     assert small.peak <= 6 * GIB < text and small.text_weights == text
-    assert small.host_peak == weights  # T5 and the idle transformer and VAE, all in host memory
+    # T5 and the idle transformer and VAE in host memory, plus T5's float32 copy while it encodes (float16
+    # is upcast on the CPU)
+    assert small.text_cpu_extra == text and small.host_peak == weights + text
     # only the transformer and the VAE go to the device and back; the VAE's phase leads the device peak
     assert small.transfer_bytes == 2 * (weights - text)
     assert small.peak == max(
@@ -359,6 +361,9 @@ def test_dit_plan_encodes_the_prompt_on_the_cpu_only_below_the_text_phase() -> N
     assert not large.savers.text_encoder_on_cpu and large.peak >= text
     assert planner.plan([size], budget=6 * GIB, host_budget=host).fits
     with pytest.raises(MemoryBudgetError, match="smallest workable budget"):
-        planner.plan([size], budget=6 * GIB, host_budget=weights - 1)  # T5 must fit in host memory too
+        planner.plan([size], budget=6 * GIB, host_budget=weights + text - 1)  # T5 must fit in host memory
+    bf16 = MemoryPlanner(load_structure("random-pixart-sigma", torch.bfloat16), device="cuda")
+    kept = bf16.plan_stage(*size, budget=6 * GIB, host_budget=host, unet_calls=2)
+    assert kept.savers.text_encoder_on_cpu and kept.text_cpu_extra == 0 and kept.host_peak == weights
     unet = MemoryPlanner(tiny_pipeline("sd15"), device="cuda")
     assert not unet.plan_stage(256, 256, budget=1, host_budget=host).savers.text_encoder_on_cpu

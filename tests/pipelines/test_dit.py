@@ -174,3 +174,33 @@ def test_the_prompt_is_encoded_where_the_text_encoder_is_and_moved_to_the_execut
     # under accelerate's offload hooks the text encoder runs on the execution device, wherever it waits
     monkeypatch.setattr(pipe.text_encoder, "_hf_hook", object(), raising=False)
     assert dit.text_encoder_device(pipe) == torch.device("meta")
+
+
+def test_a_float16_text_encoder_on_the_cpu_encodes_in_float32_and_is_given_back_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPUs multiply float16 far slower than float32: the prompt kept on the CPU is encoded with the weights
+    upcast (exact), the states come back in the encoder's float16, and the weights are the same bits after."""
+    pipe = tiny_pipeline("pixart-sigma")
+    reference = dit.encode_conditioning(pipe, "a red circle", "blue", 3.0, 32, 32)  # float32 weights
+    pipe.text_encoder.to(torch.float16)
+    before = {name: tensor.clone() for name, tensor in pipe.text_encoder.state_dict().items()}
+    seen: list[torch.dtype] = []
+    pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args: seen.append(next(module.parameters()).dtype)
+    )
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("meta")))
+    moved = dit.encode_conditioning(pipe, "a red circle", "blue", 3.0, 32, 32)
+    assert seen == [torch.float32] * 2 and moved.embeds.dtype == torch.float16
+    after = pipe.text_encoder.state_dict()
+    assert all(
+        after[name].dtype == torch.float16 and torch.equal(after[name], t) for name, t in before.items()
+    )
+    # the same encode on the CPU, to compare values: float16-rounded weights, float32 arithmetic
+    monkeypatch.undo()
+    with dit.float32_while_on_cpu(pipe.text_encoder):
+        upcast = dit.encode_conditioning(pipe, "a red circle", "blue", 3.0, 32, 32)
+    assert torch.allclose(upcast.embeds, reference.embeds, rtol=1e-2, atol=1e-2)  # fp16 weight rounding only
+    with dit.float32_while_on_cpu(pipe.text_encoder):
+        assert all(t.dtype == torch.float32 for t in pipe.text_encoder.parameters())
+    assert all(t.dtype == torch.float16 for t in pipe.text_encoder.parameters())

@@ -399,6 +399,11 @@ class Measurements:
                 total += sum(linear.weight.numel() for linear in linears)
         return 2 * total * self.context_tokens * prompts
 
+    def cpu_encode_upcast(self) -> int:
+        """1 when half-precision text encoders are encoded on the CPU in float32 (twice their bytes while
+        encoding: ``pipelines.dit`` upcasts float16, slow on CPUs, exactly and back), else 0."""
+        return 1 if self.dtype == torch.float16 else 0
+
     def with_overhead(self, live: int) -> int:
         scale, constant = OVERHEAD.get(self.device.type, OVERHEAD["cuda"])
         return int(scale * live + constant)

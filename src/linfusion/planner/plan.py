@@ -55,6 +55,8 @@ class StagePlan:
     # bytes copied between the device and the host (both directions summed) over the whole stage: parked
     # skips, the banded UNet's and the tiled VAE's host stores, the weights moved by model CPU offload
     transfer_bytes: int = 0
+    # with the prompt encoded on the CPU: the float32 copy of half-precision text encoders held meanwhile
+    text_cpu_extra: int = 0
 
     @property
     def peak(self) -> int:
@@ -78,7 +80,7 @@ class StagePlan:
         prompt encoded on the CPU, every model is in host memory while it is encoded)."""
         idle_unet = self.weights - self.unet_weights if self.savers.model_offload else 0
         idle_vae = self.weights - self.vae_weights if self.savers.model_offload else 0
-        text_phase = self.weights if self.savers.text_encoder_on_cpu else 0
+        text_phase = self.weights + self.text_cpu_extra if self.savers.text_encoder_on_cpu else 0
         return max(self.unet_host + idle_unet, self.vae_host + idle_vae, text_phase)
 
     def to_json(self) -> dict[str, Any]:
