@@ -128,11 +128,10 @@ class PlannedRun:
             return [0.0 for _ in on_cpu]
         import torch
 
+        from ..patches.stage import cpu_encode_dtype
         from .timing import cpu_matmul_rate
 
-        dtype = getattr(torch, self.request.dtype_name)
-        # float16 is encoded in float32 on the CPU (pipelines.dit): half-precision matmuls are slow there
-        rate = cpu_matmul_rate(torch.float32 if dtype == torch.float16 else dtype) * CPU_EFFICIENCY
+        rate = cpu_matmul_rate(cpu_encode_dtype(getattr(torch, self.request.dtype_name))) * CPU_EFFICIENCY
         seconds = self.planner.text_encoder_flops(self.request.guidance > 1.0) / rate
         return [seconds if kept else 0.0 for kept in on_cpu]
 

@@ -153,6 +153,14 @@ def apply_model_offload(pipe: Any) -> Patch:
     return patch
 
 
+def cpu_encode_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a text encoder kept on the CPU computes in: float32 for float16 (CPUs without native
+    half-precision arithmetic multiply it ~30x slower; float16 -> float32 -> float16 is exact), else its own.
+    The encode (``pipelines.dit``), its host bytes (the planner) and its predicted time (``app.plan``) all
+    follow this rule."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def apply_text_encoder_on_cpu(pipe: Any) -> Patch:
     """Take the text encoders out of model CPU offload's hooks and keep them on the CPU.
 
@@ -192,4 +200,5 @@ __all__ = [
     "apply_model_offload",
     "apply_savers",
     "apply_text_encoder_on_cpu",
+    "cpu_encode_dtype",
 ]

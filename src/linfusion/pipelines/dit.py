@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..model import denoiser_of
+from ..patches.stage import cpu_encode_dtype
 from ..registry import max_sequence_length
 from .latents import encode_image
 
@@ -69,17 +70,21 @@ def text_encoder_device(pipe: Any) -> torch.device:
 
 @contextlib.contextmanager
 def float32_while_on_cpu(module: torch.nn.Module) -> Iterator[None]:
-    """Hold ``module``'s float16 tensors in float32 meanwhile (CPUs multiply float16 ~30x slower than
-    float32), then put the very same values back: float16 -> float32 -> float16 is exact, so the encode
+    """Hold ``module``'s tensors in :func:`~linfusion.patches.stage.cpu_encode_dtype` meanwhile (float32 for
+    float16), then put the very same values back: float16 -> float32 -> float16 is exact, so the encode
     differs from a float16 one only by float32's finer rounding. Other dtypes are left as they are."""
-    halves = [t for t in (*module.parameters(), *module.buffers()) if t.dtype == torch.float16]
-    for tensor in halves:
-        tensor.data = tensor.data.float()
+    changed = [
+        (t, t.dtype)
+        for t in (*module.parameters(), *module.buffers())
+        if cpu_encode_dtype(t.dtype) != t.dtype
+    ]
+    for tensor, dtype in changed:
+        tensor.data = tensor.data.to(cpu_encode_dtype(dtype))
     try:
         yield
     finally:
-        for tensor in halves:
-            tensor.data = tensor.data.half()
+        for tensor, dtype in changed:
+            tensor.data = tensor.data.to(dtype)
 
 
 def encode_conditioning(

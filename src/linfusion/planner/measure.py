@@ -26,7 +26,7 @@ from ..model import LinFusion, denoiser_of, mounted_on
 from ..patches.banded_dit import DiTCost, UnsupportedDiT, banded_dit_cost, check_banded_dit
 from ..patches.banded_unet import UNetCost, UnsupportedUNet, banded_unet_cost, check_banded_unet
 from ..patches.savers import apply_memory_savers
-from ..patches.stage import DEFAULT_BAND_BYTES, TEXT_ENCODERS, Savers
+from ..patches.stage import DEFAULT_BAND_BYTES, TEXT_ENCODERS, Savers, cpu_encode_dtype
 from ..patches.vae_attention import apply_vae_attention
 from ..registry import is_dit, max_sequence_length
 from ..tiled_vae import ExactTiler, StoreBudgetError, UnsupportedVAE, tiled_vae_cost
@@ -399,10 +399,12 @@ class Measurements:
                 total += sum(linear.weight.numel() for linear in linears)
         return 2 * total * self.context_tokens * prompts
 
-    def cpu_encode_upcast(self) -> int:
-        """1 when half-precision text encoders are encoded on the CPU in float32 (twice their bytes while
-        encoding: ``pipelines.dit`` upcasts float16, slow on CPUs, exactly and back), else 0."""
-        return 1 if self.dtype == torch.float16 else 0
+    def cpu_encode_extra_bytes(self) -> int:
+        """Host bytes the text encoders take beyond their weights while they encode on the CPU: held in
+        :func:`~linfusion.patches.stage.cpu_encode_dtype` (float32 for float16: twice their bytes), else 0."""
+        itemsize = torch.empty((), dtype=cpu_encode_dtype(self.dtype)).element_size()
+        text = self.weights(TEXT_ENCODERS)
+        return text * itemsize // self._itemsize - text
 
     def with_overhead(self, live: int) -> int:
         scale, constant = OVERHEAD.get(self.device.type, OVERHEAD["cuda"])

@@ -199,7 +199,7 @@ class MemoryPlanner(Measurements):
             stage = StagePlan(
                 width, height, savers, weights, unet.device, vae.device, unet_weights, vae_weights,
                 unet.host, vae.host, unet.flops + vae.flops, plain_flops, unet.moved + vae.moved + offloaded,
-                text_weights * self.cpu_encode_upcast() if text_on_cpu else 0,
+                self.cpu_encode_extra_bytes() if text_on_cpu else 0,
             )  # fmt: skip
             host_fits = host_limit is None or stage.host_peak <= host_limit
             if stage.peak <= budget and host_fits:
